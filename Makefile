@@ -1,0 +1,23 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Both create the virtual environment in .venv and install the project into it first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test lint install
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/distill demo
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy

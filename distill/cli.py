@@ -1,0 +1,180 @@
+"""The ``distill`` command.
+
+    distill data shapes OUT [--train N --val N --size PX --seed S --difficulty easy|medium|hard]
+    distill data stats ROOT [--ann train.json]
+    distill train-teacher CONFIG [--set key=value ...] [--resume RUN_DIR]
+    distill run CONFIG [--set key=value ...] [--resume RUN_DIR]
+    distill eval CONFIG --weights FILE [--model student|teacher] [--out FILE]
+    distill summary CONFIG [--json]
+    distill demo [--out DIR --data DIR --teacher FILE]
+
+Each sub-command is a thin layer over a library function; errors a user can fix (a missing
+file, a bad config key) are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from distill.checkpoint import CheckpointError
+from distill.config import ConfigError, load_config
+from distill.data.coco import DatasetError
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed without a traceback."""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="YAML config file")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=3 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distill", description="Knowledge distillation for dense object detectors."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="make or inspect datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    shapes = data_sub.add_parser("shapes", help="generate the built-in shapes benchmark")
+    shapes.add_argument("out", type=Path)
+    shapes.add_argument("--train", type=int, default=2000, help="training images")
+    shapes.add_argument("--val", type=int, default=500, help="validation images")
+    shapes.add_argument("--size", type=int, default=128, help="image side in pixels")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--difficulty", default="medium", help="easy | medium | hard")
+    stats = data_sub.add_parser("stats", help="print statistics of a COCO-format dataset")
+    stats.add_argument("root", type=Path)
+    stats.add_argument("--ann", action="append", default=None, help="annotation file(s) in ROOT")
+    stats.add_argument("--images", default="images", help="image folder in ROOT")
+
+    teacher = sub.add_parser("train-teacher", help="train the teacher architecture (no KD)")
+    _add_config_args(teacher)
+    teacher.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR")
+
+    run = sub.add_parser("run", help="train a student, distilled from the teacher")
+    _add_config_args(run)
+    run.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR")
+
+    ev = sub.add_parser("eval", help="COCO mAP of a student and/or teacher checkpoint")
+    _add_config_args(ev)
+    ev.add_argument("--weights", action="append", required=True, metavar="FILE")
+    ev.add_argument(
+        "--model",
+        action="append",
+        choices=["student", "teacher"],
+        default=None,
+        help="which architecture each --weights is (default student); repeat to compare",
+    )
+    ev.add_argument("--out", type=Path, default=None, help="write the metrics as JSON")
+
+    summ = sub.add_parser("summary", help="params, GFLOPs and latency of teacher and student")
+    _add_config_args(summ)
+    summ.add_argument("--json", action="store_true")
+
+    sweep = sub.add_parser("sweep", help="grid over config keys")
+    _add_config_args(sweep)
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...")
+    sweep.add_argument("--with-baseline", action="store_true")
+    sweep.add_argument("--sequential", action="store_true")
+
+    demo = sub.add_parser("demo", help="the built-in benchmark end to end on CPU")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--data", type=Path, default=Path("data/shapes-demo"))
+    demo.add_argument("--teacher", type=Path, default=None, help="reuse this teacher.pt")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ConfigError, UserError, DatasetError, CheckpointError, FileNotFoundError) as err:
+        print(f"distill: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:  # noqa: C901 - a flat switch reads best
+    if args.command == "data" and args.data_command == "shapes":
+        from distill.data.shapes import generate_shapes
+
+        generate_shapes(
+            args.out,
+            num_train=args.train,
+            num_val=args.val,
+            size=args.size,
+            seed=args.seed,
+            difficulty=args.difficulty,
+        )
+        from distill.data.stats import format_stats
+
+        print(format_stats(args.out, ["train.json", "val.json"], "images"))
+        return 0
+    if args.command == "data" and args.data_command == "stats":
+        from distill.data.stats import format_stats
+
+        print(format_stats(args.root, args.ann or ["train.json", "val.json"], args.images))
+        return 0
+    if args.command == "summary":
+        from distill.summary import format_summary, summarize
+
+        cfg = load_config(args.config, args.overrides)
+        result = summarize(cfg)
+        if args.json:
+            import json
+
+            print(json.dumps(result, indent=2))
+        else:
+            print(format_summary(result))
+        return 0
+    if args.command in ("train-teacher", "run"):
+        from distill.train import train
+
+        cfg = load_config(args.config, args.overrides)
+        job = "teacher" if args.command == "train-teacher" else "student"
+        train(cfg, job=job, resume=args.resume)
+        return 0
+    if args.command == "eval":
+        from distill.evaluate import eval_command
+
+        cfg = load_config(args.config, args.overrides)
+        models = args.model or ["student"] * len(args.weights)
+        if len(models) != len(args.weights):
+            raise UserError("give one --model per --weights (or none: all are students)")
+        eval_command(cfg, list(zip(models, args.weights)), out=args.out)
+        return 0
+    if args.command == "sweep":
+        from distill.sweep import sweep_command
+
+        cfg = load_config(args.config, args.overrides)
+        sweep_command(
+            cfg,
+            args.grid,
+            with_baseline=args.with_baseline,
+            sequential=args.sequential,
+            config_path=args.config,
+            overrides=args.overrides,
+        )
+        return 0
+    if args.command == "demo":
+        from distill.demo import demo
+
+        demo(out=args.out, data_root=args.data, teacher=args.teacher)
+        return 0
+    raise AssertionError(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,327 @@
+"""YAML run configuration -> frozen dataclasses.
+
+A config file has the sections below; every key has a default, so a file names only what it
+changes. Adding a field is one line in the matching dataclass. Files are read with
+``yaml.safe_load`` only; unknown keys and wrong types are errors that name the key, the file
+and (for unknown keys) the closest known key.
+
+    cfg = load_config("configs/shapes/distill.yaml", ["distill.logit.temperature=2"])
+    cfg.distill.logit.temperature  # 2.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and the file."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data/shapes"
+    train: str = "train.json"  # annotation file, relative to root
+    val: str = "val.json"
+    images: str = "images"  # image folder, relative to root; file_name is relative to it
+    val_images: str | None = None  # image folder of the val split; null: same as images
+    image_size: int = 128  # the shared transform resizes so that the longer side is this
+    batch_size: int = 8  # per process
+    num_workers: int = 2
+    hflip: float = 0.5  # probability of a horizontal flip (training only)
+    skip_bad_images: bool = False  # skip and count missing/unreadable images instead of failing
+    max_train_images: int | None = None  # use only the first N training images (smoke runs)
+    max_val_images: int | None = None
+
+
+@dataclass(frozen=True)
+class AnchorConfig:
+    """One anchor set shared by teacher and student (P3-P7, strides 8..128)."""
+
+    sizes: tuple[int, ...] = (16, 32, 64, 128, 256)  # base size per level, P3..P7
+    scales: tuple[float, ...] = (1.0, 1.26, 1.587)  # octave scales per level
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    arch: str = "retinanet_resnet50_fpn"
+    # torchvision weights name (e.g. COCO_V1), a path to a checkpoint written by this project,
+    # or null for random initialisation.
+    weights: str | None = None
+    # backbone-only weights: torchvision name (e.g. IMAGENET1K_V1), a local path, or null.
+    backbone_weights: str | None = None
+    head_norm: str | None = None  # gn | none: override the head's norm (v1: none, v2: GroupNorm)
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    arch: str = "retinanet_mobilenet_v3_large_fpn"
+    fpn_channels: int = 128
+    head_channels: int | None = None  # null: same as fpn_channels
+    head_convs: int = 2  # 3x3 convs in each head branch before the output conv
+    norm: str = "gn"  # normalisation in FPN extra levels and heads: gn | none
+    backbone_weights: str | None = None
+    weights: str | None = None  # full student checkpoint to start from
+
+
+@dataclass(frozen=True)
+class FeatureKDConfig:
+    kind: str = "cwd"  # mse | cwd | pkd | fgd
+    weight: float = 0.0
+    tau: float = 1.0  # temperature of cwd / fgd attention
+    levels: tuple[str, ...] = ("p3", "p4", "p5", "p6", "p7")
+    # FGD (Yang et al. 2022) weights; defaults are the paper's RetinaNet settings.
+    fgd_alpha: float = 0.001
+    fgd_beta: float = 0.0005
+    fgd_gamma: float = 0.001
+    fgd_lambda: float = 0.000005
+
+
+@dataclass(frozen=True)
+class LogitKDConfig:
+    kind: str = "bce"  # bce | kl
+    weight: float = 0.0
+    temperature: float = 4.0
+    # per-anchor weighting: none | teacher_max (teacher's max class probability)
+    anchor_weighting: str = "teacher_max"
+
+
+@dataclass(frozen=True)
+class BoxKDConfig:
+    kind: str = "l1"  # l1 | giou
+    weight: float = 0.0
+    # anchors whose teacher max class probability is at least this take part
+    score_threshold: float = 0.3
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    feature: FeatureKDConfig = field(default_factory=FeatureKDConfig)
+    logit: LogitKDConfig = field(default_factory=LogitKDConfig)
+    box: BoxKDConfig = field(default_factory=BoxKDConfig)
+    warmup_steps: int = 0  # KD weights ramp linearly from 0 over this many steps
+    stop_epoch: int | None = None  # KD terms are switched off from this epoch on (0-based)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 12
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.01  # for the global batch (batch_size x processes x grad_accum)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | step | constant
+    step_milestones: tuple[float, ...] = (0.67, 0.89)  # fractions of the run, for "step"
+    step_gamma: float = 0.1
+    grad_clip: float | None = 10.0  # max gradient norm, null for none
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    seed: int = 0
+    log_every: int = 10  # steps between TensorBoard scalars
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_epochs: int = 1
+    score_threshold: float = 0.05
+    detections_per_image: int = 100
+    batch_size: int | None = None  # null: data.batch_size
+    images_logged: int = 4  # validation images drawn in TensorBoard
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/shapes/distill"
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading, checking, overriding, writing
+# --------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config (``None``: all defaults), apply ``key.path=value`` overrides, check it."""
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml_mapping(Path(path))
+    for item in overrides:
+        _apply_override(raw, item)
+    return from_dict(Config, raw, source)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """``yaml.safe_load`` a file that must hold a mapping; errors name the file."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:  # includes Python tags, which safe_load refuses
+        raise ConfigError(f"cannot parse {path}: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: cannot read the value: {err}") from None
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type[T], raw: Mapping[str, Any], source: str, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, checking keys and types recursively."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'config'} in {source} must be a mapping, "
+            f"got {type(raw).__name__} {raw!r}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown key {prefix}{key} in {source}{hint}")
+    values = {}
+    for key, value in raw.items():
+        values[key] = _convert(hints[key], value, f"{prefix}{key}", source)
+    return cls(**values)
+
+
+def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source, prefix=f"{key}.")  # type: ignore[arg-type]
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, key, source)
+            except ConfigError as err:
+                errors.append(err)
+        raise _type_error(key, value, tp, source)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise _type_error(key, value, tp, source)
+        return tuple(_convert(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _type_error(key, value, tp, source)
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(key, value, tp, source)
+        return value
+    if tp in (bool, str):
+        if not isinstance(value, tp):
+            raise _type_error(key, value, tp, source)
+        return value
+    raise TypeError(f"config field {key} has an unsupported type {tp}")  # a bug in this file
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _type_error(key: str, value: Any, tp: Any, source: str) -> ConfigError:
+    return ConfigError(
+        f"{key} in {source}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+    )
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict (tuples as lists) of a config, suitable for YAML or JSON."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML; ``load_config(path)`` reads back the same object."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """``dataclasses.replace`` with dotted keys: ``replace(cfg, **{"train.epochs": 3})``."""
+    nested: dict[str, dict[str, Any]] = {}
+    direct: dict[str, Any] = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    for head, sub in nested.items():
+        direct[head] = replace(getattr(cfg, head), **sub)
+    return dataclasses.replace(cfg, **direct)  # type: ignore[type-var]

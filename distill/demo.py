@@ -1,0 +1,116 @@
+"""``distill demo``: the built-in shapes benchmark end to end, on CPU within ~15 minutes.
+
+1. generate the shapes dataset (if absent),
+2. train the teacher (or reuse ``OUT/teacher/teacher.pt``, or ``--teacher FILE``),
+3. train the plain student and the distilled student on the same schedule,
+4. print one table: teacher, student, student + KD: mAP, AP50, params, GFLOPs, latency.
+
+The schedules are the shipped ``configs/shapes/*.yaml`` shortened to the demo's budget below;
+every number printed is measured in this run (or read from the reused teacher's metrics.json).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill.config import Config, load_config, replace
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "shapes"
+
+# Budget on 2 CPU cores (bf16 autocast). Steps, not minutes, so that results are reproducible.
+DEMO_DATA = {"num_train": 1000, "num_val": 200, "size": 128}
+TEACHER_STEPS = 700
+STUDENT_STEPS = 500
+
+log = logging.getLogger("distill.demo")
+
+
+def demo_configs(out: Path, data_root: Path, teacher_weights: Path) -> dict[str, Config]:
+    """The three demo configs: the shipped shapes configs with the demo's data, budget and dirs."""
+    common = [f"data.root={data_root}", "eval.every_epochs=0", "eval.images_logged=2"]
+    teacher = load_config(
+        CONFIGS / "teacher.yaml",
+        [*common, f"train.max_steps={TEACHER_STEPS}", "train.warmup_steps=100", f"output.dir={out / 'teacher'}"],
+    )
+    student_overrides = [
+        *common,
+        f"train.max_steps={STUDENT_STEPS}",
+        "train.warmup_steps=100",
+        f"teacher.weights={teacher_weights}",
+    ]
+    student = load_config(CONFIGS / "student.yaml", [*student_overrides, f"output.dir={out / 'student'}"])
+    distilled = load_config(CONFIGS / "distill.yaml", [*student_overrides, f"output.dir={out / 'distill'}"])
+    # same schedule for both students: epochs large enough that max_steps decides
+    epochs = {"train.epochs": 1000}
+    return {
+        "teacher": replace(teacher, **epochs),
+        "student": replace(student, **epochs),
+        "student + KD": replace(distilled, **epochs),
+    }
+
+
+def demo(out: Path = Path("runs/demo"), data_root: Path = Path("data/shapes-demo"), teacher: Path | None = None) -> dict[str, Any]:
+    from distill.data.shapes import generate_shapes
+    from distill.summary import summarize
+    from distill.train import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    start = time.perf_counter()
+    if not (data_root / "train.json").is_file():
+        log.info("generating the shapes dataset in %s", data_root)
+        generate_shapes(data_root, seed=0, **DEMO_DATA)
+    teacher_weights = teacher or out / "teacher" / "teacher.pt"
+    configs = demo_configs(out, data_root, teacher_weights)
+
+    rows: dict[str, dict[str, Any]] = {}
+    minutes: dict[str, float] = {}
+    if teacher_weights.is_file():
+        log.info("reusing the teacher in %s", teacher_weights)
+        metrics_file = teacher_weights.parent / "metrics.json"
+        rows["teacher"] = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        minutes["teacher"] = float("nan")
+    else:
+        tic = time.perf_counter()
+        rows["teacher"] = train(configs["teacher"], job="teacher")
+        minutes["teacher"] = (time.perf_counter() - tic) / 60
+    for name in ("student", "student + KD"):
+        tic = time.perf_counter()
+        rows[name] = train(configs[name], job="student")
+        minutes[name] = (time.perf_counter() - tic) / 60
+
+    sizes = summarize(configs["student + KD"])
+    size_of = {"teacher": sizes["teacher"], "student": sizes["student"], "student + KD": sizes["student"]}
+    table = format_demo_table(rows, size_of, minutes)
+    print()
+    print(table)
+    print(
+        f"\n{'cuda' if torch.cuda.is_available() else 'cpu'}, total {(time.perf_counter() - start) / 60:.1f} min; "
+        f"teacher {TEACHER_STEPS} steps, students {STUDENT_STEPS} steps each (batch "
+        f"{configs['student'].data.batch_size}, {configs['student'].data.image_size} px). Runs in {out}; "
+        f"`tensorboard --logdir {out}` shows the curves and detections."
+    )
+    return {"rows": rows, "sizes": size_of, "minutes": minutes}
+
+
+def format_demo_table(
+    rows: dict[str, dict[str, Any]], sizes: dict[str, dict[str, Any]], minutes: dict[str, float]
+) -> str:
+    lines = [
+        "| model | mAP | AP50 | params (M) | GFLOPs | latency (ms) | train (min) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, metrics in rows.items():
+        size = sizes[name]
+        m = metrics.get("map", float("nan"))
+        ap50 = metrics.get("ap50", float("nan"))
+        lines.append(
+            f"| {name} | {m:.3f} | {ap50:.3f} | {size['params'] / 1e6:.2f} | {size['gflops']:.2f} "
+            f"| {size['latency_ms']:.1f} | {minutes[name]:.1f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""Distributed inference and COCO mAP (pycocotools).
+
+Every process infers on its own contiguous shard of the validation images (no padding, so no
+image is counted twice), the COCO-format detections are gathered with Accelerate's
+``gather_object``, and ``COCOeval`` runs on the main process. Category ids are mapped back to
+the dataset's own ids, so the numbers are those of the official COCO evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader, Subset
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from distill.config import Config, replace
+from distill.data import CocoDetection, build_dataset, collate, predictions_to_coco
+from distill.dense import build_transform, dense_forward, postprocess
+
+log = logging.getLogger("distill.evaluate")
+
+# COCOeval.stats indices: AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl
+METRIC_KEYS = {"map": 0, "ap50": 1, "ap75": 2, "aps": 3, "apm": 4, "apl": 5, "ar100": 8}
+
+
+@torch.no_grad()
+def predict(
+    detector: RetinaNet,
+    transform: GeneralizedRCNNTransform,
+    dataset: CocoDetection,
+    accelerator: Accelerator,
+    batch_size: int,
+    num_workers: int = 0,
+) -> list[dict[str, Any]]:
+    """COCO-format detections for every image of ``dataset``, gathered on all processes.
+
+    Each process takes a contiguous shard of the image indices (uneven shards allowed: no
+    padding, so nothing is duplicated) and the shards are concatenated in process order.
+    """
+    was_training = detector.training
+    detector.eval()
+    indices = list(range(len(dataset)))
+    with accelerator.split_between_processes(indices) as shard:
+        shard = list(shard)
+    loader = DataLoader(
+        Subset(dataset, shard),
+        batch_size=batch_size,
+        collate_fn=collate,
+        num_workers=num_workers,
+    )
+    results: list[dict[str, Any]] = []
+    for images, targets in loader:
+        images = [image.to(accelerator.device) for image in images]
+        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        with accelerator.autocast():
+            image_list, _ = transform(images)
+            outputs = dense_forward(detector, image_list)
+        detections = postprocess(detector, transform, outputs, image_list, original_sizes)
+        for det, target in zip(detections, targets):
+            keep = det["labels"] > 0  # label 0 is the background column of torchvision's head
+            det = {k: v[keep] for k, v in det.items()}
+            results.extend(
+                predictions_to_coco(
+                    dataset,
+                    int(target["image_id"]),
+                    det["boxes"].float().cpu(),
+                    det["scores"].float().cpu(),
+                    det["labels"].cpu(),
+                )
+            )
+    detector.train(was_training)
+    if accelerator.num_processes > 1:
+        results = gather_object(results)
+    return results
+
+
+def coco_metrics(
+    coco_gt: COCO,
+    results: list[dict[str, Any]],
+    image_ids: list[int],
+    class_names: dict[int, str],
+) -> dict[str, Any]:
+    """COCOeval bbox metrics over ``image_ids``.
+
+    class_names: {category id: name}. Returns ``map, ap50, ap75, aps, apm, apl, ar100`` (floats
+    in [0, 1]; -1 where COCO has no ground truth for a bucket) and ``per_class`` {name: AP}.
+    No detections at all gives 0 everywhere (COCO's ``loadRes`` cannot take an empty list).
+    """
+    if not results:
+        return {
+            **{key: 0.0 for key in METRIC_KEYS},
+            "per_class": {name: 0.0 for name in class_names.values()},
+            "num_images": len(image_ids),
+            "num_detections": 0,
+        }
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco_dt = coco_gt.loadRes(results)
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator.params.imgIds = list(image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = evaluator.stats
+    metrics: dict[str, Any] = {key: float(stats[i]) for key, i in METRIC_KEYS.items()}
+    # precision: (T iou thresholds, R recall points, K classes, A area ranges, M max dets)
+    precision = evaluator.eval["precision"]
+    per_class = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        per_class[class_names.get(cat_id, str(cat_id))] = float(np.mean(p[p > -1])) if (p > -1).any() else -1.0
+    metrics["per_class"] = per_class
+    metrics["num_images"] = len(image_ids)
+    metrics["num_detections"] = len(results)
+    return metrics
+
+
+def evaluate(
+    detector: RetinaNet,
+    transform: GeneralizedRCNNTransform,
+    dataset: CocoDetection,
+    accelerator: Accelerator,
+    batch_size: int,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Distributed inference + COCOeval; the metrics are returned on every process."""
+    results = predict(detector, transform, dataset, accelerator, batch_size, num_workers)
+    metrics: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        names = {cat_id: dataset.class_names[label - 1] for cat_id, label in dataset.cat_id_to_label.items()}
+        metrics = coco_metrics(dataset.coco, results, dataset.image_ids, names)
+    if accelerator.num_processes > 1:
+        metrics = gather_object([metrics])[0]  # the main process's dict, on every process
+    return metrics
+
+
+def format_metrics_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """Markdown table: one row per model."""
+    keys = list(METRIC_KEYS)
+    lines = [
+        "| model | " + " | ".join(keys) + " |",
+        "|---|" + "---:|" * len(keys),
+    ]
+    for name, metrics in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{metrics[k]:.3f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def eval_command(cfg: Config, models: list[tuple[str, str]], out: Path | None = None) -> None:
+    """``distill eval``: evaluate each (kind, weights file) on the validation set, side by side."""
+    from students import build_student
+    from teachers import build_teacher
+
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg))
+    dataset = build_dataset(cfg.data, "val")
+    num_classes = dataset.num_categories + 1
+    transform = build_transform(cfg).to(accelerator.device)
+    rows = []
+    for kind, weights in models:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"weights file not found: {weights}")
+        if kind == "teacher":
+            detector = build_teacher(replace(cfg, **{"teacher.weights": weights}), num_classes)
+        else:
+            detector = build_student(replace(cfg, **{"student.weights": weights}), num_classes)
+        detector.score_thresh = cfg.eval.score_threshold
+        detector.detections_per_img = cfg.eval.detections_per_image
+        detector.to(accelerator.device)
+        metrics = evaluate(
+            detector,
+            transform,
+            dataset,
+            accelerator,
+            cfg.eval.batch_size or cfg.data.batch_size,
+            cfg.data.num_workers,
+        )
+        rows.append((f"{kind} ({weights})", metrics))
+    if accelerator.is_main_process:
+        print(format_metrics_table(rows))
+        if out is not None:
+            payload: Any = rows[0][1] if len(rows) == 1 else {
+                "models": [{"model": name, **m} for name, m in rows]
+            }
+            write_json(payload, out)
+            print(f"wrote {out}")
+
+
+def write_json(payload: Any, path: Path) -> None:
+    """Atomic JSON write: a temporary name in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _mixed_precision(cfg: Config) -> str:
+    from distill.train import check_mixed_precision
+
+    return check_mixed_precision(cfg.train.mixed_precision)

@@ -1,0 +1,54 @@
+"""Distillation losses: pure functions of tensors, plus the function that weights and sums them.
+
+- ``logits``: per-anchor soft labels (``soft_label_loss``) and box KD (``box_distill_loss``)
+- ``features``: FPN feature KD (FitNet MSE, CWD, PKD, FGD) and its learnable blocks
+- ``combine``: which terms are on, their warmup/stop schedule, the total loss
+
+The plain detection loss (focal + box vs ground truth) is torchvision's, in ``distill.dense``.
+"""
+
+from distill.losses.combine import combine, distill_terms, kd_scale, kd_weights, needs_teacher
+from distill.losses.features import (
+    FEATURE_KINDS,
+    GlobalContextBlock,
+    build_adapters,
+    build_global_blocks,
+    cwd_loss,
+    feature_kd_loss,
+    fgd_loss,
+    fgd_masks,
+    mse_loss,
+    pkd_loss,
+)
+from distill.losses.logits import (
+    BOX_KINDS,
+    LOGIT_KINDS,
+    box_distill_loss,
+    soft_label_loss,
+    teacher_confidence,
+    weighted_anchor_mean,
+)
+
+__all__ = [
+    "BOX_KINDS",
+    "FEATURE_KINDS",
+    "LOGIT_KINDS",
+    "GlobalContextBlock",
+    "box_distill_loss",
+    "build_adapters",
+    "build_global_blocks",
+    "combine",
+    "cwd_loss",
+    "distill_terms",
+    "feature_kd_loss",
+    "fgd_loss",
+    "fgd_masks",
+    "kd_scale",
+    "kd_weights",
+    "mse_loss",
+    "needs_teacher",
+    "pkd_loss",
+    "soft_label_loss",
+    "teacher_confidence",
+    "weighted_anchor_mean",
+]

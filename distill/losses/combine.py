@@ -1,0 +1,178 @@
+"""Weighting and summing: the detection loss plus the enabled KD terms.
+
+    kd = distill_terms(student_out, teacher_out, targets, image_size, cfg.distill)
+    total, log = combine(det_losses, kd, cfg.distill, step, epoch)
+
+A KD term exists only when its config weight is > 0; with every weight 0 no teacher is needed
+(``needs_teacher``), ``distill_terms`` returns {} and ``combine`` returns exactly the plain
+detection loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor
+
+from distill.config import DistillConfig
+from distill.dense import DenseOutputs
+from distill.losses.features import feature_kd_loss
+from distill.losses.logits import box_distill_loss, soft_label_loss, teacher_confidence
+
+__all__ = ["combine", "distill_terms", "kd_scale", "kd_weights", "needs_teacher"]
+
+ANCHOR_WEIGHTINGS = ("none", "teacher_max")
+
+
+def kd_weights(cfg: DistillConfig) -> dict[str, float]:
+    """The configured weight of each KD term: {"feature": w, "logit": w, "box": w}."""
+    return {"feature": cfg.feature.weight, "logit": cfg.logit.weight, "box": cfg.box.weight}
+
+
+def needs_teacher(cfg: DistillConfig) -> bool:
+    """True when some KD term has a weight > 0, i.e. the teacher must run."""
+    return any(weight > 0 for weight in kd_weights(cfg).values())
+
+
+def kd_scale(cfg: DistillConfig, step: int, epoch: int) -> float:
+    """Multiplier of all KD terms at optimizer step ``step`` (0-based) in epoch ``epoch``.
+
+    ``0`` from ``cfg.stop_epoch`` on; otherwise ``min(1, step / warmup_steps)``, a linear ramp
+    from 0 at step 0 to 1 at step ``warmup_steps`` (always 1 when ``warmup_steps == 0``).
+    """
+    if cfg.stop_epoch is not None and epoch >= cfg.stop_epoch:
+        return 0.0
+    if cfg.warmup_steps <= 0:
+        return 1.0
+    return min(1.0, max(step, 0) / cfg.warmup_steps)
+
+
+def distill_terms(
+    student: DenseOutputs,
+    teacher: DenseOutputs | None,
+    targets: Sequence[Mapping[str, Tensor]],
+    image_size: tuple[int, int],
+    cfg: DistillConfig,
+) -> dict[str, Tensor]:
+    """The unweighted KD terms whose weight is > 0, keyed "feature", "logit", "box".
+
+    student, teacher: dense outputs on the same ``ImageList`` (same anchors); ``teacher`` may be
+        None when no weight is > 0, and is then never looked at
+    targets: per image {"boxes": (B_i, 4) xyxy in the transformed frame, ...} (FGD's masks)
+    image_size: (H, W) of the padded batch (FGD's masks)
+    returns: {name: scalar float32}
+
+    - feature: ``feature_kd_loss`` of ``student.adapted`` vs ``teacher.features`` over
+      ``cfg.feature.levels``; FGD also uses ``student.extras["global_s/<level>"]`` and
+      ``["global_t/<level>"]`` where present.
+    - logit: ``soft_label_loss`` at ``cfg.logit.temperature``, anchors weighted by the teacher's
+      max class probability (``anchor_weighting: teacher_max``) or uniformly (``none``).
+    - box: ``box_distill_loss`` on the anchors whose teacher max class probability is
+      >= ``cfg.box.score_threshold`` (weight 1 there, 0 elsewhere).
+    """
+    weights = kd_weights(cfg)
+    if not needs_teacher(cfg):
+        return {}
+    if teacher is None:
+        enabled = [name for name, weight in weights.items() if weight > 0]
+        raise ValueError(f"KD terms {enabled} have weight > 0 but no teacher outputs were given")
+    terms: dict[str, Tensor] = {}
+    if weights["feature"] > 0:
+        feature = cfg.feature
+        if not student.adapted:
+            raise ValueError("feature KD needs the adapted student features (student.adapted)")
+        global_s = _extras_per_level(student.extras, "global_s", feature.levels)
+        global_t = _extras_per_level(student.extras, "global_t", feature.levels)
+        terms["feature"] = feature_kd_loss(
+            feature.kind,
+            student.adapted,
+            teacher.features,
+            feature.levels,
+            tau=feature.tau,
+            boxes_per_image=[target["boxes"] for target in targets],
+            image_size=image_size,
+            fgd_alpha=feature.fgd_alpha,
+            fgd_beta=feature.fgd_beta,
+            fgd_gamma=feature.fgd_gamma,
+            fgd_lambda=feature.fgd_lambda,
+            global_s=global_s or None,
+            global_t=global_t or None,
+        )
+    confidence = None
+    if weights["logit"] > 0 or weights["box"] > 0:
+        confidence = teacher_confidence(teacher.cls_logits)  # (N, A)
+    if weights["logit"] > 0:
+        logit = cfg.logit
+        if logit.anchor_weighting not in ANCHOR_WEIGHTINGS:
+            raise ValueError(
+                f"unknown distill.logit.anchor_weighting {logit.anchor_weighting!r}; "
+                f"expected one of {ANCHOR_WEIGHTINGS}"
+            )
+        anchor_weights = confidence if logit.anchor_weighting == "teacher_max" else None
+        terms["logit"] = soft_label_loss(
+            student.cls_logits, teacher.cls_logits, logit.temperature, logit.kind, anchor_weights
+        )
+    if weights["box"] > 0:
+        assert confidence is not None  # computed above whenever the box weight is > 0
+        selected = (confidence >= cfg.box.score_threshold).float()
+        terms["box"] = box_distill_loss(
+            student.bbox_regression,
+            teacher.bbox_regression,
+            student.anchors,
+            selected,
+            cfg.box.kind,
+        )
+    return terms
+
+
+def _extras_per_level(
+    extras: Mapping[str, Tensor], prefix: str, levels: Sequence[str]
+) -> dict[str, Tensor]:
+    return {level: extras[f"{prefix}/{level}"] for level in levels if f"{prefix}/{level}" in extras}
+
+
+def combine(
+    det_losses: Mapping[str, Tensor],
+    kd: Mapping[str, Tensor],
+    cfg: DistillConfig,
+    step: int,
+    epoch: int,
+) -> tuple[Tensor, dict[str, float]]:
+    """Total loss and its parts as python floats for logging.
+
+    det_losses: {"classification": T, "bbox_regression": T} from ``detection_loss``
+    kd: the output of ``distill_terms``
+    returns: ``total = sum_i det_i + kd_scale * sum_j weight_j * kd_j`` and a log dict with
+        ``loss/<name>`` (each detection term), ``kd/<name>`` (each unweighted KD term),
+        ``kd_weighted/<name>`` (``kd_scale * weight * term``, what enters the total),
+        ``kd/scale`` and ``loss/total``.
+
+    With ``kd`` empty the total is the sum of the detection terms, bit for bit (nothing, not
+    even 0 * x, is added). When ``kd`` is non-empty its terms are added even at scale 0
+    (warmup step 0, after ``stop_epoch``) so that the adapters stay in the autograd graph and
+    DDP sees a gradient for every parameter; for finite terms that adds exactly 0.
+    """
+    if not det_losses:
+        raise ValueError("combine needs at least one detection loss term")
+    weights = kd_weights(cfg)
+    unknown = set(kd) - set(weights)
+    if unknown:
+        raise KeyError(f"unknown KD terms {sorted(unknown)}; expected a subset of {list(weights)}")
+    scale = kd_scale(cfg, step, epoch)
+    log: dict[str, float] = {}
+    total: Tensor | None = None
+    for name, value in det_losses.items():
+        log[f"loss/{name}"] = value.detach().item()
+        total = value if total is None else total + value
+    assert total is not None
+    weighted_sum: Tensor | None = None
+    for name, value in kd.items():
+        weighted = value * weights[name]
+        log[f"kd/{name}"] = value.detach().item()
+        log[f"kd_weighted/{name}"] = scale * weighted.detach().item()
+        weighted_sum = weighted if weighted_sum is None else weighted_sum + weighted
+    if weighted_sum is not None:
+        total = total + scale * weighted_sum
+    log["kd/scale"] = scale
+    log["loss/total"] = total.detach().item()
+    return total, log

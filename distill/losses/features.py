@@ -1,0 +1,358 @@
+"""Feature distillation between FPN levels: FitNet MSE, CWD, PKD and FGD.
+
+Every loss compares one level, student (N, C, H, W) against teacher (N, C, H, W) with the same
+shape: the student's features have already gone through a learnable 1x1 adapter to the
+teacher's channel count (``build_adapters``; the adapters live in the trainable student module).
+``feature_kd_loss`` averages one of them over the selected levels.
+
+Like the head losses, they run in float32 with autocast off and detach the teacher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill.losses.logits import autocast_off
+
+__all__ = [
+    "FEATURE_KINDS",
+    "GlobalContextBlock",
+    "build_adapters",
+    "build_global_blocks",
+    "cwd_loss",
+    "feature_kd_loss",
+    "fgd_loss",
+    "fgd_masks",
+    "mse_loss",
+    "pkd_loss",
+]
+
+FEATURE_KINDS = ("mse", "cwd", "pkd", "fgd")
+
+
+def _check_pair(s: Tensor, t: Tensor) -> None:
+    if s.dim() != 4 or s.shape != t.shape:
+        raise ValueError(
+            f"student features {tuple(s.shape)} and teacher features {tuple(t.shape)} must both "
+            "be (N, C, H, W) with the same shape (adapt the student's channels first)"
+        )
+
+
+def mse_loss(s: Tensor, t: Tensor) -> Tensor:
+    """FitNet hint loss (Romero et al. 2015).
+
+    s, t: (N, C, H, W) adapted student and teacher features -> scalar float32
+    ``loss = sum_{n,c,h,w} (s - t)^2 / (N * C * H * W)``.
+    """
+    _check_pair(s, t)
+    with autocast_off(s):
+        return F.mse_loss(s.float(), t.detach().float())
+
+
+def cwd_loss(s: Tensor, t: Tensor, tau: float = 1.0) -> Tensor:
+    """Channel-wise distillation (Shu et al., ICCV 2021; mmrazor ``ChannelWiseDivergence``).
+
+    s, t: (N, C, H, W) -> scalar float32. For every (n, c), distributions over the H*W positions
+    ``phi_T = softmax(t[n,c] / tau)``, ``phi_S = softmax(s[n,c] / tau)``, and
+
+        loss = tau^2 / (N * C) * sum_{n,c} sum_{hw} phi_T (log phi_T - log phi_S).
+
+    Each per-channel KL compares two distributions that sum to 1, so the value does not grow
+    with H*W (tiling a map leaves it unchanged).
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    _check_pair(s, t)
+    with autocast_off(s):
+        n, c = s.shape[:2]
+        log_phi_s = F.log_softmax(s.float().flatten(2) / tau, dim=-1)  # (N, C, H*W)
+        log_phi_t = F.log_softmax(t.detach().float().flatten(2) / tau, dim=-1)
+        kl = F.kl_div(log_phi_s, log_phi_t, reduction="sum", log_target=True)
+        return kl * tau**2 / (n * c)
+
+
+def _standardise_channels(x: Tensor) -> Tensor:
+    # PKD's norm: per channel over (N, H, W) jointly, unbiased std, as in mmrazor's PKDLoss.
+    n, c, h, w = x.shape
+    flat = x.transpose(0, 1).reshape(c, -1)  # (N, C, H, W) -> (C, N*H*W)
+    mean = flat.mean(dim=-1, keepdim=True)
+    std = flat.std(dim=-1, keepdim=True)
+    return ((flat - mean) / (std + 1e-6)).reshape(c, n, h, w).transpose(0, 1)
+
+
+def pkd_loss(s: Tensor, t: Tensor) -> Tensor:
+    """Pearson-correlation feature distillation (Cao et al., NeurIPS 2022; mmrazor ``PKDLoss``).
+
+    s, t: (N, C, H, W) -> scalar float32. Each channel is standardised over (N, H, W) jointly,
+    ``x^ = (x - mean_c) / (std_c + 1e-6)`` with the unbiased std, and
+
+        loss = sum_{n,c,h,w} (s^ - t^)^2 / (2 * N * C * H * W)  (= (1 - Pearson r) on average).
+
+    The statistics are taken over the batch, so batch-size independence is only approximate:
+    repeating a sample changes the unbiased std by a factor sqrt((m-1)/m * 2m/(2m-1)),
+    m = N*H*W, which is negligible for real feature maps.
+    """
+    _check_pair(s, t)
+    with autocast_off(s):
+        norm_s = _standardise_channels(s.float())
+        norm_t = _standardise_channels(t.detach().float())
+        return F.mse_loss(norm_s, norm_t) / 2
+
+
+def fgd_masks(
+    boxes_per_image: Sequence[Tensor],
+    image_size: tuple[int, int],
+    feature_size: tuple[int, int],
+    device: torch.device | None = None,
+) -> tuple[Tensor, Tensor]:
+    """FGD's foreground and background masks for one feature level.
+
+    boxes_per_image: list over images of (B_i, 4) xyxy ground-truth boxes in the frame of the
+        transformed, padded batch (pixels)
+    image_size: (H_img, W_img) of the padded batch; feature_size: (H, W) of the level
+    returns: fg (N, H, W), bg (N, H, W), float32
+
+    As FGD's reference code: a box covers the cells ``floor(y1 * H / H_img) .. ceil(y2 * H /
+    H_img)`` (both ends inclusive, likewise in x); each covered cell gets ``1 / (number of cells
+    the box covers)``, the max over overlapping boxes (small objects weigh as much as large
+    ones). ``bg = 1`` where fg is 0, divided by its count per image (so it sums to 1, or is
+    all 0 when the whole map is foreground). Unlike the reference, which scales by each image's
+    unpadded shape, we scale by the padded batch size the features are computed on.
+    """
+    img_h, img_w = image_size
+    h, w = feature_size
+    rows = torch.arange(h, device=device, dtype=torch.float32).view(1, h, 1)
+    cols = torch.arange(w, device=device, dtype=torch.float32).view(1, 1, w)
+    fg_per_image, bg_per_image = [], []
+    for boxes in boxes_per_image:
+        b = boxes.detach().to(device=device, dtype=torch.float32).reshape(-1, 4)
+        x1 = torch.floor(b[:, 0] / img_w * w).view(-1, 1, 1)  # (B, 1, 1)
+        x2 = torch.ceil(b[:, 2] / img_w * w).view(-1, 1, 1)
+        y1 = torch.floor(b[:, 1] / img_h * h).view(-1, 1, 1)
+        y2 = torch.ceil(b[:, 3] / img_h * h).view(-1, 1, 1)
+        area = 1.0 / ((y2 + 1 - y1) * (x2 + 1 - x1))  # (B, 1, 1) cells, before clipping
+        inside = (rows >= y1) & (rows <= y2) & (cols >= x1) & (cols <= x2)  # (B, H, W)
+        fg = (inside * area).amax(dim=0) if len(b) else rows.new_zeros(h, w)
+        bg = (fg == 0).float()
+        fg_per_image.append(fg)
+        bg_per_image.append(bg / bg.sum().clamp_min(1.0))
+    return torch.stack(fg_per_image), torch.stack(bg_per_image)
+
+
+def _fgd_attention(x: Tensor, tau: float) -> tuple[Tensor, Tensor]:
+    # (N, C, H, W) -> spatial (N, H, W) summing to H*W, channel (N, C) summing to C.
+    n, c, h, w = x.shape
+    value = x.abs()
+    spatial = h * w * F.softmax(value.mean(dim=1).reshape(n, -1) / tau, dim=1)
+    channel = c * F.softmax(value.mean(dim=(2, 3)) / tau, dim=1)
+    return spatial.reshape(n, h, w), channel
+
+
+def fgd_loss(
+    s: Tensor,
+    t: Tensor,
+    boxes_per_image: Sequence[Tensor],
+    image_size: tuple[int, int],
+    tau: float = 0.5,
+    alpha: float = 0.001,
+    beta: float = 0.0005,
+    gamma: float = 0.001,
+    lam: float = 0.000005,
+    global_s: Tensor | None = None,
+    global_t: Tensor | None = None,
+) -> Tensor:
+    """Focal and Global Distillation (Yang et al., CVPR 2022; mmdet FGD ``FeatureLoss``).
+
+    s, t: (N, C, H, W) adapted student and teacher features of one level
+    boxes_per_image, image_size: ground truth for ``fgd_masks`` (transformed, padded frame)
+    global_s, global_t: (N, C, H, W) outputs of the student's and the teacher's
+        ``GlobalContextBlock`` (on the adapted student / the teacher features), or both None.
+        ``global_t`` is not detached: the teacher-side block is learnable, as in FGD; compute
+        it from the (constant) teacher features.
+    returns: scalar float32
+
+    With attentions from the teacher ``A^S_t = H*W * softmax_hw(mean_c |t| / tau)`` (N, H, W)
+    and ``A^C_t = C * softmax_c(mean_hw |t| / tau)`` (N, C) (likewise A^S_s, A^C_s from s),
+    masks M (fg) and B (bg) from ``fgd_masks``:
+
+        focal  = sum_{n,c,h,w} A^S_t A^C_t (s - t)^2 * (alpha * M + beta * B) / N
+        attn   = gamma * (sum |A^C_s - A^C_t| + sum |A^S_s - A^S_t|) / N
+        global = lam * sum (global_s - global_t)^2 / N
+        loss   = focal + attn + global
+
+    This is FGD's own normalisation: sums over positions and channels divided by the batch
+    size N. It does not depend on N (each image adds its own sum), but unlike the other losses
+    it grows with the image size; the small default weights (the paper's RetinaNet settings)
+    are tuned for that.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    _check_pair(s, t)
+    if len(boxes_per_image) != s.shape[0]:
+        raise ValueError(f"{len(boxes_per_image)} box sets for a batch of {s.shape[0]}")
+    if (global_s is None) != (global_t is None):
+        raise ValueError("pass both global_s and global_t, or neither")
+    with autocast_off(s):
+        s = s.float()
+        t = t.detach().float()
+        n, _, h, w = s.shape
+        fg, bg = fgd_masks(boxes_per_image, image_size, (h, w), device=s.device)
+        spatial_t, channel_t = _fgd_attention(t, tau)
+        spatial_s, channel_s = _fgd_attention(s, tau)
+        # (N, C, H, W) squared error weighted by the teacher's attention, as FGD's code does by
+        # multiplying both features with sqrt(attention * mask) before an MSE sum.
+        error = (s - t).square() * spatial_t[:, None] * channel_t[:, :, None, None]
+        mask = alpha * fg + beta * bg  # (N, H, W)
+        loss = (error * mask[:, None]).sum() / n
+        attention = (channel_s - channel_t).abs().sum() + (spatial_s - spatial_t).abs().sum()
+        loss = loss + gamma * attention / n
+        if global_s is not None and global_t is not None:
+            diff = global_s.float() - global_t.float()
+            loss = loss + lam * diff.square().sum() / n
+        return loss
+
+
+def feature_kd_loss(
+    kind: str,
+    student_feats: Mapping[str, Tensor],
+    teacher_feats: Mapping[str, Tensor],
+    levels: Sequence[str],
+    *,
+    tau: float = 1.0,
+    boxes_per_image: Sequence[Tensor] | None = None,
+    image_size: tuple[int, int] | None = None,
+    fgd_alpha: float = 0.001,
+    fgd_beta: float = 0.0005,
+    fgd_gamma: float = 0.001,
+    fgd_lambda: float = 0.000005,
+    global_s: Mapping[str, Tensor] | None = None,
+    global_t: Mapping[str, Tensor] | None = None,
+) -> Tensor:
+    """One feature loss averaged over FPN levels.
+
+    student_feats: {level: (N, C, H_l, W_l)} adapted student features
+    teacher_feats: {level: (N, C, H_l, W_l)} teacher features
+    levels: the levels to distil, e.g. ("p3", "p4", "p5", "p6", "p7")
+    returns: scalar float32, ``loss = (1 / L) * sum_l loss_kind(s_l, t_l)``
+
+    ``tau`` is the temperature of cwd and fgd; ``boxes_per_image`` and ``image_size`` are
+    required by fgd, ``global_s`` / ``global_t`` ({level: (N, C, H_l, W_l)}) are its optional
+    global-context outputs (levels missing from them get no global term).
+    """
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"unknown feature KD kind {kind!r}; expected one of {FEATURE_KINDS}")
+    if not levels:
+        raise ValueError("feature KD needs at least one level")
+    if kind == "fgd" and (boxes_per_image is None or image_size is None):
+        raise ValueError("fgd needs boxes_per_image and image_size")
+    per_level = []
+    for level in levels:
+        if level not in student_feats or level not in teacher_feats:
+            raise KeyError(
+                f"level {level!r} missing: student has {sorted(student_feats)}, "
+                f"teacher has {sorted(teacher_feats)}"
+            )
+        s, t = student_feats[level], teacher_feats[level]
+        if kind == "mse":
+            per_level.append(mse_loss(s, t))
+        elif kind == "cwd":
+            per_level.append(cwd_loss(s, t, tau))
+        elif kind == "pkd":
+            per_level.append(pkd_loss(s, t))
+        else:
+            assert boxes_per_image is not None and image_size is not None  # checked above
+            g_s = global_s.get(level) if global_s is not None else None
+            g_t = global_t.get(level) if global_t is not None else None
+            per_level.append(
+                fgd_loss(
+                    s,
+                    t,
+                    boxes_per_image,
+                    image_size,
+                    tau=tau,
+                    alpha=fgd_alpha,
+                    beta=fgd_beta,
+                    gamma=fgd_gamma,
+                    lam=fgd_lambda,
+                    global_s=g_s,
+                    global_t=g_t,
+                )
+            )
+    return torch.stack(per_level).mean()
+
+
+class GlobalContextBlock(nn.Module):
+    """FGD's GcBlock (after GCNet, Cao et al. 2019): x + a transform of one global context.
+
+    (N, C, H, W) -> (N, C, H, W):
+        a = softmax_hw(conv_mask(x))                      (N, 1, H*W)  attention over positions
+        context = sum_hw x[:, :, hw] * a[:, hw]           (N, C, 1, 1)
+        out = x + conv(relu(layernorm(conv(context))))    C -> C/2 -> C
+    As FGD, ``conv_mask`` is Kaiming-initialised (fan_in) and the last conv starts at zero, so
+    the block starts as the identity.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        if channels < 2:
+            raise ValueError(f"GlobalContextBlock needs at least 2 channels, got {channels}")
+        self.conv_mask = nn.Conv2d(channels, 1, kernel_size=1)
+        self.channel_add = nn.Sequential(
+            nn.Conv2d(channels, channels // 2, kernel_size=1),
+            nn.LayerNorm([channels // 2, 1, 1]),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels // 2, channels, kernel_size=1),
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.conv_mask.weight, mode="fan_in", nonlinearity="relu")
+        last = self.channel_add[-1]
+        assert isinstance(last, nn.Conv2d)
+        nn.init.zeros_(last.weight)
+        for conv in (self.conv_mask, last):
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        attention = F.softmax(self.conv_mask(x).reshape(n, 1, h * w), dim=-1)  # (N, 1, H*W)
+        # (N, C, H*W) @ (N, H*W, 1) -> (N, C, 1)
+        context = torch.bmm(x.reshape(n, c, h * w), attention.transpose(1, 2))
+        return x + self.channel_add(context.reshape(n, c, 1, 1))
+
+
+def build_adapters(
+    levels: Sequence[str], student_channels: int, teacher_channels: int
+) -> nn.ModuleDict:
+    """{level: Conv2d(student_channels, teacher_channels, 1)} mapping student to teacher channels.
+
+    A 1x1 conv is built even when the channel counts are equal: it is FitNet's learnable
+    regressor, which lets the student's FPN keep its own basis instead of being forced to
+    copy the teacher's features channel by channel. All feature losses use adapted features.
+    """
+    return nn.ModuleDict(
+        {level: nn.Conv2d(student_channels, teacher_channels, kernel_size=1) for level in levels}
+    )
+
+
+def build_global_blocks(levels: Sequence[str], channels: int) -> nn.ModuleDict:
+    """FGD's learnable global-context blocks, one student/teacher pair per level.
+
+    Returns ``ModuleDict({"student_<level>": GlobalContextBlock, "teacher_<level>": ...})``
+    (flat, so ``blocks[f"student_{level}"](x)`` type-checks); the trainable module applies the
+    student block to the adapted student features and the teacher block to the teacher
+    features (``channels`` = the teacher's), and stores the outputs as
+    ``extras["global_s/<level>"]`` and ``extras["global_t/<level>"]``.
+    """
+    return nn.ModuleDict(
+        {
+            f"{side}_{level}": GlobalContextBlock(channels)
+            for side in ("student", "teacher")
+            for level in levels
+        }
+    )

@@ -1,0 +1,63 @@
+"""Detections drawn on validation images for TensorBoard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.utils import draw_bounding_boxes, make_grid
+
+from distill.dense import dense_forward, postprocess
+
+COLORS = {"ground truth": "lime", "teacher": "deepskyblue", "student": "red"}
+
+
+@torch.no_grad()
+def draw_detections(
+    detectors: dict[str, nn.Module],
+    transform: nn.Module,
+    dataset: Any,
+    num_images: int,
+    min_score: float = 0.3,
+) -> torch.Tensor:
+    """A (3, H, W) uint8 grid: one row per image, columns ground truth, then each detector."""
+    tiles = []
+    for index in range(min(num_images, len(dataset))):
+        image, target = dataset[index]
+        canvas = (image.clamp(0, 1) * 255).to(torch.uint8)
+        names = [dataset.class_names[int(label) - 1] for label in target["labels"]]
+        tiles.append(draw_bounding_boxes(canvas, target["boxes"], names, colors=COLORS["ground truth"]))
+        for name, detector in detectors.items():
+            param = next(detector.parameters())
+            was_training = detector.training
+            detector.eval()
+            with torch.autocast(param.device.type, enabled=False):
+                image_list, _ = transform([image.to(param.device)])
+                outputs = dense_forward(detector, image_list)
+                det = postprocess(detector, transform, outputs, image_list, [tuple(image.shape[-2:])])[0]
+            detector.train(was_training)
+            keep = (det["scores"] >= min_score) & (det["labels"] > 0)
+            boxes = det["boxes"][keep].float().cpu()
+            labels = [
+                f"{dataset.class_names[int(lab) - 1]} {float(s):.2f}"
+                for lab, s in zip(det["labels"][keep], det["scores"][keep])
+            ]
+            tiles.append(draw_bounding_boxes(canvas, boxes, labels, colors=COLORS.get(name, "red")))
+    return make_grid(tiles, nrow=1 + len(detectors), padding=2)
+
+
+def log_detections(
+    writer: Any,
+    detector: nn.Module,
+    teacher: nn.Module | None,
+    transform: nn.Module,
+    dataset: Any,
+    num_images: int,
+    step: int,
+) -> None:
+    """Ground truth | teacher | model being trained, for the first ``num_images`` val images."""
+    detectors = {"teacher": teacher} if teacher is not None else {}
+    detectors["student"] = detector
+    grid = draw_detections(detectors, transform, dataset, num_images)
+    writer.add_image("eval/detections", grid, global_step=step)

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two cores are shared by the test process and its data-loader workers: keep torch to one thread
+# per process so that multi-process tests do not oversubscribe the machine.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny shapes dataset (64 px), shared by the end-to-end tests."""
+    from distill.data.shapes import generate_shapes
+
+    root = tmp_path_factory.mktemp("shapes") / "data"
+    generate_shapes(root, num_train=16, num_val=6, size=64, seed=0, difficulty="medium")
+    return root
+
+
+def smoke_overrides(root: Path, out: Path) -> list[str]:
+    """configs/shapes/smoke.yaml pointed at a test dataset and run directory."""
+    return [f"data.root={root}", f"output.dir={out}"]

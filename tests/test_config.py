@@ -1,0 +1,122 @@
+from pathlib import Path
+
+import pytest
+
+from distill.config import Config, ConfigError, dump_config, load_config, replace
+
+
+def write(tmp_path: Path, text: str, name: str = "x.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_partial_file(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "train: {epochs: 3}\ndistill: {logit: {weight: 1.5}}\n"))
+    assert cfg.train.epochs == 3
+    assert cfg.distill.logit.weight == 1.5
+    assert cfg.distill.logit.temperature == Config().distill.logit.temperature
+    assert load_config(None) == Config()
+
+
+def test_unknown_key_names_path_file_and_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, "distill:\n  logit:\n    temprature: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "distill.logit.temprature" in msg
+    assert str(path) in msg
+    assert "did you mean temperature?" in msg
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown key trian .*did you mean train\?"):
+        load_config(write(tmp_path, "trian: {epochs: 1}\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expected"),
+    [
+        ("train: {epochs: three}", "train.epochs", "expected int"),
+        ("train: {epochs: 2.5}", "train.epochs", "expected int"),
+        ("train: {epochs: true}", "train.epochs", "expected int"),
+        ("train: {lr: fast}", "train.lr", "expected float"),
+        ("anchors: {sizes: 16}", "anchors.sizes", "expected list of int"),
+        ("anchors: {sizes: [16, x]}", "anchors.sizes[1]", "expected int"),
+        ("teacher: {weights: 5}", "teacher.weights", "expected str or null"),
+        ("data: 3", "data", "must be a mapping"),
+    ],
+)
+def test_wrong_type_names_key_and_value(tmp_path: Path, text: str, key: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    msg = str(err.value)
+    assert key in msg
+    assert expected in msg
+
+
+def test_int_is_accepted_for_float(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "distill: {logit: {temperature: 4}}"))
+    assert cfg.distill.logit.temperature == 4.0
+    assert isinstance(cfg.distill.logit.temperature, float)
+
+
+def test_overrides_are_yaml_scalars_and_checked(tmp_path: Path) -> None:
+    path = write(tmp_path, "train: {epochs: 3}\n")
+    cfg = load_config(
+        path,
+        [
+            "train.epochs=5",
+            "distill.logit.temperature=2",
+            "teacher.weights=null",
+            "train.grad_clip=null",
+            "anchors.sizes=[8, 16, 32, 64, 128]",
+            "data.skip_bad_images=true",
+            "output.dir=runs/x y",
+        ],
+    )
+    assert cfg.train.epochs == 5
+    assert cfg.distill.logit.temperature == 2.0
+    assert cfg.teacher.weights is None
+    assert cfg.train.grad_clip is None
+    assert cfg.anchors.sizes == (8, 16, 32, 64, 128)
+    assert cfg.data.skip_bad_images is True
+    assert cfg.output.dir == "runs/x y"
+    with pytest.raises(ConfigError, match=r"unknown key train\.epoch .*did you mean epochs"):
+        load_config(path, ["train.epoch=5"])
+    with pytest.raises(ConfigError, match=r"train\.epochs.*expected int.*'many'"):
+        load_config(path, ["train.epochs=many"])
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(path, ["train.epochs"])
+
+
+def test_yaml_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(None, ["distill.feature.levels=[p3, p5]", "train.grad_clip=null"])
+    dump_config(cfg, tmp_path / "out" / "config.yaml")
+    assert load_config(tmp_path / "out" / "config.yaml") == cfg
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_python_tags_and_missing_files_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "train: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ConfigError, match=str(path)):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_replace_with_dotted_keys() -> None:
+    cfg = replace(Config(), **{"train.epochs": 2, "distill.logit.weight": 0.5})
+    assert cfg.train.epochs == 2
+    assert cfg.distill.logit.weight == 0.5
+    assert cfg.data == Config().data
+
+
+def test_shipped_configs_load() -> None:
+    root = Path(__file__).resolve().parents[1] / "configs"
+    paths = sorted(root.rglob("*.yaml"))
+    assert paths, "no configs shipped"
+    for path in paths:
+        load_config(path)

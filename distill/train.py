@@ -219,7 +219,9 @@ def build_models(cfg: Config, job: str, num_classes: int) -> tuple[StudentModule
         adapters = build_adapters(levels, s_ch, t_ch)
     global_s = global_t = None
     if levels and feature.kind == "fgd" and feature.fgd_lambda > 0:
-        global_s, global_t = build_global_blocks(levels, t_ch)
+        blocks = build_global_blocks(levels, t_ch)  # {"student_p3": ..., "teacher_p3": ...}
+        global_s = nn.ModuleDict({lv: blocks[f"student_{lv}"] for lv in levels})
+        global_t = nn.ModuleDict({lv: blocks[f"teacher_{lv}"] for lv in levels})
     return StudentModule(student, levels, adapters, global_s, global_t), teacher
 
 

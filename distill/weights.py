@@ -162,22 +162,17 @@ def load_weights(
     state: Mapping[str, Tensor],
     source: str,
     *,
-    prefix: str = "",
     allow_unexpected: bool = False,
     class_keys: Collection[str] = (),
 ) -> list[str]:
     """Load ``state`` into ``module`` strictly, or raise WeightsMismatchError listing what differs.
 
-    prefix:           only entries starting with it are used, with it removed (``"features."``
-                      to load a classifier's weights into its feature extractor).
     allow_unexpected: entries the module has no place for are ignored (a classifier's ``fc``).
     class_keys:       entries whose first dimension may differ (the number of classes): when
                       they are the only misfit they are skipped, keeping the module's fresh
                       initialisation for them.
     Returns the ``class_keys`` that were skipped.
     """
-    if prefix:
-        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     expected = module.state_dict()
     shape_misfits = {
         k: (tuple(v.shape), tuple(expected[k].shape))
@@ -227,7 +222,9 @@ def mismatch_report(
     if unexpected:
         lines.append(f"  unexpected in the weights ({len(unexpected)}): {first(unexpected)}")
     if wrong_shapes:
-        shapes = [f"{k} {list(got)} vs model {list(want)}" for k, (got, want) in wrong_shapes.items()]
+        shapes = [
+            f"{k} {list(got)} vs model {list(want)}" for k, (got, want) in wrong_shapes.items()
+        ]
         lines.append(f"  shape mismatches ({len(shapes)}): {first(shapes)}")
     return "\n".join(lines)
 

@@ -62,7 +62,9 @@ def build_teacher(cfg: Config, num_classes: int, frozen: bool = True) -> Freezab
     if t.arch not in TEACHERS:
         raise ValueError(f"unknown teacher.arch {t.arch!r}; known: {', '.join(TEACHERS)}")
     # Resolve the weights first: a wrong path should fail before the model is built.
-    weights = resolve_weights(t.weights, get_model_weights(t.arch), "teacher") if t.weights else None
+    weights = (
+        resolve_weights(t.weights, get_model_weights(t.arch), "teacher") if t.weights else None
+    )
     backbone_weights = None
     if t.backbone_weights and weights is None:
         backbone_weights = resolve_weights(
@@ -115,7 +117,9 @@ def _head(
 ) -> RetinaNetHead:
     """torchvision's head for the arch, rebuilt when anchors per cell or the norm differ."""
     if head_norm is not None and head_norm not in HEAD_NORMS:
-        raise ValueError(f"teacher.head_norm must be one of {HEAD_NORMS} or null, got {head_norm!r}")
+        raise ValueError(
+            f"teacher.head_norm must be one of {HEAD_NORMS} or null, got {head_norm!r}"
+        )
     head = reference.head
     has_gn = any(isinstance(m, nn.GroupNorm) for m in head.modules())
     want_gn = has_gn if head_norm is None else head_norm == "gn"

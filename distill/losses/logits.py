@@ -133,7 +133,7 @@ def soft_label_loss(
             log_q = F.log_softmax(torch.cat([s, background], dim=-1), dim=-1)
             log_p = F.log_softmax(torch.cat([t, background], dim=-1), dim=-1)
             per_class = F.kl_div(log_q, log_p, reduction="none", log_target=True)
-        per_anchor = per_class.sum(dim=-1) * temperature  # (N, A, K[+1]) -> (N, A)
+        per_anchor = per_class.sum(dim=-1) * temperature**2  # (N, A, K[+1]) -> (N, A)
         return weighted_anchor_mean(per_anchor, weights)
 
 

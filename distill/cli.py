@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--val", type=int, default=500, help="validation images")
     shapes.add_argument("--size", type=int, default=128, help="image side in pixels")
     shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--difficulty", default="medium", help="easy | medium | hard")
+    shapes.add_argument("--difficulty", default="medium", choices=["easy", "medium", "hard"])
     stats = data_sub.add_parser("stats", help="print statistics of a COCO-format dataset")
     stats.add_argument("root", type=Path)
     stats.add_argument("--ann", action="append", default=None, help="annotation file(s) in ROOT")
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (ConfigError, UserError, DatasetError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, UserError, DatasetError, CheckpointError, FileNotFoundError, FileExistsError) as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return 2
 

@@ -24,7 +24,7 @@ from distill.config import Config, load_config, replace
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "shapes"
 
 # Budget on 2 CPU cores (bf16 autocast). Steps, not minutes, so that results are reproducible.
-DEMO_DATA = {"num_train": 1000, "num_val": 200, "size": 128}
+DEMO_TRAIN, DEMO_VAL, DEMO_SIZE = 1000, 200, 128
 TEACHER_STEPS = 700
 STUDENT_STEPS = 500
 
@@ -64,7 +64,7 @@ def demo(out: Path = Path("runs/demo"), data_root: Path = Path("data/shapes-demo
     start = time.perf_counter()
     if not (data_root / "train.json").is_file():
         log.info("generating the shapes dataset in %s", data_root)
-        generate_shapes(data_root, seed=0, **DEMO_DATA)
+        generate_shapes(data_root, num_train=DEMO_TRAIN, num_val=DEMO_VAL, size=DEMO_SIZE, seed=0)
     teacher_weights = teacher or out / "teacher" / "teacher.pt"
     configs = demo_configs(out, data_root, teacher_weights)
 

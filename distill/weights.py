@@ -194,7 +194,7 @@ def load_weights(
     if metadata is not None:
         filtered._metadata = metadata  # type: ignore[attr-defined]
     result = module.load_state_dict(filtered, strict=False)
-    missing = [k for k in result.missing_keys if k not in reinit]
+    missing = [k for k in result.missing_keys if k not in shape_misfits]
     unexpected = [] if allow_unexpected else list(result.unexpected_keys)
     if missing or unexpected or wrong_shapes:
         raise WeightsMismatchError(

@@ -162,9 +162,10 @@ def test_objects_contrast_with_their_surroundings() -> None:
                 continue
             inside = np.median(img[inner], axis=0)
             outside = img[outer]
-            # Most of what surrounds an object differs from it by a clear colour step.
-            far = np.linalg.norm(outside - inside, axis=1) >= 0.4 * preset.min_contrast
-            assert far.mean() >= 0.6
+            # Nearly all that surrounds an object differs from it by a clear colour step (the
+            # generator asks this of 90% of the pixels under the box, half of it at worst).
+            far = np.linalg.norm(outside - inside, axis=1) >= 0.5 * preset.min_contrast
+            assert far.mean() >= 0.9
             checked += 1
     assert checked >= 30
 
@@ -184,6 +185,8 @@ def test_manifest_protects_other_data(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="not a shapes dataset"):
         generate_shapes(other, num_train=2, num_val=1, size=64)
     assert _files(other) == ["notes.txt"]
+    with pytest.raises(FileExistsError, match="is a file"):
+        generate_shapes(other / "notes.txt", num_train=2, num_val=1, size=64)
 
     out = tmp_path / "shapes"
     generate_shapes(out, num_train=3, num_val=2, size=64, seed=1)
@@ -247,10 +250,10 @@ def test_format_stats_hand_computed(tmp_path: Path) -> None:
     width = len("unknown id 9")  # names are padded to the longest
     assert f"    {'cat':<{width}}  1 (25.0%)" in lines
     assert f"    {'dog':<{width}}  2 (50.0%)" in lines
-    assert f"    {'owl':<{width}}  0" in lines
+    assert f"    {'owl':<{width}}  0 (0.0%)" in lines
     assert "    unknown id 9  1 (25.0%)" in lines
 
-    with pytest.raises(FileNotFoundError, match="b.json"):
+    with pytest.raises(FileNotFoundError, match=r"b\.json"):
         format_stats(tmp_path, ["a.json", "b.json"])
 
 

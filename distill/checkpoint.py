@@ -43,7 +43,9 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: Progress, keep: int = 2) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, run_dir: Path, progress: Progress, keep: int = 2
+) -> Path:
     """Every process calls this; returns the checkpoint folder."""
     root = run_dir / "checkpoints"
     final = root / f"step_{progress.step:08d}"
@@ -78,7 +80,9 @@ def find_checkpoint(run_dir: Path) -> Path:
     if not run_dir.is_dir():
         raise CheckpointError(f"cannot resume: run directory {run_dir} does not exist")
     if not pointer.is_file():
-        raise CheckpointError(f"cannot resume: {pointer} not found (no complete checkpoint in {run_dir})")
+        raise CheckpointError(
+            f"cannot resume: {pointer} not found (no complete checkpoint in {run_dir})"
+        )
     path = run_dir / "checkpoints" / pointer.read_text().strip()
     if not (path / "progress.json").is_file():
         raise CheckpointError(f"cannot resume: checkpoint {path} is incomplete or missing")
@@ -90,7 +94,9 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> Progress:
     try:
         progress = Progress(**json.loads((path / "progress.json").read_text()))
     except (OSError, ValueError, TypeError) as err:
-        raise CheckpointError(f"cannot resume: {path / 'progress.json'} is unreadable: {err}") from None
+        raise CheckpointError(
+            f"cannot resume: {path / 'progress.json'} is unreadable: {err}"
+        ) from None
     try:
         accelerator.load_state(str(path))
     except Exception as err:  # truncated or corrupt files surface as many exception types

@@ -101,12 +101,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (ConfigError, UserError, DatasetError, CheckpointError, FileNotFoundError, FileExistsError) as err:
+    except (
+        ConfigError,
+        UserError,
+        DatasetError,
+        CheckpointError,
+        FileNotFoundError,
+        FileExistsError,
+    ) as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return 2
 
 
-def _dispatch(args: argparse.Namespace) -> int:  # noqa: C901 - a flat switch reads best
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data" and args.data_command == "shapes":
         from distill.data.shapes import generate_shapes
 

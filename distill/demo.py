@@ -36,7 +36,12 @@ def demo_configs(out: Path, data_root: Path, teacher_weights: Path) -> dict[str,
     common = [f"data.root={data_root}", "eval.every_epochs=0", "eval.images_logged=2"]
     teacher = load_config(
         CONFIGS / "teacher.yaml",
-        [*common, f"train.max_steps={TEACHER_STEPS}", "train.warmup_steps=100", f"output.dir={out / 'teacher'}"],
+        [
+            *common,
+            f"train.max_steps={TEACHER_STEPS}",
+            "train.warmup_steps=100",
+            f"output.dir={out / 'teacher'}",
+        ],
     )
     student_overrides = [
         *common,
@@ -44,8 +49,12 @@ def demo_configs(out: Path, data_root: Path, teacher_weights: Path) -> dict[str,
         "train.warmup_steps=100",
         f"teacher.weights={teacher_weights}",
     ]
-    student = load_config(CONFIGS / "student.yaml", [*student_overrides, f"output.dir={out / 'student'}"])
-    distilled = load_config(CONFIGS / "distill.yaml", [*student_overrides, f"output.dir={out / 'distill'}"])
+    student = load_config(
+        CONFIGS / "student.yaml", [*student_overrides, f"output.dir={out / 'student'}"]
+    )
+    distilled = load_config(
+        CONFIGS / "distill.yaml", [*student_overrides, f"output.dir={out / 'distill'}"]
+    )
     # same schedule for both students: epochs large enough that max_steps decides
     epochs = {"train.epochs": 1000}
     return {
@@ -55,12 +64,18 @@ def demo_configs(out: Path, data_root: Path, teacher_weights: Path) -> dict[str,
     }
 
 
-def demo(out: Path = Path("runs/demo"), data_root: Path = Path("data/shapes-demo"), teacher: Path | None = None) -> dict[str, Any]:
+def demo(
+    out: Path = Path("runs/demo"),
+    data_root: Path = Path("data/shapes-demo"),
+    teacher: Path | None = None,
+) -> dict[str, Any]:
     from distill.data.shapes import generate_shapes
     from distill.summary import summarize
     from distill.train import train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     start = time.perf_counter()
     if not (data_root / "train.json").is_file():
         log.info("generating the shapes dataset in %s", data_root)
@@ -85,14 +100,19 @@ def demo(out: Path = Path("runs/demo"), data_root: Path = Path("data/shapes-demo
         minutes[name] = (time.perf_counter() - tic) / 60
 
     sizes = summarize(configs["student + KD"])
-    size_of = {"teacher": sizes["teacher"], "student": sizes["student"], "student + KD": sizes["student"]}
+    size_of = {
+        "teacher": sizes["teacher"],
+        "student": sizes["student"],
+        "student + KD": sizes["student"],
+    }
     table = format_demo_table(rows, size_of, minutes)
     print()
     print(table)
     print(
-        f"\n{'cuda' if torch.cuda.is_available() else 'cpu'}, total {(time.perf_counter() - start) / 60:.1f} min; "
-        f"teacher {TEACHER_STEPS} steps, students {STUDENT_STEPS} steps each (batch "
-        f"{configs['student'].data.batch_size}, {configs['student'].data.image_size} px). Runs in {out}; "
+        f"\n{'cuda' if torch.cuda.is_available() else 'cpu'}, "
+        f"total {(time.perf_counter() - start) / 60:.1f} min; teacher {TEACHER_STEPS} steps, "
+        f"students {STUDENT_STEPS} steps each (batch {configs['student'].data.batch_size}, "
+        f"{configs['student'].data.image_size} px). Runs in {out}; "
         f"`tensorboard --logdir {out}` shows the curves and detections."
     )
     return {"rows": rows, "sizes": size_of, "minutes": minutes}

@@ -119,7 +119,9 @@ def coco_metrics(
     per_class = {}
     for k, cat_id in enumerate(evaluator.params.catIds):
         p = precision[:, :, k, 0, -1]
-        per_class[class_names.get(cat_id, str(cat_id))] = float(np.mean(p[p > -1])) if (p > -1).any() else -1.0
+        per_class[class_names.get(cat_id, str(cat_id))] = (
+            float(np.mean(p[p > -1])) if (p > -1).any() else -1.0
+        )
     metrics["per_class"] = per_class
     metrics["num_images"] = len(image_ids)
     metrics["num_detections"] = len(results)
@@ -138,7 +140,10 @@ def evaluate(
     results = predict(detector, transform, dataset, accelerator, batch_size, num_workers)
     metrics: dict[str, Any] = {}
     if accelerator.is_main_process:
-        names = {cat_id: dataset.class_names[label - 1] for cat_id, label in dataset.cat_id_to_label.items()}
+        names = {
+            cat_id: dataset.class_names[label - 1]
+            for cat_id, label in dataset.cat_id_to_label.items()
+        }
         metrics = coco_metrics(dataset.coco, results, dataset.image_ids, names)
     if accelerator.num_processes > 1:
         metrics = gather_object([metrics])[0]  # the main process's dict, on every process
@@ -159,10 +164,11 @@ def format_metrics_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
 
 def eval_command(cfg: Config, models: list[tuple[str, str]], out: Path | None = None) -> None:
     """``distill eval``: evaluate each (kind, weights file) on the validation set, side by side."""
+    from distill.train import make_accelerator
     from students import build_student
     from teachers import build_teacher
 
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg))
+    accelerator = make_accelerator(cfg)
     dataset = build_dataset(cfg.data, "val")
     num_classes = dataset.num_categories + 1
     transform = build_transform(cfg).to(accelerator.device)
@@ -189,9 +195,11 @@ def eval_command(cfg: Config, models: list[tuple[str, str]], out: Path | None = 
     if accelerator.is_main_process:
         print(format_metrics_table(rows))
         if out is not None:
-            payload: Any = rows[0][1] if len(rows) == 1 else {
-                "models": [{"model": name, **m} for name, m in rows]
-            }
+            payload: Any = (
+                rows[0][1]
+                if len(rows) == 1
+                else {"models": [{"model": name, **m} for name, m in rows]}
+            )
             write_json(payload, out)
             print(f"wrote {out}")
 
@@ -202,9 +210,3 @@ def write_json(payload: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
-
-
-def _mixed_precision(cfg: Config) -> str:
-    from distill.train import check_mixed_precision
-
-    return check_mixed_precision(cfg.train.mixed_precision)

@@ -16,7 +16,7 @@ from distill.dense import DenseOutputs, dense_forward
 
 
 class StudentModule(nn.Module):
-    """``detector`` (a torchvision RetinaNet) + 1x1 ``adapters`` + FGD ``global_s`` / ``global_t``."""
+    """``detector`` (a torchvision RetinaNet), 1x1 ``adapters``, FGD ``global_s``/``global_t``."""
 
     def __init__(
         self,
@@ -66,4 +66,3 @@ def student_state_dict(module: nn.Module) -> dict[str, Tensor]:
     """The detector's weights alone (no adapters), on CPU: what ``student.pt`` holds."""
     detector = module.detector if isinstance(module, StudentModule) else module
     return {k: v.detach().to("cpu", copy=True) for k, v in detector.state_dict().items()}
-

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
@@ -30,7 +31,13 @@ from distill.config import Config, ConfigError, TrainConfig, dump_config, replac
 from distill.data import build_dataset, collate, seed_worker
 from distill.dense import build_transform, check_compatible, dense_forward, detection_loss
 from distill.evaluate import evaluate, write_json
-from distill.losses import build_adapters, build_global_blocks, combine, distill_terms, needs_teacher
+from distill.losses import (
+    build_adapters,
+    build_global_blocks,
+    combine,
+    distill_terms,
+    needs_teacher,
+)
 from distill.module import StudentModule, student_state_dict
 from distill.visualize import log_detections
 from distill.weights import save_state_dict_file
@@ -42,16 +49,20 @@ log = logging.getLogger("distill.train")
 
 def train(cfg: Config, job: str = "student", resume: Path | None = None) -> dict[str, Any]:
     """Train and evaluate; returns the final COCO metrics (also in ``metrics.json``)."""
-    if resume is not None:
+    checkpoint = None
+    if resume is not None:  # fail before any work if there is nothing to resume from
+        checkpoint = find_checkpoint(Path(resume))
         cfg = replace(cfg, **{"output.dir": str(resume)})
     run_dir = Path(cfg.output.dir)
-    accelerator = Accelerator(
-        mixed_precision=check_mixed_precision(cfg.train.mixed_precision),
+    accelerator = make_accelerator(
+        cfg,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with="tensorboard",
         project_dir=str(run_dir),
         # the shuffle order of epoch e depends only on (seed, e): resumable and equal on all ranks
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=cfg.train.seed
+        ),
         step_scheduler_with_optimizer=False,
     )
     _setup_logging(accelerator)
@@ -89,8 +100,7 @@ def train(cfg: Config, job: str = "student", resume: Path | None = None) -> dict
     detector.detections_per_img = cfg.eval.detections_per_image
 
     progress = Progress()
-    if resume is not None:
-        checkpoint = find_checkpoint(run_dir)
+    if checkpoint is not None:
         progress = load_checkpoint(accelerator, checkpoint)
         log.info("resumed from %s at epoch %d, step %d", checkpoint, progress.epoch, progress.step)
     if accelerator.is_main_process:
@@ -115,7 +125,9 @@ def train(cfg: Config, job: str = "student", resume: Path | None = None) -> dict
         if progress.batch > 0:  # resuming mid-epoch: same order, skip what was consumed
             loader = accelerator.skip_first_batches(train_loader, progress.batch)
             loader.set_epoch(epoch)
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not accelerator.is_main_process, leave=False)
+        bar = tqdm(
+            loader, desc=f"epoch {epoch}", disable=not accelerator.is_main_process, leave=False
+        )
         tic = time.perf_counter()
         for images, targets in bar:
             with accelerator.accumulate(module):
@@ -132,21 +144,31 @@ def train(cfg: Config, job: str = "student", resume: Path | None = None) -> dict
                 )
                 det_losses = detection_loss(detector, student_out, targets)
                 kd_terms = (
-                    distill_terms(student_out, teacher_out, targets, _batch_hw(image_list.tensors), cfg.distill)
+                    distill_terms(
+                        student_out,
+                        teacher_out,
+                        targets,
+                        _batch_hw(image_list.tensors),
+                        cfg.distill,
+                    )
                     if teacher_out is not None
                     else {}
                 )
                 total, logs = combine(det_losses, kd_terms, cfg.distill, progress.step, epoch)
 
                 # A non-finite loss on any process skips the step on every process.
-                bad = torch.tensor(0.0 if torch.isfinite(total.detach()) else 1.0, device=accelerator.device)
+                bad = torch.tensor(
+                    0.0 if torch.isfinite(total.detach()) else 1.0, device=accelerator.device
+                )
                 bad_anywhere = bool(accelerator.reduce(bad, "sum").item() > 0)
                 accelerator.backward(total)
                 grad_norm = None
                 if bad_anywhere:
                     optimizer.zero_grad(set_to_none=True)
                 elif accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.train.grad_clip or math.inf)
+                    grad_norm = accelerator.clip_grad_norm_(
+                        module.parameters(), cfg.train.grad_clip or math.inf
+                    )
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -156,8 +178,14 @@ def train(cfg: Config, job: str = "student", resume: Path | None = None) -> dict
             if bad_anywhere:
                 nonfinite_in_a_row += 1
                 progress.nonfinite_total += 1
-                log.warning("non-finite loss at step %d: step skipped (%d in a row)", progress.step, nonfinite_in_a_row)
-                accelerator.log({"train/nonfinite_skipped": progress.nonfinite_total}, step=progress.step)
+                log.warning(
+                    "non-finite loss at step %d: step skipped (%d in a row)",
+                    progress.step,
+                    nonfinite_in_a_row,
+                )
+                accelerator.log(
+                    {"train/nonfinite_skipped": progress.nonfinite_total}, step=progress.step
+                )
                 if nonfinite_in_a_row >= cfg.train.max_nonfinite:
                     raise RuntimeError(
                         f"{nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite="
@@ -184,20 +212,53 @@ def train(cfg: Config, job: str = "student", resume: Path | None = None) -> dict
         last = epoch + 1 == cfg.train.epochs or progress.step >= total_steps
         every = cfg.eval.every_epochs
         if last or (every > 0 and (epoch + 1) % every == 0):
-            metrics = _evaluate_and_log(cfg, accelerator, detector, teacher, transform, val_set, progress.step)
+            metrics = _evaluate_and_log(
+                cfg, accelerator, detector, teacher, transform, val_set, progress.step
+            )
         save_checkpoint(accelerator, run_dir, progress)
 
     # ---- outputs ------------------------------------------------------------------------
     if not metrics:  # e.g. resumed after the last epoch
-        metrics = _evaluate_and_log(cfg, accelerator, detector, teacher, transform, val_set, progress.step)
+        metrics = _evaluate_and_log(
+            cfg, accelerator, detector, teacher, transform, val_set, progress.step
+        )
     if accelerator.is_main_process:
         weights_name = "teacher.pt" if job == "teacher" else "student.pt"
-        save_state_dict_file(student_state_dict(accelerator.unwrap_model(module)), run_dir / weights_name)
-        summary = {"job": job, "step": progress.step, "epoch": progress.epoch, "num_processes": accelerator.num_processes}
+        save_state_dict_file(
+            student_state_dict(accelerator.unwrap_model(module)), run_dir / weights_name
+        )
+        summary = {
+            "job": job,
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "num_processes": accelerator.num_processes,
+        }
         write_json({**metrics, **summary}, run_dir / "metrics.json")
-        log.info("mAP %.4f (AP50 %.4f); wrote %s and metrics.json in %s", metrics["map"], metrics["ap50"], weights_name, run_dir)
+        log.info(
+            "mAP %.4f (AP50 %.4f); wrote %s and metrics.json in %s",
+            metrics["map"],
+            metrics["ap50"],
+            weights_name,
+            run_dir,
+        )
     accelerator.end_training()
     return metrics
+
+
+def make_accelerator(cfg: Config, **kwargs: Any) -> Accelerator:
+    """An Accelerator for this config; usable several times in one process (tests, demo, sweeps).
+
+    Without CUDA, ``cpu=True`` is what lets Accelerate run several CPU processes with gloo
+    (``accelerate launch --multi_gpu --num_processes 2`` on a CPU-only machine).
+    """
+    # Accelerate keeps one global state per process; a new run may use another precision.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=check_mixed_precision(cfg.train.mixed_precision),
+        **kwargs,
+    )
 
 
 def build_models(cfg: Config, job: str, num_classes: int) -> tuple[StudentModule, nn.Module | None]:
@@ -247,17 +308,23 @@ def build_scheduler(
     rest = max(total_steps - warmup, 1)
     after: torch.optim.lr_scheduler.LRScheduler
     if cfg.schedule == "cosine":
-        after = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=rest, eta_min=cfg.lr * 0.01)
+        after = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=rest, eta_min=cfg.lr * 0.01
+        )
     elif cfg.schedule == "step":
         milestones = [max(1, round(f * total_steps) - warmup) for f in cfg.step_milestones]
         after = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=cfg.step_gamma)
     elif cfg.schedule == "constant":
         after = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     else:
-        raise ConfigError(f"train.schedule: unknown schedule {cfg.schedule!r} (cosine | step | constant)")
+        raise ConfigError(
+            f"train.schedule: unknown schedule {cfg.schedule!r} (cosine | step | constant)"
+        )
     if warmup == 0:
         return after
-    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.001, end_factor=1.0, total_iters=warmup)
+    ramp = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=0.001, end_factor=1.0, total_iters=warmup
+    )
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, after], milestones=[warmup])
 
 
@@ -283,7 +350,7 @@ def _evaluate_and_log(
     step: int,
 ) -> dict[str, Any]:
     batch_size = cfg.eval.batch_size or cfg.data.batch_size
-    metrics = evaluate(detector, transform, val_set, accelerator, batch_size, cfg.data.num_workers)  # type: ignore[arg-type]
+    metrics = evaluate(detector, transform, val_set, accelerator, batch_size, cfg.data.num_workers)
     scalars = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}
     scalars.update({f"eval_class/{k}": v for k, v in metrics.get("per_class", {}).items()})
     accelerator.log(scalars, step=step)

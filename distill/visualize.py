@@ -27,7 +27,9 @@ def draw_detections(
         image, target = dataset[index]
         canvas = (image.clamp(0, 1) * 255).to(torch.uint8)
         names = [dataset.class_names[int(label) - 1] for label in target["labels"]]
-        tiles.append(draw_bounding_boxes(canvas, target["boxes"], names, colors=COLORS["ground truth"]))
+        tiles.append(
+            draw_bounding_boxes(canvas, target["boxes"], names, colors=COLORS["ground truth"])
+        )
         for name, detector in detectors.items():
             param = next(detector.parameters())
             was_training = detector.training
@@ -35,7 +37,9 @@ def draw_detections(
             with torch.autocast(param.device.type, enabled=False):
                 image_list, _ = transform([image.to(param.device)])
                 outputs = dense_forward(detector, image_list)
-                det = postprocess(detector, transform, outputs, image_list, [tuple(image.shape[-2:])])[0]
+                det = postprocess(
+                    detector, transform, outputs, image_list, [tuple(image.shape[-2:])]
+                )[0]
             detector.train(was_training)
             keep = (det["scores"] >= min_score) & (det["labels"] > 0)
             boxes = det["boxes"][keep].float().cpu()

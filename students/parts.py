@@ -22,8 +22,12 @@ NormLayer = Callable[[int], nn.Module]
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, or fewer when ``channels`` is not a multiple of 32."""
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    """GroupNorm with up to 32 groups of at least 4 channels each.
+
+    At least 4 channels per group keeps a group non-degenerate on the 1x1 maps that P7 has at
+    small image sizes (a 1-channel group on a 1x1 map normalises a single value to 0).
+    """
+    return nn.GroupNorm(math.gcd(32, max(1, channels // 4)), channels)
 
 
 NORMS: dict[str, NormLayer | None] = {"gn": group_norm, "none": None}

@@ -86,7 +86,7 @@ def test_overrides_are_yaml_scalars_and_checked(tmp_path: Path) -> None:
         load_config(path, ["train.epoch=5"])
     with pytest.raises(ConfigError, match=r"train\.epochs.*expected int.*'many'"):
         load_config(path, ["train.epochs=many"])
-    with pytest.raises(ConfigError, match="key.path=value"):
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
         load_config(path, ["train.epochs"])
 
 

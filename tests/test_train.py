@@ -85,15 +85,20 @@ def test_distill_run_and_eval(teacher_run: Path, shapes_root: Path, tmp_path: Pa
     assert both[1]["map"] == pytest.approx(metrics["map"], abs=1e-9)
 
 
-def test_eval_errors_name_the_file(shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_errors_name_the_file(
+    shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     missing = tmp_path / "nope.pt"
-    assert main(["eval", str(SMOKE), *sets(f"data.root={shapes_root}"), "--weights", str(missing)]) == 2
+    assert (
+        main(["eval", str(SMOKE), *sets(f"data.root={shapes_root}"), "--weights", str(missing)])
+        == 2
+    )
     assert str(missing) in capsys.readouterr().err
 
 
 def test_resume_continues_from_last_checkpoint(shapes_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "plain"
-    base = [*smoke_overrides(shapes_root, out), "distill.feature.weight=0", "distill.logit.weight=0",
+    base = [*smoke_overrides(shapes_root, out), "distill.feature.weight=0", "distill.logit.weight=0",  # noqa: E501
             "distill.box.weight=0", "train.max_steps=null", "eval.images_logged=0"]  # fmt: skip
     run_cli("run", str(SMOKE), *sets(*base, "train.epochs=1"))
     first = json.loads((out / "metrics.json").read_text())
@@ -103,20 +108,32 @@ def test_resume_continues_from_last_checkpoint(shapes_root: Path, tmp_path: Path
     assert second["step"] == 2 * first["step"]
 
 
-def test_resume_from_missing_run_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_from_missing_run_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["run", str(SMOKE), "--resume", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
 
 
-def test_fp16_on_cpu_is_a_clear_error(shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fp16_on_cpu_is_a_clear_error(
+    shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     if torch.cuda.is_available():
         pytest.skip("fp16 is valid where CUDA exists")
-    code = main(["run", str(SMOKE), *sets(*smoke_overrides(shapes_root, tmp_path), "train.mixed_precision=fp16")])
+    code = main(
+        [
+            "run",
+            str(SMOKE),
+            *sets(*smoke_overrides(shapes_root, tmp_path), "train.mixed_precision=fp16"),
+        ]
+    )
     assert code == 2
     assert "fp16 needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_plain_student_step_equals_torchvision_training_step(shapes_root: Path, tmp_path: Path) -> None:
+def test_plain_student_step_equals_torchvision_training_step(
+    shapes_root: Path, tmp_path: Path
+) -> None:
     """One optimizer step of the plain student through our loop (shared transform, dense forward,
     combine with no KD) gives the weights of one step of torchvision's own RetinaNet training."""
     out = tmp_path / "one-step"
@@ -164,14 +181,17 @@ def test_bf16_autocast_step_runs(shapes_root: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_under_accelerate_launch(shapes_root: Path, teacher_run: Path, tmp_path: Path) -> None:
+def test_two_processes_under_accelerate_launch(
+    shapes_root: Path, teacher_run: Path, tmp_path: Path
+) -> None:
     if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
         pytest.fail("accelerate launcher not installed next to the interpreter")
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
-        str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+        str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
+        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", "29533",
         "-m", "distill", "run", str(SMOKE),
         *sets(*smoke_overrides(shapes_root, out), f"teacher.weights={teacher_run / 'teacher.pt'}",
               "eval.images_logged=0"),

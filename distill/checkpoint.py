@@ -2,24 +2,28 @@
 
 Layout inside a run directory::
 
-    checkpoints/step_00000120/   accelerate's save_state (model, optimizer, scheduler, RNG,
-                                 grad scaler) + progress.json (epoch, batch, step)
+    checkpoints/step_00000120/   accelerate's save_state (models, optimizers, schedulers, RNG,
+                                 grad scaler) + progress.json (epoch, batch, step, counters)
     checkpoints/last             name of the last complete checkpoint (moved only after the
                                  checkpoint folder is whole)
 
 A checkpoint is first written to ``step_N.tmp`` and renamed when every process has finished
-writing, so a crash mid-write leaves the previous checkpoint and pointer untouched.
+writing, so a crash mid-write leaves the previous checkpoint and the pointer untouched. Loading
+goes through Accelerate's ``load_state``, which reads every file with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from torch import nn
 
 
 class CheckpointError(RuntimeError):
@@ -30,11 +34,13 @@ class CheckpointError(RuntimeError):
 class Progress:
     epoch: int = 0  # epoch being trained (0-based)
     batch: int = 0  # batches of ``epoch`` already consumed (per process)
-    step: int = 0  # optimizer steps done
-    nonfinite_total: int = 0  # skipped steps with a non-finite loss, whole run
+    step: int = 0  # optimizer steps taken or skipped
+    nonfinite: dict[str, int] = field(default_factory=dict)  # per run dir: skipped, non-finite
+    scaler_skipped: dict[str, int] = field(default_factory=dict)  # per run dir: fp16 overflow
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename over ``path``."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -51,8 +57,8 @@ def save_checkpoint(
     final = root / f"step_{progress.step:08d}"
     tmp = root / f"step_{progress.step:08d}.tmp"
     if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for leftover in root.glob("*.tmp"):  # from a crash during an earlier save
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=False)
@@ -68,29 +74,47 @@ def save_checkpoint(
     return final
 
 
+def _complete(root: Path) -> list[Path]:
+    """Whole checkpoints, oldest first."""
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
 def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep]:
+    for old in _complete(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def find_checkpoint(run_dir: Path) -> Path:
-    """The last complete checkpoint of ``run_dir``, or an error naming what is missing."""
+def find_checkpoint(run_dir: Path, fallback: bool = False) -> Path:
+    """The last complete checkpoint of ``run_dir``, or an error naming what is missing.
+
+    fallback: when the pointer or the checkpoint it names is missing, take the newest whole
+    checkpoint folder instead of failing.
+    """
     pointer = run_dir / "checkpoints" / "last"
     if not run_dir.is_dir():
         raise CheckpointError(f"cannot resume: run directory {run_dir} does not exist")
+    problem = ""
     if not pointer.is_file():
-        raise CheckpointError(
-            f"cannot resume: {pointer} not found (no complete checkpoint in {run_dir})"
-        )
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    if not (path / "progress.json").is_file():
-        raise CheckpointError(f"cannot resume: checkpoint {path} is incomplete or missing")
-    return path
+        problem = f"cannot resume: {pointer} not found (no complete checkpoint in {run_dir})"
+    else:
+        path = run_dir / "checkpoints" / pointer.read_text().strip()
+        if (path / "progress.json").is_file():
+            return path
+        problem = f"cannot resume: checkpoint {path} is incomplete or missing"
+    whole = [p for p in _complete(run_dir / "checkpoints") if (p / "progress.json").is_file()]
+    if fallback and whole:
+        return whole[-1]
+    raise CheckpointError(problem)
+
+
+def previous_checkpoint(path: Path) -> Path | None:
+    """The whole checkpoint before ``path`` (for ``--resume-fallback``), if there is one."""
+    earlier = [p for p in _complete(path.parent) if p.name < path.name]
+    return earlier[-1] if earlier else None
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> Progress:
-    """Restore model, optimizer, scheduler and RNG state; returns where training stopped."""
+    """Restore models, optimizers, schedulers and RNG state; returns where training stopped."""
     try:
         progress = Progress(**json.loads((path / "progress.json").read_text()))
     except (OSError, ValueError, TypeError) as err:
@@ -99,6 +123,19 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> Progress:
         ) from None
     try:
         accelerator.load_state(str(path))
-    except Exception as err:  # truncated or corrupt files surface as many exception types
-        raise CheckpointError(f"cannot resume: checkpoint {path} is corrupt: {err}") from err
+    except Exception as err:  # truncated, corrupt or unsafe pickles surface as many exception types
+        raise CheckpointError(
+            f"cannot resume: checkpoint {path} is corrupt or unsafe: {err}"
+        ) from err
     return progress
+
+
+@torch.no_grad()
+def state_digest(module: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (names, dtypes, bytes): a model's fingerprint."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

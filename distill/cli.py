@@ -40,6 +40,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+FALLBACK_HELP = "if the last checkpoint is missing or corrupt, resume from the previous whole one"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distill", description="Knowledge distillation for dense object detectors."
@@ -63,10 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     teacher = sub.add_parser("train-teacher", help="train the teacher architecture (no KD)")
     _add_config_args(teacher)
     teacher.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR")
+    teacher.add_argument("--resume-fallback", action="store_true", help=FALLBACK_HELP)
 
     run = sub.add_parser("run", help="train a student, distilled from the teacher")
     _add_config_args(run)
     run.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR")
+    run.add_argument("--resume-fallback", action="store_true", help=FALLBACK_HELP)
 
     ev = sub.add_parser("eval", help="COCO mAP of a student and/or teacher checkpoint")
     _add_config_args(ev)
@@ -99,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from distill.train import NonFiniteLoss, TrainingStopped
+
     try:
         return _dispatch(args)
     except (
@@ -111,6 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:  # a signal: the state is saved, --resume continues
+        print(f"distill: {err}", file=sys.stderr)
+        return 3
+    except NonFiniteLoss as err:
+        print(f"distill: error: {err}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -151,7 +164,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         cfg = load_config(args.config, args.overrides)
         job = "teacher" if args.command == "train-teacher" else "student"
-        train(cfg, job=job, resume=args.resume)
+        train(cfg, job=job, resume=args.resume, fallback=args.resume_fallback)
         return 0
     if args.command == "eval":
         from distill.evaluate import eval_command

@@ -46,6 +46,9 @@ class DataConfig:
     skip_bad_images: bool = False  # skip and count missing/unreadable images instead of failing
     max_train_images: int | None = None  # use only the first N training images (smoke runs)
     max_val_images: int | None = None
+    # labels = the dataset's category ids (COCO: torchvision's 91-way label space, needed to keep
+    # a COCO_V1 teacher's classifier); false: labels 1..K in sorted id order
+    category_ids_as_labels: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10  # steps between TensorBoard scalars
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    checkpoint_every_steps: int = 0  # also checkpoint every N steps (0: at epoch ends only)
+    trace_batches: bool = False  # write the image ids of every batch to batches.rank*.jsonl
 
 
 @dataclass(frozen=True)

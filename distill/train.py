@@ -5,17 +5,23 @@ One loop serves three jobs:
   * ``job="student"`` with every KD weight 0: the plain student baseline (the teacher is not run);
   * ``job="student"`` with KD weights: distillation from the frozen teacher.
 
-Read ``train`` top to bottom: the batch goes through the shared transform once, into the frozen
-teacher (no_grad, autocast, never prepared) and the one prepared student module, and the
-detection and KD terms are summed in ``combine``.
+``train_group`` trains several students in lockstep on one stream of batches (``distill sweep``):
+the data, the shared transform and the teacher forward happen once per batch for all of them.
+``train`` is the group of one. Read the loop in ``train_group`` top to bottom: the batch goes
+through the shared transform once, into the frozen teacher (no_grad, autocast, never prepared)
+and each prepared student module, and the detection and KD terms are summed in ``combine``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -24,11 +30,20 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from distill.checkpoint import Progress, find_checkpoint, load_checkpoint, save_checkpoint
+from distill.checkpoint import (
+    CheckpointError,
+    Progress,
+    find_checkpoint,
+    load_checkpoint,
+    previous_checkpoint,
+    save_checkpoint,
+    state_digest,
+)
 from distill.config import Config, ConfigError, TrainConfig, dump_config, replace
-from distill.data import build_dataset, collate, seed_worker
+from distill.data import CocoDetection, build_dataset, collate, seed_worker
 from distill.dense import build_transform, check_compatible, dense_forward, detection_loss
 from distill.evaluate import evaluate, write_json
 from distill.losses import (
@@ -47,18 +62,74 @@ from teachers import build_teacher
 log = logging.getLogger("distill.train")
 
 
-def train(cfg: Config, job: str = "student", resume: Path | None = None) -> dict[str, Any]:
-    """Train and evaluate; returns the final COCO metrics (also in ``metrics.json``)."""
-    checkpoint = None
-    if resume is not None:  # fail before any work if there is nothing to resume from
-        checkpoint = find_checkpoint(Path(resume))
+class TrainingStopped(Exception):
+    """Training stopped on request (signal) after saving a checkpoint; resume with --resume."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+@dataclass
+class Trainee:
+    """One model being trained: its config, prepared module/optimizer/scheduler and outputs."""
+
+    cfg: Config
+    run_dir: Path
+    module: nn.Module  # prepared StudentModule (DDP-wrapped under several processes)
+    optimizer: Any  # AcceleratedOptimizer
+    scheduler: Any  # AcceleratedScheduler
+    detector: nn.Module  # the unwrapped torchvision RetinaNet inside ``module``
+    writer: SummaryWriter | None
+    nonfinite_in_a_row: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def train(
+    cfg: Config,
+    job: str = "student",
+    resume: Path | None = None,
+    fallback: bool = False,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate one model; returns the final COCO metrics (also in ``metrics.json``).
+
+    resume: a run directory to continue from its last complete checkpoint (its output.dir).
+    fallback: if that checkpoint is missing or corrupt, use the previous whole one.
+    stop_after: behave as if a stop signal arrived after this many optimizer steps (tests).
+    """
+    checkpoint_dir = Path(resume) if resume is not None else Path(cfg.output.dir)
+    if resume is not None:
         cfg = replace(cfg, **{"output.dir": str(resume)})
-    run_dir = Path(cfg.output.dir)
+    return train_group(
+        [cfg],
+        job,
+        checkpoint_dir,
+        resume=resume is not None,
+        fallback=fallback,
+        stop_after=stop_after,
+    )[0]
+
+
+def train_group(
+    cfgs: list[Config],
+    job: str,
+    checkpoint_dir: Path,
+    resume: bool = False,
+    fallback: bool = False,
+    stop_after: int | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``len(cfgs)`` models in lockstep on the same batches; one checkpoint for all.
+
+    The configs may differ only in their ``distill`` and ``output`` sections. Each model is
+    built right after ``set_seed(seed)``, so it starts from the weights a separate run has.
+    """
+    cfg = cfgs[0]
+    _check_lockstep(cfgs)
+    checkpoint = find_checkpoint(checkpoint_dir, fallback) if resume else None  # fail early
     accelerator = make_accelerator(
         cfg,
         gradient_accumulation_steps=cfg.train.grad_accum,
-        log_with="tensorboard",
-        project_dir=str(run_dir),
         # the shuffle order of epoch e depends only on (seed, e): resumable and equal on all ranks
         dataloader_config=DataLoaderConfiguration(
             use_seedable_sampler=True, data_seed=cfg.train.seed
@@ -66,10 +137,9 @@ def train(cfg: Config, job: str = "student", resume: Path | None = None) -> dict
         step_scheduler_with_optimizer=False,
     )
     _setup_logging(accelerator)
-    set_seed(cfg.train.seed)
 
     # ---- data ---------------------------------------------------------------------------
-    train_set = build_dataset(cfg.data, "train")
+    train_set = build_dataset(cfg.data, "train", seed=cfg.train.seed)
     val_set = build_dataset(cfg.data, "val")
     num_classes = train_set.num_categories + 1  # + background (label 0), torchvision's convention
     train_loader = DataLoader(
@@ -81,168 +151,211 @@ def train(cfg: Config, job: str = "student", resume: Path | None = None) -> dict
         num_workers=cfg.data.num_workers,
         worker_init_fn=seed_worker,
     )
-
-    # ---- models -------------------------------------------------------------------------
-    transform = build_transform(cfg)  # ONE resize + normalise for teacher and student
-    module, teacher = build_models(cfg, job, num_classes)
-    optimizer = build_optimizer(module, cfg.train)
-    module, optimizer, train_loader = accelerator.prepare(module, optimizer, train_loader)
+    train_loader = accelerator.prepare(train_loader)
     steps_per_epoch = max(1, len(train_loader) // cfg.train.grad_accum)  # per-process batches
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
-    scheduler = accelerator.prepare(build_scheduler(optimizer, cfg.train, total_steps))
-    transform.to(accelerator.device)
+
+    # ---- models -------------------------------------------------------------------------
+    transform = build_transform(cfg).to(accelerator.device)  # ONE resize + normalise for all
+    teacher: nn.Module | None = None
+    trainees = []
+    for run_cfg in cfgs:
+        set_seed(run_cfg.train.seed)
+        module, teacher = build_models(run_cfg, job, num_classes, teacher)  # one shared teacher
+        optimizer = build_optimizer(module, run_cfg.train)
+        module, optimizer = accelerator.prepare(module, optimizer)
+        scheduler = accelerator.prepare(build_scheduler(optimizer, run_cfg.train, total_steps))
+        detector = accelerator.unwrap_model(module).detector
+        detector.score_thresh = run_cfg.eval.score_threshold
+        detector.detections_per_img = run_cfg.eval.detections_per_image
+        run_dir = Path(run_cfg.output.dir)
+        writer = SummaryWriter(str(run_dir / "tb")) if accelerator.is_main_process else None
+        trainees.append(Trainee(run_cfg, run_dir, module, optimizer, scheduler, detector, writer))
+    teacher_digest = ""
     if teacher is not None:
-        teacher.to(accelerator.device)  # frozen: not prepared, not in the optimizer, not in DDP
-    detector = accelerator.unwrap_model(module).detector
-    detector.score_thresh = cfg.eval.score_threshold
-    detector.detections_per_img = cfg.eval.detections_per_image
+        teacher.to(accelerator.device)  # frozen: not prepared, not in an optimizer, not in DDP
+        _check_not_optimized(teacher, trainees)
+        teacher_digest = state_digest(teacher)
 
     progress = Progress()
     if checkpoint is not None:
-        progress = load_checkpoint(accelerator, checkpoint)
-        log.info("resumed from %s at epoch %d, step %d", checkpoint, progress.epoch, progress.step)
+        try:
+            progress = load_checkpoint(accelerator, checkpoint)
+        except CheckpointError as err:
+            previous = previous_checkpoint(checkpoint) if fallback else None
+            if previous is None:
+                raise
+            log.warning("%s; falling back to %s", err, previous)
+            checkpoint = previous
+            progress = load_checkpoint(accelerator, checkpoint)
+        log.info(
+            "resumed from %s at epoch %d, batch %d, step %d",
+            checkpoint,
+            progress.epoch,
+            progress.batch,
+            progress.step,
+        )
     if accelerator.is_main_process:
-        dump_config(cfg, run_dir / "config.yaml")
-    accelerator.init_trackers("tb")
+        for t in trainees:
+            dump_config(t.cfg, t.run_dir / "config.yaml")
     log.info(
-        "job=%s processes=%d device=%s mixed_precision=%s steps=%d (%d per epoch)",
-        job, accelerator.num_processes, accelerator.device, accelerator.mixed_precision,
-        total_steps, steps_per_epoch,
+        "job=%s models=%d processes=%d device=%s mixed_precision=%s steps=%d (%d per epoch)",
+        job, len(trainees), accelerator.num_processes, accelerator.device,
+        accelerator.mixed_precision, total_steps, steps_per_epoch,
     )  # fmt: skip
 
     # ---- loop ---------------------------------------------------------------------------
-    metrics: dict[str, Any] = {}
-    nonfinite_in_a_row = 0
+    stop = StopFlag.install()
     images_per_step = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum
-    for epoch in range(progress.epoch, cfg.train.epochs):
-        if progress.step >= total_steps:
-            break
-        module.train()
-        train_loader.set_epoch(epoch)
-        loader = train_loader
-        if progress.batch > 0:  # resuming mid-epoch: same order, skip what was consumed
-            loader = accelerator.skip_first_batches(train_loader, progress.batch)
-            loader.set_epoch(epoch)
-        bar = tqdm(
-            loader, desc=f"epoch {epoch}", disable=not accelerator.is_main_process, leave=False
-        )
-        tic = time.perf_counter()
-        for images, targets in bar:
-            with accelerator.accumulate(module):
-                # Shared transform, once: teacher and student see the same ImageList and anchors.
+    try:
+        for epoch in range(progress.epoch, cfg.train.epochs):
+            if progress.step >= total_steps:
+                break
+            train_set.set_epoch(epoch)  # flips of this epoch
+            train_loader.set_epoch(epoch)  # shuffle order of this epoch
+            loader = train_loader
+            if progress.batch > 0:  # resuming mid-epoch: same order, skip what was consumed
+                loader = accelerator.skip_first_batches(train_loader, progress.batch)
+            for t in trainees:
+                t.module.train()
+            bar = tqdm(
+                loader, desc=f"epoch {epoch}", disable=not accelerator.is_main_process, leave=False
+            )
+            tic = time.perf_counter()
+            for images, targets in bar:
+                _trace_batch(trainees[0], accelerator, progress, targets)
+                # Shared transform, once: teacher and students see one ImageList, one anchor set.
                 image_list, targets = transform(images, targets)
                 teacher_out = None
                 if teacher is not None:
                     with torch.no_grad(), accelerator.autocast():
                         teacher_out = dense_forward(teacher, image_list)
-                student_out = module(
-                    image_list.tensors,
-                    image_list.image_sizes,
-                    teacher_out.features if teacher_out is not None else None,
-                )
-                det_losses = detection_loss(detector, student_out, targets)
-                kd_terms = (
-                    distill_terms(
-                        student_out,
-                        teacher_out,
-                        targets,
-                        _batch_hw(image_list.tensors),
-                        cfg.distill,
+                for t in trainees:
+                    with accelerator.accumulate(t.module):
+                        student_out = t.module(
+                            image_list.tensors,
+                            image_list.image_sizes,
+                            teacher_out.features if teacher_out is not None else None,
+                        )
+                        det_losses = detection_loss(t.detector, student_out, targets)
+                        kd_terms = (
+                            distill_terms(
+                                student_out,
+                                teacher_out,
+                                targets,
+                                _hw(image_list.tensors),
+                                t.cfg.distill,
+                            )
+                            if teacher_out is not None
+                            else {}
+                        )
+                        total, logs = combine(
+                            det_losses, kd_terms, t.cfg.distill, progress.step, epoch
+                        )
+                        # a non-finite loss on any process skips the step on every process
+                        bad = _any_process(accelerator, not bool(torch.isfinite(total.detach())))
+                        accelerator.backward(total)
+                        t.metrics["grad_norm"] = None
+                        if bad:
+                            t.optimizer.zero_grad(set_to_none=True)
+                        elif accelerator.sync_gradients:
+                            max_norm = t.cfg.train.grad_clip or math.inf
+                            t.metrics["grad_norm"] = accelerator.clip_grad_norm_(
+                                t.module.parameters(), max_norm
+                            )
+                            t.optimizer.step()
+                            if not t.optimizer.step_was_skipped:  # fp16 scaler overflow: no LR step
+                                t.scheduler.step()
+                            t.optimizer.zero_grad(set_to_none=True)
+                    if accelerator.sync_gradients:
+                        _after_step(t, bad, progress, logs)
+                progress.batch += 1
+                if not accelerator.sync_gradients:
+                    continue
+                progress.step += 1
+                toc = time.perf_counter()
+                images_per_s = images_per_step / max(toc - tic, 1e-9)
+                tic = toc
+                bar.set_postfix(loss=f"{logs['loss/total']:.3f}", img_s=f"{images_per_s:.1f}")
+                if progress.step % cfg.train.log_every == 0 or progress.step == 1:
+                    for t in trainees:
+                        _log_scalars(t, progress.step, epoch, images_per_s)
+                if progress.step >= total_steps:
+                    break
+                every = cfg.train.checkpoint_every_steps
+                stop_now = _any_process(accelerator, stop.requested or progress.step == stop_after)
+                if stop_now or (every > 0 and progress.step % every == 0):
+                    save_checkpoint(accelerator, checkpoint_dir, progress)
+                if stop_now:
+                    raise TrainingStopped(
+                        f"stopped at epoch {epoch}, step {progress.step} "
+                        f"({stop.reason or 'on request'}); checkpoint saved: "
+                        f"resume with --resume {checkpoint_dir}"
                     )
-                    if teacher_out is not None
-                    else {}
-                )
-                total, logs = combine(det_losses, kd_terms, cfg.distill, progress.step, epoch)
-
-                # A non-finite loss on any process skips the step on every process.
-                bad = torch.tensor(
-                    0.0 if torch.isfinite(total.detach()) else 1.0, device=accelerator.device
-                )
-                bad_anywhere = bool(accelerator.reduce(bad, "sum").item() > 0)
-                accelerator.backward(total)
-                grad_norm = None
-                if bad_anywhere:
-                    optimizer.zero_grad(set_to_none=True)
-                elif accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(
-                        module.parameters(), cfg.train.grad_clip or math.inf
+            bar.close()
+            progress.epoch, progress.batch = epoch + 1, 0
+            last = epoch + 1 == cfg.train.epochs or progress.step >= total_steps
+            every = cfg.eval.every_epochs
+            if last or (every > 0 and (epoch + 1) % every == 0):
+                for t in trainees:
+                    t.metrics["eval"] = _evaluate_and_log(
+                        t, accelerator, teacher, transform, val_set, progress.step
                     )
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            progress.batch += 1
-            if not accelerator.sync_gradients:
-                continue
-            if bad_anywhere:
-                nonfinite_in_a_row += 1
-                progress.nonfinite_total += 1
-                log.warning(
-                    "non-finite loss at step %d: step skipped (%d in a row)",
-                    progress.step,
-                    nonfinite_in_a_row,
+            save_checkpoint(accelerator, checkpoint_dir, progress)
+            if _any_process(accelerator, stop.requested) and not last:
+                raise TrainingStopped(
+                    f"stopped after epoch {epoch} ({stop.reason}); "
+                    f"resume with --resume {checkpoint_dir}"
                 )
-                accelerator.log(
-                    {"train/nonfinite_skipped": progress.nonfinite_total}, step=progress.step
-                )
-                if nonfinite_in_a_row >= cfg.train.max_nonfinite:
-                    raise RuntimeError(
-                        f"{nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite="
-                        f"{cfg.train.max_nonfinite}); last terms: {logs}. Lower train.lr or use "
-                        "gradient clipping; the last checkpoint is in {run_dir}/checkpoints"
-                    )
-                continue
-            nonfinite_in_a_row = 0
-            progress.step += 1
-            toc = time.perf_counter()
-            images_per_s = images_per_step / max(toc - tic, 1e-9)
-            tic = toc
-            bar.set_postfix(loss=f"{logs['loss/total']:.3f}", img_s=f"{images_per_s:.1f}")
-            if progress.step % cfg.train.log_every == 0 or progress.step == 1:
-                logs["train/lr"] = scheduler.get_last_lr()[0]
-                logs["train/grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
-                logs["train/images_per_s"] = images_per_s
-                logs["train/epoch"] = epoch
-                accelerator.log(logs, step=progress.step)
-            if progress.step >= total_steps:
-                break
-        bar.close()
-        progress.epoch, progress.batch = epoch + 1, 0
-        last = epoch + 1 == cfg.train.epochs or progress.step >= total_steps
-        every = cfg.eval.every_epochs
-        if last or (every > 0 and (epoch + 1) % every == 0):
-            metrics = _evaluate_and_log(
-                cfg, accelerator, detector, teacher, transform, val_set, progress.step
-            )
-        save_checkpoint(accelerator, run_dir, progress)
+    finally:
+        stop.uninstall()
+        for t in trainees:
+            if t.writer is not None:
+                t.writer.flush()
 
     # ---- outputs ------------------------------------------------------------------------
-    if not metrics:  # e.g. resumed after the last epoch
-        metrics = _evaluate_and_log(
-            cfg, accelerator, detector, teacher, transform, val_set, progress.step
+    if teacher is not None and state_digest(teacher) != teacher_digest:
+        raise RuntimeError(
+            "the frozen teacher's weights or BatchNorm statistics changed during training"
         )
-    if accelerator.is_main_process:
-        weights_name = "teacher.pt" if job == "teacher" else "student.pt"
-        save_state_dict_file(
-            student_state_dict(accelerator.unwrap_model(module)), run_dir / weights_name
+    results = []
+    for t in trainees:
+        metrics = t.metrics.get("eval") or _evaluate_and_log(
+            t, accelerator, teacher, transform, val_set, progress.step
         )
-        summary = {
-            "job": job,
-            "step": progress.step,
-            "epoch": progress.epoch,
-            "num_processes": accelerator.num_processes,
-        }
-        write_json({**metrics, **summary}, run_dir / "metrics.json")
-        log.info(
-            "mAP %.4f (AP50 %.4f); wrote %s and metrics.json in %s",
-            metrics["map"],
-            metrics["ap50"],
-            weights_name,
-            run_dir,
-        )
-    accelerator.end_training()
-    return metrics
+        if accelerator.is_main_process:
+            weights_name = "teacher.pt" if job == "teacher" else "student.pt"
+            save_state_dict_file(
+                student_state_dict(accelerator.unwrap_model(t.module)), t.run_dir / weights_name
+            )
+            summary = {
+                "job": job,
+                "step": progress.step,
+                "epoch": progress.epoch,
+                "num_processes": accelerator.num_processes,
+                "nonfinite_skipped": progress.nonfinite.get(str(t.run_dir), 0),
+                "teacher_digest": teacher_digest,
+            }
+            write_json({**metrics, **summary}, t.run_dir / "metrics.json")
+            log.info(
+                "%s: mAP %.4f (AP50 %.4f); wrote %s and metrics.json",
+                t.run_dir,
+                metrics["map"],
+                metrics["ap50"],
+                weights_name,
+            )
+            if t.writer is not None:
+                t.writer.close()
+        results.append(metrics)
+    accelerator.wait_for_everyone()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------
 
 
 def make_accelerator(cfg: Config, **kwargs: Any) -> Accelerator:
@@ -261,20 +374,23 @@ def make_accelerator(cfg: Config, **kwargs: Any) -> Accelerator:
     )
 
 
-def build_models(cfg: Config, job: str, num_classes: int) -> tuple[StudentModule, nn.Module | None]:
-    """The trainable module and the frozen teacher (None when it is not needed)."""
+def build_models(
+    cfg: Config, job: str, num_classes: int, teacher: nn.Module | None = None
+) -> tuple[StudentModule, nn.Module | None]:
+    """The trainable module and the frozen teacher (None when not needed; ``teacher`` is reused
+    when given). The student is built first, so its initial weights depend only on the seed."""
     if job == "teacher":
         return StudentModule(build_teacher(cfg, num_classes, frozen=False)), None
     if job != "student":
         raise ValueError(f"unknown job {job!r}: teacher | student")
     student = build_student(cfg, num_classes)
     if not needs_teacher(cfg.distill):
-        return StudentModule(student), None
-    teacher = build_teacher(cfg, num_classes, frozen=True)
+        return StudentModule(student), teacher
+    teacher = teacher or build_teacher(cfg, num_classes, frozen=True)
     check_compatible(teacher, student)
     feature = cfg.distill.feature
     levels = feature.levels if feature.weight > 0 else ()
-    s_ch, t_ch = student.backbone.out_channels, teacher.backbone.out_channels
+    s_ch, t_ch = _out_channels(student), _out_channels(teacher)
     adapters = None
     if levels and (feature.kind == "mse" or s_ch != t_ch):
         adapters = build_adapters(levels, s_ch, t_ch)
@@ -284,6 +400,12 @@ def build_models(cfg: Config, job: str, num_classes: int) -> tuple[StudentModule
         global_s = nn.ModuleDict({lv: blocks[f"student_{lv}"] for lv in levels})
         global_t = nn.ModuleDict({lv: blocks[f"teacher_{lv}"] for lv in levels})
     return StudentModule(student, levels, adapters, global_s, global_t), teacher
+
+
+def _out_channels(model: nn.Module) -> int:
+    """FPN width of a RetinaNet (torchvision's backbones carry ``out_channels``)."""
+    backbone: Any = model.backbone
+    return int(backbone.out_channels)
 
 
 def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -340,29 +462,127 @@ def check_mixed_precision(value: str) -> str:
     return value
 
 
+def _check_lockstep(cfgs: list[Config]) -> None:
+    first = cfgs[0]
+    for other in cfgs[1:]:
+        for section in ("data", "anchors", "teacher", "student", "train", "eval"):
+            if getattr(other, section) != getattr(first, section):
+                raise ConfigError(
+                    f"lockstep training needs the same {section} section for every model "
+                    f"({first.output.dir} vs {other.output.dir}); use sequential mode"
+                )
+    dirs = [c.output.dir for c in cfgs]
+    if len(set(dirs)) != len(dirs):
+        raise ConfigError(f"two models share an output.dir: {dirs}")
+
+
+def _check_not_optimized(teacher: nn.Module, trainees: list[Trainee]) -> None:
+    teacher_params = {id(p) for p in teacher.parameters()}
+    for t in trainees:
+        for group in t.optimizer.param_groups:
+            if any(id(p) in teacher_params for p in group["params"]):
+                raise RuntimeError(
+                    "a teacher parameter is in an optimizer: the teacher must stay frozen"
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps, logging, evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def _after_step(t: Trainee, bad: bool, progress: Progress, logs: dict[str, float]) -> None:
+    """Count non-finite steps (stop after ``train.max_nonfinite`` in a row) and keep the logs."""
+    key = str(t.run_dir)
+    if bad:
+        t.nonfinite_in_a_row += 1
+        progress.nonfinite[key] = progress.nonfinite.get(key, 0) + 1
+        log.warning(
+            "%s: non-finite loss at step %d, step skipped (%d in a row): %s",
+            t.run_dir, progress.step, t.nonfinite_in_a_row, logs,
+        )  # fmt: skip
+        if t.writer is not None:
+            t.writer.add_scalar("train/nonfinite_skipped", progress.nonfinite[key], progress.step)
+        if t.nonfinite_in_a_row >= t.cfg.train.max_nonfinite:
+            raise NonFiniteLoss(
+                f"{t.nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite="
+                f"{t.cfg.train.max_nonfinite}) in {t.run_dir}; last terms {logs}. Lower train.lr, "
+                "set train.grad_clip, or resume from the last checkpoint with --resume"
+            )
+        return
+    t.nonfinite_in_a_row = 0
+    if t.optimizer.step_was_skipped:  # the fp16 grad scaler's own overflow skip: not an error
+        progress.scaler_skipped[key] = progress.scaler_skipped.get(key, 0) + 1
+    t.metrics["logs"] = logs
+
+
+def _log_scalars(t: Trainee, step: int, epoch: int, images_per_s: float) -> None:
+    if t.writer is None:
+        return
+    logs = dict(t.metrics.get("logs", {}))
+    logs["train/lr"] = t.scheduler.get_last_lr()[0]
+    grad_norm = t.metrics.get("grad_norm")
+    if grad_norm is not None:
+        logs["train/grad_norm"] = float(grad_norm)
+    logs["train/images_per_s"] = images_per_s
+    logs["train/epoch"] = epoch
+    for key, value in logs.items():
+        t.writer.add_scalar(key, value, step)
+
+
 def _evaluate_and_log(
-    cfg: Config,
+    t: Trainee,
     accelerator: Accelerator,
-    detector: nn.Module,
     teacher: nn.Module | None,
     transform: nn.Module,
-    val_set: Any,
+    val_set: CocoDetection,
     step: int,
 ) -> dict[str, Any]:
+    cfg = t.cfg
     batch_size = cfg.eval.batch_size or cfg.data.batch_size
-    metrics = evaluate(detector, transform, val_set, accelerator, batch_size, cfg.data.num_workers)
-    scalars = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}
-    scalars.update({f"eval_class/{k}": v for k, v in metrics.get("per_class", {}).items()})
-    accelerator.log(scalars, step=step)
-    if accelerator.is_main_process and cfg.eval.images_logged > 0:
-        writer = accelerator.get_tracker("tensorboard", unwrap=True)
-        log_detections(writer, detector, teacher, transform, val_set, cfg.eval.images_logged, step)
-    if accelerator.is_main_process:
-        log.info("step %d: mAP %.4f AP50 %.4f", step, metrics["map"], metrics["ap50"])
+    metrics = evaluate(
+        t.detector, transform, val_set, accelerator, batch_size, cfg.data.num_workers
+    )
+    if t.writer is not None:
+        for key, value in metrics.items():
+            if isinstance(value, float):
+                t.writer.add_scalar(f"eval/{key}", value, step)
+        for name, value in metrics.get("per_class", {}).items():
+            t.writer.add_scalar(f"eval_class/{name}", value, step)
+        if cfg.eval.images_logged > 0:
+            log_detections(
+                t.writer, t.detector, teacher, transform, val_set, cfg.eval.images_logged, step
+            )
+        log.info("%s step %d: mAP %.4f AP50 %.4f", t.run_dir, step, metrics["map"], metrics["ap50"])
     return metrics
 
 
-def _batch_hw(tensors: torch.Tensor) -> tuple[int, int]:
+def _trace_batch(
+    t: Trainee, accelerator: Accelerator, progress: Progress, targets: list[dict[str, Any]]
+) -> None:
+    """With ``train.trace_batches``: append the image ids of every batch to a per-process file."""
+    if not t.cfg.train.trace_batches:
+        return
+    path = t.run_dir / f"batches.rank{accelerator.process_index}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "epoch": progress.epoch,
+        "batch": progress.batch,
+        "ids": [int(x["image_id"]) for x in targets],
+    }
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process when ``flag`` is true on at least one (one all-reduce)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor(1.0 if flag else 0.0, device=accelerator.device)
+    return bool(accelerator.reduce(value, "sum").item() > 0)
+
+
+def _hw(tensors: torch.Tensor) -> tuple[int, int]:
     return int(tensors.shape[-2]), int(tensors.shape[-1])
 
 
@@ -370,3 +590,39 @@ def _setup_logging(accelerator: Accelerator) -> None:
     level = logging.INFO if accelerator.is_main_process else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("distill").setLevel(level)
+
+
+class StopFlag:
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, saves and exits. A second
+    signal of the same kind falls back to the default behaviour (immediate exit)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.reason = ""
+        self._previous: dict[int, Any] = {}
+
+    @classmethod
+    def install(cls) -> StopFlag:
+        flag = cls()
+        try:
+            for sig in cls.SIGNALS:
+                flag._previous[sig] = signal.signal(sig, flag._handle)
+        except ValueError:  # not the main thread: no signal handling, as for any library call
+            pass
+        return flag
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:  # second signal: stop now
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.requested = True
+        self.reason = f"received {name}"
+        log.warning("%s: finishing the current step, saving a checkpoint, then exiting", name)
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)

@@ -72,6 +72,8 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
         hflip: float = 0.0,
         skip_bad_images: bool = False,
         max_images: int | None = None,
+        seed: int = 0,
+        category_ids_as_labels: bool = False,
     ) -> None:
         if not 0.0 <= hflip <= 1.0:
             raise DatasetError(f"hflip must be a probability in [0, 1], got {hflip}")
@@ -82,6 +84,10 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
         self.image_dir = self.root / images
         self.train = train
         self.hflip = hflip
+        # Flips are a pure function of (seed, epoch, index): the same in every worker layout
+        # and after a resume mid-epoch, whatever RNG state the workers start from.
+        self.seed = seed
+        self.epoch = 0
 
         data = _read_annotation_file(self.ann_path)
         where = str(self.ann_path)
@@ -90,10 +96,22 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
         annotations = _check_annotations(data["annotations"], image_entries, categories, where)
 
         cat_ids = sorted(categories)
-        self.cat_id_to_label: dict[int, int] = {c: i + 1 for i, c in enumerate(cat_ids)}
-        self.label_to_cat_id: dict[int, int] = {i + 1: c for i, c in enumerate(cat_ids)}
-        self.class_names: list[str] = [str(categories[c].get("name", c)) for c in cat_ids]
-        self.num_categories: int = len(cat_ids)
+        if category_ids_as_labels:
+            # label = category id (torchvision's COCO label space: 91 outputs, ids 1..90 with
+            # gaps), so a COCO_V1 teacher keeps its classification layer; unused ids get no boxes.
+            if cat_ids[0] < 1:
+                raise DatasetError(f"{where}: category ids must be >= 1 to be used as labels")
+            self.cat_id_to_label = {c: c for c in cat_ids}
+            self.label_to_cat_id = {c: c for c in cat_ids}
+            self.class_names = [
+                str(categories[c].get("name", c)) if c in categories else f"unused_{c}"
+                for c in range(1, cat_ids[-1] + 1)
+            ]
+        else:
+            self.cat_id_to_label = {c: i + 1 for i, c in enumerate(cat_ids)}
+            self.label_to_cat_id = {i + 1: c for i, c in enumerate(cat_ids)}
+            self.class_names = [str(categories[c].get("name", c)) for c in cat_ids]
+        self.num_categories: int = len(self.class_names)  # K; models have K + 1 outputs
 
         ids = sorted(image_entries)[:max_images]
         skipped: list[str] = []
@@ -189,9 +207,14 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
             "labels": torch.from_numpy(self._labels[lo:hi].copy()),
             "image_id": image_id,
         }
-        if self.train:
-            image, target = random_hflip(image, target, self.hflip)
+        if self.train and self.hflip > 0:
+            coin = torch.Generator().manual_seed(hash((self.seed, self.epoch, image_id)) % 2**63)
+            image, target = random_hflip(image, target, self.hflip, coin)
         return image, target
+
+    def set_epoch(self, epoch: int) -> None:
+        """Flips of epoch ``epoch`` (call before iterating; workers get a copy per epoch)."""
+        self.epoch = epoch
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,7 +453,7 @@ def make_generator(seed: int) -> torch.Generator:
     return generator
 
 
-def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
+def build_dataset(cfg: DataConfig, split: str, seed: int = 0) -> CocoDetection:
     """The "train" or "val" dataset of a config; only training images are flipped."""
     if split == "train":
         return CocoDetection(
@@ -441,6 +464,8 @@ def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
             hflip=cfg.hflip,
             skip_bad_images=cfg.skip_bad_images,
             max_images=cfg.max_train_images,
+            seed=seed,
+            category_ids_as_labels=cfg.category_ids_as_labels,
         )
     if split == "val":
         return CocoDetection(
@@ -450,6 +475,7 @@ def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
             train=False,
             skip_bad_images=cfg.skip_bad_images,
             max_images=cfg.max_val_images,
+            category_ids_as_labels=cfg.category_ids_as_labels,
         )
     raise DatasetError(f"split must be 'train' or 'val', got {split!r}")
 

@@ -31,13 +31,14 @@ def hflip(image: Tensor, target: dict[str, Any]) -> tuple[Tensor, dict[str, Any]
     return F.horizontal_flip_image(image), flipped
 
 
-def random_hflip(image: Tensor, target: dict[str, Any], p: float) -> tuple[Tensor, dict[str, Any]]:
+def random_hflip(
+    image: Tensor, target: dict[str, Any], p: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, dict[str, Any]]:
     """``hflip`` with probability ``p``.
 
-    The coin comes from torch's global RNG (not ``random``) so that the DataLoader's per-worker
-    seeding, derived from its generator, makes the flips reproducible. No number is drawn when
-    ``p == 0``, so turning flips off does not shift other random streams.
+    The coin comes from ``generator`` (or torch's global RNG), never ``random``. No number is
+    drawn when ``p == 0``, so turning flips off does not shift other random streams.
     """
-    if p > 0 and torch.rand(()) < p:
+    if p > 0 and torch.rand((), generator=generator) < p:
         return hflip(image, target)
     return image, target

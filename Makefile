@@ -17,7 +17,7 @@ demo: install
 	$(VENV)/bin/distill demo
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy

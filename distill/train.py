@@ -386,7 +386,11 @@ def build_models(
     student = build_student(cfg, num_classes)
     if not needs_teacher(cfg.distill):
         return StudentModule(student), teacher
-    teacher = teacher or build_teacher(cfg, num_classes, frozen=True)
+    if teacher is None:
+        # The teacher's (random) init must not consume the global RNG: the adapters built below
+        # then get the same init whether the teacher is built here or shared (lockstep sweeps).
+        with torch.random.fork_rng(devices=[]):
+            teacher = build_teacher(cfg, num_classes, frozen=True)
     check_compatible(teacher, student)
     feature = cfg.distill.feature
     levels = feature.levels if feature.weight > 0 else ()

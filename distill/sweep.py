@@ -1,6 +1,7 @@
 """``distill sweep``: a grid over config keys, trained in lockstep on one teacher forward.
 
-    distill sweep configs/shapes/distill.yaml --grid distill.logit.temperature=1,2,4,8 --with-baseline
+    distill sweep configs/shapes/distill.yaml --with-baseline \
+        --grid distill.logit.temperature=1,2,4,8
 
 The grid is the Cartesian product of the ``--grid`` keys. Each point gets its own run directory
 (``<output.dir>/<point name>``) with its resolved ``config.yaml``, ``student.pt`` and
@@ -47,7 +48,7 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
 
     Values are split on commas outside brackets and read as YAML scalars or lists.
     """
-    grid = []
+    grid: list[tuple[str, list[Any]]] = []
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.strip() or not text.strip():
@@ -212,8 +213,8 @@ def write_report(
     lines = [
         f"# Sweep: {sweep_dir}",
         "",
-        f"teacher mAP: {fmt(teacher_map) if teacher_map is not None else 'unknown'}; "
-        f"plain student mAP: {fmt(baseline) if baseline is not None else 'not run (--with-baseline)'}",
+        f"teacher mAP: {'unknown' if teacher_map is None else fmt(teacher_map)}; "
+        f"plain student mAP: {'not run' if baseline is None else fmt(baseline)}",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),

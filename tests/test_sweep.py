@@ -58,7 +58,8 @@ def test_lockstep_sweep_equals_separate_runs(shapes_root: Path, tmp_path: Path) 
     for output in ("sweep.csv", "sweep.md", "sweep.png"):
         assert (sweep_dir / output).is_file()
     assert list((sweep_dir / "tb_hparams").rglob("events.out.tfevents*"))
-    rows = list(csv.DictReader(open(sweep_dir / "sweep.csv")))
+    with open(sweep_dir / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
     assert [r["run"] for r in rows] == ["temperature=1", "temperature=4", "baseline"]
     assert sum(r["best"] == "True" for r in rows) == 1
 

@@ -1,0 +1,593 @@
+"""Speed of a distillation step, of a lockstep sweep step and of the data loader.
+
+    python scripts/bench_speed.py               # 128 px, batch 8, fp32 and bf16 (minutes)
+    python scripts/bench_speed.py --quick       # 64 px, 2 iterations: a smoke run (seconds)
+
+Everything runs in one process through the code that training runs: ``make_accelerator``,
+``build_models``, ``build_optimizer``, ``build_scheduler``, ``accelerator.prepare``, the shared
+transform, ``dense_forward``, ``detection_loss``, ``distill_terms``, ``combine``. The timed
+variants, each on the same batch within an iteration:
+
+  transform        the shared resize + normalise of one batch
+  teacher_forward  the frozen teacher's ``dense_forward`` (no_grad, autocast) on a transformed batch
+  plain_step       transform + a plain student's step (KD weights 0, no teacher)
+  student_kd_step  one student's KD step given the teacher's outputs (no transform, no teacher)
+  kd_step          transform + teacher forward + student KD step: a ``distill run`` step
+  sweep_step       transform + teacher forward + K student KD steps, each with its own module,
+                   optimizer and scheduler: a ``distill sweep`` lockstep step
+
+A student step is the body of the loop in ``distill.train.train_group`` for one trainee:
+forward, detection loss, KD terms, combine, the non-finite check, backward, clip, optimizer
+step, scheduler step. Iterations are round-robin: each runs one timed step of every variant,
+starting one variant later than the iteration before, so that machine noise (and the order)
+hits all variants alike; the first ``--warmup`` iterations are not counted and every number
+is a median. The data loader (``DataLoader`` built as ``train_group`` builds it, prepared by
+the accelerator) is timed alone over whole epochs, worker start-up included, as training pays
+it every epoch.
+
+Ratios and goals (``GOALS``):
+
+  kd_step_ratio    = kd_step / (plain_step + teacher_forward)                      <= 1.05
+  sweep_step_ratio = sweep_step / (transform + teacher_forward + K student_kd_step) <= 1.10
+  sweep_speedup    = K kd_step / sweep_step                                          >= 1.7
+  loader_over_kd   = loader_images_per_s / kd_images_per_s                           >= 3
+
+The transform is in the sweep's denominator because the sweep runs it once as well; it is a
+fraction of a percent of a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import accelerate
+import torch
+import torchvision
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from torchvision.models.detection.image_list import ImageList
+
+from distill.checkpoint import Progress
+from distill.config import Config, load_config, replace
+from distill.data import build_dataset, collate, seed_worker
+from distill.dense import DenseOutputs, build_transform, dense_forward, detection_loss
+from distill.losses import combine, distill_terms
+from distill.train import (
+    Trainee,
+    _after_step,
+    _any_process,
+    _hw,
+    build_models,
+    build_optimizer,
+    build_scheduler,
+    make_accelerator,
+)
+
+log = logging.getLogger("bench_speed")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "shapes" / "distill.yaml"
+DEFAULT_OUT = REPO / "results" / "bench_speed.json"
+PRECISIONS = {"fp32": "no", "bf16": "bf16"}  # result key -> train.mixed_precision
+VARIANTS = (
+    "transform",
+    "teacher_forward",
+    "plain_step",
+    "student_kd_step",
+    "kd_step",
+    "sweep_step",
+)
+# metric -> (comparison, bound); "met" when ``value <= bound`` or ``value >= bound``.
+GOALS: dict[str, tuple[str, float]] = {
+    "kd_step_ratio": ("<=", 1.05),
+    "sweep_step_ratio": ("<=", 1.10),
+    "sweep_speedup": (">=", 1.7),
+    "loader_over_kd": (">=", 3.0),  # "several times" the KD step's images/s
+}
+BATCH_POOL = 4  # distinct batches cycled through the iterations
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one benchmark run measures; ``--quick`` changes the defaults."""
+
+    config: Path
+    overrides: tuple[str, ...]
+    size: int
+    batch: int
+    iters: int
+    warmup: int
+    sweep_k: int
+    loader_epochs: int
+    data: Path
+    data_images: int  # training images generated when ``data`` holds no dataset
+    out: Path
+
+
+@dataclass
+class Batch:
+    """One loader batch and what the steps that do not time them start from."""
+
+    images: list[Tensor]  # (3, H, W) each, as the loader gives them
+    targets: list[dict[str, Any]]
+    image_list: ImageList  # after the shared transform
+    transformed_targets: list[dict[str, Any]]
+    teacher_out: DenseOutputs  # the teacher's outputs on ``image_list``
+
+
+# ---------------------------------------------------------------------------------------------
+# The step, as train_group runs it
+# ---------------------------------------------------------------------------------------------
+
+
+def student_step(
+    accelerator: Accelerator,
+    t: Trainee,
+    image_list: ImageList,
+    targets: list[dict[str, Any]],
+    teacher_out: DenseOutputs | None,
+    progress: Progress,
+) -> None:
+    """One trainee's step: the body of the per-trainee loop in ``distill.train.train_group``."""
+    with accelerator.accumulate(t.module):
+        student_out = t.module(
+            image_list.tensors,
+            image_list.image_sizes,
+            teacher_out.features if teacher_out is not None else None,
+        )
+        det_losses = detection_loss(t.detector, student_out, targets)
+        kd_terms = (
+            distill_terms(student_out, teacher_out, targets, _hw(image_list.tensors), t.cfg.distill)
+            if teacher_out is not None
+            else {}
+        )
+        total, logs = combine(det_losses, kd_terms, t.cfg.distill, progress.step, progress.epoch)
+        bad = _any_process(accelerator, not bool(torch.isfinite(total.detach())))
+        accelerator.backward(total)
+        t.metrics["grad_norm"] = None
+        if bad:
+            t.optimizer.zero_grad(set_to_none=True)
+        elif accelerator.sync_gradients:
+            max_norm = t.cfg.train.grad_clip or math.inf
+            t.metrics["grad_norm"] = accelerator.clip_grad_norm_(t.module.parameters(), max_norm)
+            t.optimizer.step()
+            if not t.optimizer.step_was_skipped:
+                t.scheduler.step()
+            t.optimizer.zero_grad(set_to_none=True)
+    if accelerator.sync_gradients:
+        _after_step(t, bad, progress, logs)
+
+
+def teacher_forward(accelerator: Accelerator, teacher: nn.Module, image_list: ImageList) -> Any:
+    """The frozen teacher as the loop runs it: no_grad, autocast, never prepared."""
+    with torch.no_grad(), accelerator.autocast():
+        return dense_forward(teacher, image_list)
+
+
+def build_trainee(
+    accelerator: Accelerator,
+    cfg: Config,
+    num_classes: int,
+    teacher: nn.Module | None,
+    name: str,
+    total_steps: int,
+) -> tuple[Trainee, nn.Module | None]:
+    """A prepared trainee built as ``train_group`` builds one (seeded, shared teacher)."""
+    set_seed(cfg.train.seed)
+    module, teacher = build_models(cfg, "student", num_classes, teacher)
+    optimizer = build_optimizer(module, cfg.train)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    scheduler = accelerator.prepare(build_scheduler(optimizer, cfg.train, total_steps))
+    detector = accelerator.unwrap_model(module).detector
+    module.train()
+    return Trainee(cfg, Path(name), module, optimizer, scheduler, detector, None), teacher
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    """The accelerator ``train_group`` makes for ``cfg``."""
+    return make_accelerator(
+        cfg,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=cfg.train.seed
+        ),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def build_loader(accelerator: Accelerator, cfg: Config) -> tuple[Any, Any]:
+    """The training set and its prepared DataLoader, as ``train_group`` builds them."""
+    train_set = build_dataset(cfg.data, "train", seed=cfg.train.seed)
+    loader = DataLoader(
+        train_set,
+        batch_size=cfg.data.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate,
+        num_workers=cfg.data.num_workers,
+        worker_init_fn=seed_worker,
+    )
+    return train_set, accelerator.prepare(loader)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def round_robin(
+    variants: dict[str, Callable[[int], None]],
+    iters: int,
+    warmup: int,
+    device: torch.device,
+) -> dict[str, list[float]]:
+    """Milliseconds of ``iters`` calls of each variant (after ``warmup`` uncounted ones).
+
+    Iteration ``i`` calls every variant once with ``i``, starting at variant ``i mod n``, so
+    that no variant always runs first or always follows the same one.
+    """
+    names = list(variants)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + iters):
+        start = i % len(names)
+        for name in names[start:] + names[:start]:
+            synchronize(device)
+            tic = time.perf_counter()
+            variants[name](i)
+            synchronize(device)
+            elapsed_ms = (time.perf_counter() - tic) * 1e3
+            if i >= warmup:
+                samples[name].append(elapsed_ms)
+        log.info("iteration %d/%d done", i + 1, warmup + iters)
+    return samples
+
+
+def loader_images_per_s(train_set: Any, loader: Any, epochs: int) -> list[float]:
+    """Images per second of whole epochs of ``loader`` (worker start-up included), one value
+    per epoch; the batches are only counted."""
+    rates = []
+    for epoch in range(epochs):
+        train_set.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        images = 0
+        tic = time.perf_counter()
+        for batch_images, _ in loader:
+            images += len(batch_images)
+        rates.append(images / max(time.perf_counter() - tic, 1e-9))
+    return rates
+
+
+def measure_precision(settings: Settings, precision: str) -> dict[str, Any]:
+    """All variants and the loader under one mixed-precision mode; see the module docstring."""
+    cfg = bench_config(settings, PRECISIONS[precision])
+    plain_cfg = replace(
+        cfg,
+        **{"distill.feature.weight": 0.0, "distill.logit.weight": 0.0, "distill.box.weight": 0.0},
+    )
+    accelerator = build_accelerator(cfg)
+    device = accelerator.device
+    train_set, loader = build_loader(accelerator, cfg)
+    num_classes = train_set.num_categories + 1
+    if len(loader) == 0:
+        raise ValueError(
+            f"{cfg.data.root} has {len(train_set)} training images: fewer than one batch of "
+            f"{cfg.data.batch_size}"
+        )
+
+    total_steps = settings.warmup + settings.iters + 1
+    trainee, teacher = build_trainee(accelerator, cfg, num_classes, None, "kd", total_steps)
+    kd_only, _ = build_trainee(accelerator, cfg, num_classes, teacher, "kd_only", total_steps)
+    plain, _ = build_trainee(accelerator, plain_cfg, num_classes, None, "plain", total_steps)
+    sweep = [
+        build_trainee(accelerator, cfg, num_classes, teacher, f"sweep{k}", total_steps)[0]
+        for k in range(settings.sweep_k)
+    ]
+    assert teacher is not None  # the config has KD terms, so build_models made a teacher
+    teacher.to(device)
+    transform = build_transform(cfg).to(device)
+
+    batches = []
+    train_set.set_epoch(0)
+    loader.set_epoch(0)
+    for images, targets in loader:
+        image_list, transformed = transform(images, targets)
+        out = teacher_forward(accelerator, teacher, image_list)
+        batches.append(Batch(images, targets, image_list, transformed, out))
+        if len(batches) == BATCH_POOL:
+            break
+
+    progress = Progress()
+
+    def run_transform(i: int) -> None:
+        b = batches[i % len(batches)]
+        transform(b.images, b.targets)
+
+    def run_teacher(i: int) -> None:
+        teacher_forward(accelerator, teacher, batches[i % len(batches)].image_list)
+
+    def run_plain(i: int) -> None:
+        b = batches[i % len(batches)]
+        image_list, targets = transform(b.images, b.targets)
+        student_step(accelerator, plain, image_list, targets, None, progress)
+
+    def run_student_kd(i: int) -> None:
+        b = batches[i % len(batches)]
+        student_step(
+            accelerator, kd_only, b.image_list, b.transformed_targets, b.teacher_out, progress
+        )
+
+    def run_kd(i: int) -> None:
+        b = batches[i % len(batches)]
+        image_list, targets = transform(b.images, b.targets)
+        out = teacher_forward(accelerator, teacher, image_list)
+        student_step(accelerator, trainee, image_list, targets, out, progress)
+
+    def run_sweep(i: int) -> None:
+        b = batches[i % len(batches)]
+        image_list, targets = transform(b.images, b.targets)
+        out = teacher_forward(accelerator, teacher, image_list)
+        for t in sweep:
+            student_step(accelerator, t, image_list, targets, out, progress)
+
+    variants = {
+        "transform": run_transform,
+        "teacher_forward": run_teacher,
+        "plain_step": run_plain,
+        "student_kd_step": run_student_kd,
+        "kd_step": run_kd,
+        "sweep_step": run_sweep,
+    }
+    assert tuple(variants) == VARIANTS
+    log.info("%s: %d warm-up + %d timed iterations", precision, settings.warmup, settings.iters)
+    samples = round_robin(variants, settings.iters, settings.warmup, device)
+    rates = loader_images_per_s(train_set, loader, settings.loader_epochs)
+    result = summarize(samples, rates, settings)
+    result["nonfinite_skipped"] = sum(progress.nonfinite.values())
+    result["mixed_precision"] = accelerator.mixed_precision
+    return result
+
+
+def summarize(
+    samples: dict[str, list[float]], loader_rates: list[float], settings: Settings
+) -> dict[str, Any]:
+    """Medians and the ratios of the module docstring from raw samples (ms) and loader rates."""
+    med = {name: statistics.median(values) for name, values in samples.items()}
+    k = settings.sweep_k
+    kd_images_per_s = settings.batch / (med["kd_step"] / 1e3)
+    loader = statistics.median(loader_rates)
+    return {
+        "kd_step_ratio": med["kd_step"] / (med["plain_step"] + med["teacher_forward"]),
+        "sweep_step_ratio": med["sweep_step"]
+        / (med["transform"] + med["teacher_forward"] + k * med["student_kd_step"]),
+        "sweep_speedup": k * med["kd_step"] / med["sweep_step"],
+        "loader_images_per_s": loader,
+        "kd_images_per_s": kd_images_per_s,
+        "loader_over_kd": loader / kd_images_per_s,
+        # the teacher's share of a KD step bounds what a lockstep sweep can save
+        "teacher_share_of_kd_step": med["teacher_forward"] / med["kd_step"],
+        "median_ms": med,
+        "samples_ms": samples,
+        "loader_images_per_s_per_epoch": loader_rates,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up, report
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_config(settings: Settings, mixed_precision: str) -> Config:
+    """The benchmark's config: ``settings.config`` with a random-weights teacher (timing does
+    not depend on the weights), the benchmark's data, size, batch and precision."""
+    overrides = [
+        "teacher.weights=null",
+        f"data.root={settings.data}",
+        f"data.image_size={settings.size}",
+        f"data.batch_size={settings.batch}",
+        *settings.overrides,
+        f"train.mixed_precision={mixed_precision}",
+    ]
+    return load_config(settings.config, overrides)
+
+
+def ensure_data(settings: Settings) -> None:
+    """Generate a shapes set at ``settings.data`` unless a dataset is already there."""
+    cfg = bench_config(settings, "no")
+    if (Path(cfg.data.root) / cfg.data.train).is_file():
+        return
+    from distill.data.shapes import generate_shapes
+
+    log.info(
+        "generating %d shapes images at %d px in %s",
+        settings.data_images,
+        settings.size,
+        settings.data,
+    )
+    generate_shapes(settings.data, num_train=settings.data_images, num_val=0, size=settings.size)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
+def goal_met(metric: str, value: float) -> bool:
+    op, bound = GOALS[metric]
+    return value <= bound if op == "<=" else value >= bound
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A markdown table: one row per metric, columns fp32 / bf16 / goal / met?."""
+    precisions = [p for p in PRECISIONS if p in result]
+    k = result["sweep_k"]
+    rows = [
+        ("kd_step_ratio", "KD step / (plain step + teacher fwd)", "{:.3f}"),
+        (
+            "sweep_step_ratio",
+            f"K={k} sweep step / (transform + teacher fwd + {k} × student KD step)",
+            "{:.3f}",
+        ),
+        ("sweep_speedup", f"sweep speed-up ({k} × KD step / sweep step)", "{:.2f}×"),
+        ("loader_images_per_s", "data loader images/s", "{:.0f}"),
+        ("kd_images_per_s", "KD step images/s", "{:.1f}"),
+        ("loader_over_kd", "loader images/s / KD step images/s", "{:.1f}×"),
+        ("teacher_share_of_kd_step", "teacher forward / KD step", "{:.2f}"),
+    ]
+    lines = [
+        "| metric | " + " | ".join(precisions) + " | goal | met? |",
+        "|---" * (len(precisions) + 3) + "|",
+    ]
+    for key, label, fmt in rows:
+        values = [fmt.format(result[p][key]) for p in precisions]
+        goal = met = ""
+        if key in GOALS:
+            op, bound = GOALS[key]
+            goal = f"{'≤' if op == '<=' else '≥'} {bound:g}"
+            flags = [goal_met(key, result[p][key]) for p in precisions]
+            met = (
+                "yes"
+                if all(flags)
+                else "no"
+                if not any(flags)
+                else " / ".join(f"{p} {'yes' if f else 'no'}" for p, f in zip(precisions, flags))
+            )
+        lines.append(f"| {label} | " + " | ".join(values) + f" | {goal} | {met} |")
+    for name in VARIANTS:
+        values = [f"{result[p]['median_ms'][name]:.1f}" for p in precisions]
+        lines.append(f"| median ms: {name} | " + " | ".join(values) + " |  |  |")
+    return "\n".join(lines)
+
+
+def run(settings: Settings, argv: Sequence[str]) -> dict[str, Any]:
+    """Measure every precision, return the result that ``main`` writes (see the docstring)."""
+    ensure_data(settings)
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "scripts/bench_speed.py", *argv]),
+        "machine": machine(),
+        "config": str(settings.config),
+        "overrides": list(settings.overrides),
+        "data": str(settings.data),
+        "image_size": settings.size,
+        "batch_size": settings.batch,
+        "iterations": settings.iters,
+        "warmup": settings.warmup,
+        "sweep_k": settings.sweep_k,
+        "loader_epochs": settings.loader_epochs,
+        "load_average_before": load_average(),
+        "goals": {name: f"{op} {bound:g}" for name, (op, bound) in GOALS.items()},
+    }
+    for precision in PRECISIONS:
+        result[precision] = measure_precision(settings, precision)
+        result[precision]["goals_met"] = {
+            name: goal_met(name, result[precision][name]) for name in GOALS
+        }
+    result["load_average_after"] = load_average()
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def parse_args(argv: Sequence[str]) -> Settings:
+    parser = argparse.ArgumentParser(
+        description="Time a KD step, a lockstep sweep step and the data loader (fp32 and bf16)."
+    )
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, as for `distill run`")  # fmt: skip
+    parser.add_argument("--size", type=int, help="image side in px (default 128; quick: 64)")
+    parser.add_argument("--batch", type=int, help="batch size (default 8; quick: 4)")
+    parser.add_argument("--iters", type=int, help="timed iterations (default 20; quick: 2)")
+    parser.add_argument("--warmup", type=int, help="uncounted iterations (default 3; quick: 1)")
+    parser.add_argument("--sweep-k", type=int, default=4, help="students in the lockstep sweep")
+    parser.add_argument("--loader-epochs", type=int, help="loader epochs (default 3; quick: 1)")
+    parser.add_argument("--data", type=Path, help="shapes set, generated when absent "
+                        "(default data/bench-shapes/<size>px)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result")
+    parser.add_argument("--quick", action="store_true", help="64 px, 2 iterations: a smoke run")
+    args = parser.parse_args(argv)
+
+    def pick(value: int | None, full: int, quick: int) -> int:
+        return value if value is not None else quick if args.quick else full
+
+    size = pick(args.size, 128, 64)
+    settings = Settings(
+        config=args.config,
+        overrides=tuple(args.set),
+        size=size,
+        batch=pick(args.batch, 8, 4),
+        iters=pick(args.iters, 20, 2),
+        warmup=pick(args.warmup, 3, 1),
+        sweep_k=args.sweep_k,
+        loader_epochs=pick(args.loader_epochs, 3, 1),
+        data=args.data if args.data is not None else REPO / "data" / "bench-shapes" / f"{size}px",
+        data_images=32 if args.quick else 400,
+        out=args.out,
+    )
+    if settings.iters < 1 or settings.warmup < 0 or settings.sweep_k < 1:
+        parser.error("--iters and --sweep-k must be >= 1, --warmup >= 0")
+    if settings.loader_epochs < 1:
+        parser.error("--loader-epochs must be >= 1")
+    return settings
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    settings = parse_args(argv)
+    result = run(settings, argv)
+    out = settings.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_table(result))
+    print(f"\nwrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import load
 from torch import nn
 
 
@@ -121,7 +122,10 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> Progress:
         raise CheckpointError(
             f"cannot resume: {path / 'progress.json'} is unreadable: {err}"
         ) from None
+    rng_state = path / f"random_states_{accelerator.process_index}.pkl"
     try:
+        if rng_state.is_file():  # load_state ignores an unreadable RNG state without a word
+            load(rng_state)
         accelerator.load_state(str(path))
     except Exception as err:  # truncated, corrupt or unsafe pickles surface as many exception types
         raise CheckpointError(

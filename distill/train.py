@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, broadcast, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
@@ -233,6 +233,8 @@ def train_group(
                     with torch.no_grad(), accelerator.autocast():
                         teacher_out = dense_forward(teacher, image_list)
                 for t in trainees:
+                    # a skipped step must not keep this forward's BatchNorm statistics either
+                    buffers = [b.detach().clone() for b in t.module.buffers()]
                     with accelerator.accumulate(t.module):
                         student_out = t.module(
                             image_list.tensors,
@@ -260,6 +262,9 @@ def train_group(
                         t.metrics["grad_norm"] = None
                         if bad:
                             t.optimizer.zero_grad(set_to_none=True)
+                            with torch.no_grad():
+                                for b, saved in zip(t.module.buffers(), buffers):
+                                    b.copy_(saved)
                         elif accelerator.sync_gradients:
                             max_norm = t.cfg.train.grad_clip or math.inf
                             t.metrics["grad_norm"] = accelerator.clip_grad_norm_(
@@ -544,6 +549,11 @@ def _evaluate_and_log(
 ) -> dict[str, Any]:
     cfg = t.cfg
     batch_size = cfg.eval.batch_size or cfg.data.batch_size
+    if accelerator.num_processes > 1:
+        # DDP broadcasts buffers only at the start of a training forward, so each process still
+        # holds the BatchNorm statistics of its own last batch: evaluate process 0's, the ones
+        # student.pt gets (broadcast is in place).
+        broadcast(list(t.detector.buffers()), from_process=0)
     metrics = evaluate(
         t.detector, transform, val_set, accelerator, batch_size, cfg.data.num_workers
     )

@@ -1,7 +1,7 @@
 """Speed of a distillation step, of a lockstep sweep step and of the data loader.
 
-    python scripts/bench_speed.py               # 128 px, batch 8, fp32 and bf16 (minutes)
-    python scripts/bench_speed.py --quick       # 64 px, 2 iterations: a smoke run (seconds)
+    python scripts/bench_speed.py            # 128 px, batch 8, K=4, fp32 and bf16 (minutes)
+    python scripts/bench_speed.py --quick    # 64 px, 2 iterations, batch 2, K=2: a smoke run
 
 Everything runs in one process through the code that training runs: ``make_accelerator``,
 ``build_models``, ``build_optimizer``, ``build_scheduler``, ``accelerator.prepare``, the shared
@@ -22,8 +22,12 @@ step, scheduler step. Iterations are round-robin: each runs one timed step of ev
 starting one variant later than the iteration before, so that machine noise (and the order)
 hits all variants alike; the first ``--warmup`` iterations are not counted and every number
 is a median. The data loader (``DataLoader`` built as ``train_group`` builds it, prepared by
-the accelerator) is timed alone over whole epochs, worker start-up included, as training pays
-it every epoch.
+the accelerator) is timed alone over whole epochs: its steady-state images/s after the first
+batch, and the first batch's delay (worker start-up, paid every epoch) on its own.
+
+The teacher has random weights (``teacher.weights=null``): its cost does not depend on them.
+Steps with a non-finite loss (skipped, as the loop skips them) or gradient norm are counted in
+the result, since they change what a step costs.
 
 Ratios and goals (``GOALS``):
 
@@ -49,8 +53,8 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +67,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.models.detection.image_list import ImageList
 
-from distill.checkpoint import Progress
 from distill.config import Config, load_config, replace
 from distill.data import build_dataset, collate, seed_worker
 from distill.dense import DenseOutputs, build_transform, dense_forward, detection_loss
 from distill.losses import combine, distill_terms
 from distill.train import (
     Trainee,
-    _after_step,
     _any_process,
     _hw,
     build_models,
@@ -117,7 +119,28 @@ class Settings:
     loader_epochs: int
     data: Path
     data_images: int  # training images generated when ``data`` holds no dataset
+    threads: int | None  # torch intra-op threads; None: torch's default (one per core)
     out: Path
+
+
+@dataclass
+class Health:
+    """Steps per trainee whose loss was not finite (skipped, as the loop skips them) or whose
+    gradient norm was not finite (taken: the loop checks only the loss)."""
+
+    nonfinite_loss: dict[str, int] = field(default_factory=dict)
+    nonfinite_grad_norm: dict[str, int] = field(default_factory=dict)
+
+    def count(
+        self, t: Trainee, loss_bad: bool, grad_norm: Tensor | None, logs: dict[str, float]
+    ) -> None:
+        name = str(t.run_dir)
+        if loss_bad:
+            self.nonfinite_loss[name] = self.nonfinite_loss.get(name, 0) + 1
+            log.warning("%s: non-finite loss, optimizer step skipped: %s", name, logs)
+        elif grad_norm is not None and not bool(torch.isfinite(grad_norm)):
+            self.nonfinite_grad_norm[name] = self.nonfinite_grad_norm.get(name, 0) + 1
+            log.warning("%s: non-finite gradient norm %s (the step was taken)", name, grad_norm)
 
 
 @dataclass
@@ -142,9 +165,11 @@ def student_step(
     image_list: ImageList,
     targets: list[dict[str, Any]],
     teacher_out: DenseOutputs | None,
-    progress: Progress,
+    health: Health,
 ) -> None:
-    """One trainee's step: the body of the per-trainee loop in ``distill.train.train_group``."""
+    """One trainee's step: the body of the per-trainee loop in ``distill.train.train_group``
+    at step 0 of epoch 0, less its bookkeeping (``_after_step``, which would stop the benchmark
+    after a few non-finite losses); ``health`` counts what was not finite instead."""
     with accelerator.accumulate(t.module):
         student_out = t.module(
             image_list.tensors,
@@ -157,7 +182,7 @@ def student_step(
             if teacher_out is not None
             else {}
         )
-        total, logs = combine(det_losses, kd_terms, t.cfg.distill, progress.step, progress.epoch)
+        total, logs = combine(det_losses, kd_terms, t.cfg.distill, 0, 0)
         bad = _any_process(accelerator, not bool(torch.isfinite(total.detach())))
         accelerator.backward(total)
         t.metrics["grad_norm"] = None
@@ -170,11 +195,12 @@ def student_step(
             if not t.optimizer.step_was_skipped:
                 t.scheduler.step()
             t.optimizer.zero_grad(set_to_none=True)
-    if accelerator.sync_gradients:
-        _after_step(t, bad, progress, logs)
+    health.count(t, bad, t.metrics["grad_norm"], logs)
 
 
-def teacher_forward(accelerator: Accelerator, teacher: nn.Module, image_list: ImageList) -> Any:
+def teacher_forward(
+    accelerator: Accelerator, teacher: nn.Module, image_list: ImageList
+) -> DenseOutputs:
     """The frozen teacher as the loop runs it: no_grad, autocast, never prepared."""
     with torch.no_grad(), accelerator.autocast():
         return dense_forward(teacher, image_list)
@@ -237,7 +263,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def round_robin(
-    variants: dict[str, Callable[[int], None]],
+    variants: Mapping[str, Callable[[int], None]],
     iters: int,
     warmup: int,
     device: torch.device,
@@ -263,23 +289,45 @@ def round_robin(
     return samples
 
 
-def loader_images_per_s(train_set: Any, loader: Any, epochs: int) -> list[float]:
-    """Images per second of whole epochs of ``loader`` (worker start-up included), one value
-    per epoch; the batches are only counted."""
-    rates = []
+def time_loader(train_set: Any, loader: Any, epochs: int) -> list[dict[str, float]]:
+    """One record per epoch of ``loader``, whose batches are only counted:
+
+    first_batch_ms: from the start of the epoch to the first batch (worker start-up, which
+        training pays every epoch: the workers are not persistent);
+    images_per_s: images after the first batch / time after it (the steady state, what the
+        workers deliver while the model computes);
+    images_per_s_with_startup: all images / the whole epoch.
+    """
+    records = []
     for epoch in range(epochs):
         train_set.set_epoch(epoch)
         loader.set_epoch(epoch)
-        images = 0
+        images = after_first = 0
         tic = time.perf_counter()
+        first = tic
         for batch_images, _ in loader:
+            if images == 0:
+                first = time.perf_counter()
+            else:
+                after_first += len(batch_images)
             images += len(batch_images)
-        rates.append(images / max(time.perf_counter() - tic, 1e-9))
-    return rates
+        toc = time.perf_counter()
+        records.append(
+            {
+                "first_batch_ms": (first - tic) * 1e3,
+                "images_per_s": after_first / max(toc - first, 1e-9),
+                "images_per_s_with_startup": images / max(toc - tic, 1e-9),
+            }
+        )
+    return records
 
 
-def measure_precision(settings: Settings, precision: str) -> dict[str, Any]:
-    """All variants and the loader under one mixed-precision mode; see the module docstring."""
+def measure_precision(
+    settings: Settings, precision: str, teacher: nn.Module | None = None
+) -> tuple[dict[str, Any], nn.Module]:
+    """All variants and the loader under one mixed-precision mode (see the module docstring);
+    returns the result and the frozen teacher, which the next precision can reuse (it is not
+    prepared, so the accelerator does not change it)."""
     cfg = bench_config(settings, PRECISIONS[precision])
     plain_cfg = replace(
         cfg,
@@ -289,14 +337,19 @@ def measure_precision(settings: Settings, precision: str) -> dict[str, Any]:
     device = accelerator.device
     train_set, loader = build_loader(accelerator, cfg)
     num_classes = train_set.num_categories + 1
-    if len(loader) == 0:
+    if len(loader) < 2:
         raise ValueError(
-            f"{cfg.data.root} has {len(train_set)} training images: fewer than one batch of "
+            f"{cfg.data.root} has {len(train_set)} training images: fewer than two batches of "
             f"{cfg.data.batch_size}"
         )
 
-    total_steps = settings.warmup + settings.iters + 1
-    trainee, teacher = build_trainee(accelerator, cfg, num_classes, None, "kd", total_steps)
+    # The learning-rate schedule of a real run on this data (train_group's total_steps): the
+    # benchmark's steps are its first ones, at the small learning rates of the warm-up.
+    total_steps = cfg.train.epochs * max(1, len(loader) // cfg.train.grad_accum)
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    log.info("%s: building the teacher and %d students", precision, settings.sweep_k + 3)
+    trainee, teacher = build_trainee(accelerator, cfg, num_classes, teacher, "kd", total_steps)
     kd_only, _ = build_trainee(accelerator, cfg, num_classes, teacher, "kd_only", total_steps)
     plain, _ = build_trainee(accelerator, plain_cfg, num_classes, None, "plain", total_steps)
     sweep = [
@@ -317,7 +370,7 @@ def measure_precision(settings: Settings, precision: str) -> dict[str, Any]:
         if len(batches) == BATCH_POOL:
             break
 
-    progress = Progress()
+    health = Health()
 
     def run_transform(i: int) -> None:
         b = batches[i % len(batches)]
@@ -329,26 +382,26 @@ def measure_precision(settings: Settings, precision: str) -> dict[str, Any]:
     def run_plain(i: int) -> None:
         b = batches[i % len(batches)]
         image_list, targets = transform(b.images, b.targets)
-        student_step(accelerator, plain, image_list, targets, None, progress)
+        student_step(accelerator, plain, image_list, targets, None, health)
 
     def run_student_kd(i: int) -> None:
         b = batches[i % len(batches)]
         student_step(
-            accelerator, kd_only, b.image_list, b.transformed_targets, b.teacher_out, progress
+            accelerator, kd_only, b.image_list, b.transformed_targets, b.teacher_out, health
         )
 
     def run_kd(i: int) -> None:
         b = batches[i % len(batches)]
         image_list, targets = transform(b.images, b.targets)
         out = teacher_forward(accelerator, teacher, image_list)
-        student_step(accelerator, trainee, image_list, targets, out, progress)
+        student_step(accelerator, trainee, image_list, targets, out, health)
 
     def run_sweep(i: int) -> None:
         b = batches[i % len(batches)]
         image_list, targets = transform(b.images, b.targets)
         out = teacher_forward(accelerator, teacher, image_list)
         for t in sweep:
-            student_step(accelerator, t, image_list, targets, out, progress)
+            student_step(accelerator, t, image_list, targets, out, health)
 
     variants = {
         "transform": run_transform,
@@ -361,34 +414,69 @@ def measure_precision(settings: Settings, precision: str) -> dict[str, Any]:
     assert tuple(variants) == VARIANTS
     log.info("%s: %d warm-up + %d timed iterations", precision, settings.warmup, settings.iters)
     samples = round_robin(variants, settings.iters, settings.warmup, device)
-    rates = loader_images_per_s(train_set, loader, settings.loader_epochs)
-    result = summarize(samples, rates, settings)
-    result["nonfinite_skipped"] = sum(progress.nonfinite.values())
+    log.info("%s: timing the data loader over %d epoch(s)", precision, settings.loader_epochs)
+    loader_records = time_loader(train_set, loader, settings.loader_epochs)
+    result = summarize(samples, loader_records, settings)
+    result["nonfinite_loss_steps"] = health.nonfinite_loss
+    result["nonfinite_grad_norm_steps"] = health.nonfinite_grad_norm
     result["mixed_precision"] = accelerator.mixed_precision
-    return result
+    result["loader_epoch_images"] = len(loader) * cfg.data.batch_size
+    return result, teacher
 
 
 def summarize(
-    samples: dict[str, list[float]], loader_rates: list[float], settings: Settings
+    samples: dict[str, list[float]], loader_records: list[dict[str, float]], settings: Settings
 ) -> dict[str, Any]:
-    """Medians and the ratios of the module docstring from raw samples (ms) and loader rates."""
+    """Medians and the ratios of the module docstring from raw samples (ms) and the loader's
+    per-epoch records (``time_loader``).
+
+    The ratios come from the medians of the variants; ``paired`` also gives the median and
+    quartiles of the same ratios taken within each iteration, which cancels slow drifts of the
+    machine's speed (a measure of how far the medians can be trusted).
+    """
     med = {name: statistics.median(values) for name, values in samples.items()}
     k = settings.sweep_k
     kd_images_per_s = settings.batch / (med["kd_step"] / 1e3)
-    loader = statistics.median(loader_rates)
+    loader = statistics.median(r["images_per_s"] for r in loader_records)
+    per_iteration = [
+        step_ratios({name: values[i] for name, values in samples.items()}, k)
+        for i in range(len(samples["kd_step"]))
+    ]
+    paired = {}
+    for name in per_iteration[0]:
+        values = [r[name] for r in per_iteration]
+        quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+        paired[name] = {"median": statistics.median(values), "quartiles": quartiles}
+    shared = med["transform"] + med["teacher_forward"]
     return {
-        "kd_step_ratio": med["kd_step"] / (med["plain_step"] + med["teacher_forward"]),
-        "sweep_step_ratio": med["sweep_step"]
-        / (med["transform"] + med["teacher_forward"] + k * med["student_kd_step"]),
-        "sweep_speedup": k * med["kd_step"] / med["sweep_step"],
+        **step_ratios(med, k),
         "loader_images_per_s": loader,
         "kd_images_per_s": kd_images_per_s,
         "loader_over_kd": loader / kd_images_per_s,
-        # the teacher's share of a KD step bounds what a lockstep sweep can save
+        # the teacher's share of a KD step bounds what a lockstep sweep can save: with no
+        # overhead at all, K (T + S) / (T + K S) for shared work T and per-student work S
         "teacher_share_of_kd_step": med["teacher_forward"] / med["kd_step"],
+        "sweep_speedup_bound": k
+        * (shared + med["student_kd_step"])
+        / (shared + k * med["student_kd_step"]),
+        "paired": paired,
         "median_ms": med,
         "samples_ms": samples,
-        "loader_images_per_s_per_epoch": loader_rates,
+        "loader_first_batch_ms": statistics.median(r["first_batch_ms"] for r in loader_records),
+        "loader_images_per_s_with_startup": statistics.median(
+            r["images_per_s_with_startup"] for r in loader_records
+        ),
+        "loader_epochs": loader_records,
+    }
+
+
+def step_ratios(ms: Mapping[str, float], k: int) -> dict[str, float]:
+    """The step ratios of the module docstring from one time (ms) per variant."""
+    return {
+        "kd_step_ratio": ms["kd_step"] / (ms["plain_step"] + ms["teacher_forward"]),
+        "sweep_step_ratio": ms["sweep_step"]
+        / (ms["transform"] + ms["teacher_forward"] + k * ms["student_kd_step"]),
+        "sweep_speedup": k * ms["kd_step"] / ms["sweep_step"],
     }
 
 
@@ -406,9 +494,9 @@ def bench_config(settings: Settings, mixed_precision: str) -> Config:
         f"data.image_size={settings.size}",
         f"data.batch_size={settings.batch}",
         *settings.overrides,
-        f"train.mixed_precision={mixed_precision}",
     ]
-    return load_config(settings.config, overrides)
+    cfg = load_config(settings.config, overrides)
+    return replace(cfg, **{"train.mixed_precision": mixed_precision})
 
 
 def ensure_data(settings: Settings) -> None:
@@ -473,9 +561,11 @@ def format_table(result: dict[str, Any]) -> str:
             "{:.3f}",
         ),
         ("sweep_speedup", f"sweep speed-up ({k} × KD step / sweep step)", "{:.2f}×"),
+        ("sweep_speedup_bound", "sweep speed-up if lockstep added nothing", "{:.2f}×"),
         ("loader_images_per_s", "data loader images/s", "{:.0f}"),
         ("kd_images_per_s", "KD step images/s", "{:.1f}"),
         ("loader_over_kd", "loader images/s / KD step images/s", "{:.1f}×"),
+        ("loader_first_batch_ms", "loader first batch of an epoch (ms)", "{:.0f}"),
         ("teacher_share_of_kd_step", "teacher forward / KD step", "{:.2f}"),
     ]
     lines = [
@@ -488,18 +578,25 @@ def format_table(result: dict[str, Any]) -> str:
         if key in GOALS:
             op, bound = GOALS[key]
             goal = f"{'≤' if op == '<=' else '≥'} {bound:g}"
-            flags = [goal_met(key, result[p][key]) for p in precisions]
-            met = (
-                "yes"
-                if all(flags)
-                else "no"
-                if not any(flags)
-                else " / ".join(f"{p} {'yes' if f else 'no'}" for p, f in zip(precisions, flags))
+            met = " / ".join(
+                f"{p} {'yes' if goal_met(key, result[p][key]) else 'no'}" for p in precisions
             )
         lines.append(f"| {label} | " + " | ".join(values) + f" | {goal} | {met} |")
+    for key, _, _ in rows[:3]:
+        values = [
+            "{:.3f} ({:.3f}–{:.3f})".format(
+                result[p]["paired"][key]["median"], *result[p]["paired"][key]["quartiles"][::2]
+            )
+            for p in precisions
+        ]
+        lines.append(f"| {key} per iteration: median (q1–q3) | " + " | ".join(values) + " |  |  |")
     for name in VARIANTS:
         values = [f"{result[p]['median_ms'][name]:.1f}" for p in precisions]
         lines.append(f"| median ms: {name} | " + " | ".join(values) + " |  |  |")
+    for p in precisions:
+        for what in ("nonfinite_loss_steps", "nonfinite_grad_norm_steps"):
+            if result[p][what]:
+                lines.append(f"\n{p}: {what.replace('_', ' ')} per model: {result[p][what]}")
     return "\n".join(lines)
 
 
@@ -523,8 +620,9 @@ def run(settings: Settings, argv: Sequence[str]) -> dict[str, Any]:
         "load_average_before": load_average(),
         "goals": {name: f"{op} {bound:g}" for name, (op, bound) in GOALS.items()},
     }
+    teacher = None
     for precision in PRECISIONS:
-        result[precision] = measure_precision(settings, precision)
+        result[precision], teacher = measure_precision(settings, precision, teacher)
         result[precision]["goals_met"] = {
             name: goal_met(name, result[precision][name]) for name in GOALS
         }
@@ -541,15 +639,20 @@ def parse_args(argv: Sequence[str]) -> Settings:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, as for `distill run`")  # fmt: skip
     parser.add_argument("--size", type=int, help="image side in px (default 128; quick: 64)")
-    parser.add_argument("--batch", type=int, help="batch size (default 8; quick: 4)")
+    parser.add_argument("--batch", type=int, help="batch size (default 8; quick: 2)")
     parser.add_argument("--iters", type=int, help="timed iterations (default 20; quick: 2)")
     parser.add_argument("--warmup", type=int, help="uncounted iterations (default 3; quick: 1)")
-    parser.add_argument("--sweep-k", type=int, default=4, help="students in the lockstep sweep")
+    parser.add_argument("--sweep-k", type=int, help="students in the sweep (default 4; quick: 2)")
     parser.add_argument("--loader-epochs", type=int, help="loader epochs (default 3; quick: 1)")
     parser.add_argument("--data", type=Path, help="shapes set, generated when absent "
                         "(default data/bench-shapes/<size>px)")  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: torch's, one per core)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result")
-    parser.add_argument("--quick", action="store_true", help="64 px, 2 iterations: a smoke run")
+    parser.add_argument(
+        "--quick", action="store_true", help="64 px, 2 iterations, batch 2, K=2: a smoke run"
+    )
     args = parser.parse_args(argv)
 
     def pick(value: int | None, full: int, quick: int) -> int:
@@ -560,19 +663,20 @@ def parse_args(argv: Sequence[str]) -> Settings:
         config=args.config,
         overrides=tuple(args.set),
         size=size,
-        batch=pick(args.batch, 8, 4),
+        batch=pick(args.batch, 8, 2),
         iters=pick(args.iters, 20, 2),
         warmup=pick(args.warmup, 3, 1),
-        sweep_k=args.sweep_k,
+        sweep_k=pick(args.sweep_k, 4, 2),
         loader_epochs=pick(args.loader_epochs, 3, 1),
         data=args.data if args.data is not None else REPO / "data" / "bench-shapes" / f"{size}px",
-        data_images=32 if args.quick else 400,
+        data_images=16 if args.quick else 400,
+        threads=args.threads,
         out=args.out,
     )
     if settings.iters < 1 or settings.warmup < 0 or settings.sweep_k < 1:
         parser.error("--iters and --sweep-k must be >= 1, --warmup >= 0")
-    if settings.loader_epochs < 1:
-        parser.error("--loader-epochs must be >= 1")
+    if settings.loader_epochs < 1 or (settings.threads is not None and settings.threads < 1):
+        parser.error("--loader-epochs and --threads must be >= 1")
     return settings
 
 
@@ -580,6 +684,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = parse_args(argv)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     result = run(settings, argv)
     out = settings.out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,109 @@
+"""scripts/bench_speed.py: the ratios from hand-made timings, and a --quick run of the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.conftest import REPO
+
+SCRIPT = REPO / "scripts" / "bench_speed.py"
+
+
+def load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ratios_from_medians() -> None:
+    bench = load_script()
+    settings = bench.parse_args(["--batch", "8", "--sweep-k", "4"])
+    samples = {  # medians: transform 2, teacher 100, plain 50, student KD 60, KD 165, sweep 400
+        "transform": [2.0, 2.0, 9.0],
+        "teacher_forward": [100.0, 90.0, 300.0],
+        "plain_step": [50.0, 50.0, 51.0],
+        "student_kd_step": [60.0, 1.0, 70.0],
+        "kd_step": [165.0, 165.0, 165.0],
+        "sweep_step": [400.0, 380.0, 420.0],
+    }
+    loader = [
+        {"first_batch_ms": 200.0, "images_per_s": 480.0, "images_per_s_with_startup": 400.0},
+        {"first_batch_ms": 100.0, "images_per_s": 500.0, "images_per_s_with_startup": 420.0},
+        {"first_batch_ms": 300.0, "images_per_s": 520.0, "images_per_s_with_startup": 440.0},
+    ]
+    result = bench.summarize(samples, loader, settings)
+    assert result["kd_step_ratio"] == pytest.approx(165 / (50 + 100))
+    assert result["sweep_step_ratio"] == pytest.approx(400 / (2 + 100 + 4 * 60))
+    assert result["sweep_speedup"] == pytest.approx(4 * 165 / 400)
+    assert result["kd_images_per_s"] == pytest.approx(8 / 0.165)
+    assert result["loader_images_per_s"] == 500.0
+    assert result["loader_over_kd"] == pytest.approx(500 / (8 / 0.165))
+    assert result["loader_first_batch_ms"] == 200.0
+    assert result["median_ms"]["teacher_forward"] == 100.0
+    assert result["sweep_speedup_bound"] == pytest.approx(4 * (102 + 60) / (102 + 4 * 60))
+    # per iteration: 165 / 150, 165 / 140, 165 / 351
+    assert result["paired"]["kd_step_ratio"]["median"] == pytest.approx(1.1)
+
+    assert bench.goal_met("sweep_speedup", 1.7) and not bench.goal_met("sweep_speedup", 1.69)
+    assert bench.goal_met("kd_step_ratio", 1.05) and not bench.goal_met("kd_step_ratio", 1.06)
+    full = {
+        "sweep_k": 4,
+        "fp32": {**result, "nonfinite_loss_steps": {}, "nonfinite_grad_norm_steps": {}},
+        "bf16": {**result, "nonfinite_loss_steps": {"plain": 1}, "nonfinite_grad_norm_steps": {}},
+    }
+    table = bench.format_table(full)
+    assert table.splitlines()[0] == "| metric | fp32 | bf16 | goal | met? |"
+    assert (
+        "| KD step / (plain step + teacher fwd) | 1.100 | 1.100 | ≤ 1.05 | fp32 no / bf16 no |"
+        in (table)
+    )
+    assert "bf16: nonfinite loss steps per model: {'plain': 1}" in table
+
+
+def test_quick_run_writes_the_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    # one torch thread: the smoke run stays fast on a machine shared with other jobs
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--threads", "1"]
+    cmd += ["--data", str(tmp_path / "shapes"), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| metric | fp32 | bf16 | goal | met? |" in proc.stdout
+
+    result = json.loads(out.read_text())
+    for key in ("machine", "date", "command", "iterations", "warmup", "fp32", "bf16"):
+        assert key in result
+    assert result["iterations"] == 2 and result["image_size"] == 64
+    assert result["machine"]["torch_threads"] == 1
+    assert {"cpu", "cores", "torch", "device"} <= set(result["machine"])
+    assert "--quick" in result["command"]
+    for precision in ("fp32", "bf16"):
+        r = result[precision]
+        for key in (
+            "kd_step_ratio",
+            "sweep_step_ratio",
+            "sweep_speedup",
+            "loader_images_per_s",
+            "kd_images_per_s",
+        ):
+            assert math.isfinite(r[key]) and r[key] > 0, (precision, key, r[key])
+        assert set(r["median_ms"]) == {
+            "transform",
+            "teacher_forward",
+            "plain_step",
+            "student_kd_step",
+            "kd_step",
+            "sweep_step",
+        }
+        assert all(len(v) == 2 for v in r["samples_ms"].values())
+        assert all(math.isfinite(v) and v > 0 for v in r["median_ms"].values())

@@ -164,7 +164,7 @@ def format_metrics_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
 
 def eval_command(cfg: Config, models: list[tuple[str, str]], out: Path | None = None) -> None:
     """``distill eval``: evaluate each (kind, weights file) on the validation set, side by side."""
-    from distill.train import make_accelerator
+    from distill.build import make_accelerator
     from students import build_student
     from teachers import build_teacher
 

@@ -17,22 +17,27 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DataLoaderConfiguration, broadcast, set_seed
+from accelerate.utils import broadcast, set_seed
 from torch import nn
-from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
+from torchvision.models.detection.image_list import ImageList
 from tqdm import tqdm
 
+from distill.build import (
+    build_accelerator,
+    build_models,
+    build_optimizer,
+    build_scheduler,
+    build_train_loader,
+    make_accelerator,
+)
 from distill.checkpoint import (
     CheckpointError,
     Progress,
@@ -42,22 +47,24 @@ from distill.checkpoint import (
     save_checkpoint,
     state_digest,
 )
-from distill.config import Config, ConfigError, TrainConfig, dump_config, replace
-from distill.data import CocoDetection, build_dataset, collate, seed_worker
-from distill.dense import build_transform, check_compatible, dense_forward, detection_loss
+from distill.config import Config, ConfigError, dump_config, replace
+from distill.data import CocoDetection, build_dataset
+from distill.dense import DenseOutputs, build_transform, dense_forward, detection_loss
 from distill.evaluate import evaluate, write_json
-from distill.losses import (
-    build_adapters,
-    build_global_blocks,
-    combine,
-    distill_terms,
-    needs_teacher,
-)
-from distill.module import StudentModule, student_state_dict
+from distill.losses import combine, distill_terms
+from distill.module import student_state_dict
+from distill.signals import StopFlag
 from distill.visualize import log_detections
 from distill.weights import save_state_dict_file
-from students import build_student
-from teachers import build_teacher
+
+__all__ = [
+    "NonFiniteLoss",
+    "Trainee",
+    "TrainingStopped",
+    "make_accelerator",
+    "train",
+    "train_group",
+]
 
 log = logging.getLogger("distill.train")
 
@@ -83,6 +90,8 @@ class Trainee:
     writer: SummaryWriter | None
     nonfinite_in_a_row: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
+    saved_buffers: list[torch.Tensor] | None = None  # BatchNorm state at the window's start
+    window_bad: bool = False  # a non-finite loss in the current accumulation window
 
 
 def train(
@@ -127,31 +136,13 @@ def train_group(
     cfg = cfgs[0]
     _check_lockstep(cfgs)
     checkpoint = find_checkpoint(checkpoint_dir, fallback) if resume else None  # fail early
-    accelerator = make_accelerator(
-        cfg,
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        # the shuffle order of epoch e depends only on (seed, e): resumable and equal on all ranks
-        dataloader_config=DataLoaderConfiguration(
-            use_seedable_sampler=True, data_seed=cfg.train.seed
-        ),
-        step_scheduler_with_optimizer=False,
-    )
+    accelerator = build_accelerator(cfg)
     _setup_logging(accelerator)
 
     # ---- data ---------------------------------------------------------------------------
-    train_set = build_dataset(cfg.data, "train", seed=cfg.train.seed)
+    train_set, train_loader = build_train_loader(accelerator, cfg)
     val_set = build_dataset(cfg.data, "val")
     num_classes = train_set.num_categories + 1  # + background (label 0), torchvision's convention
-    train_loader = DataLoader(
-        train_set,
-        batch_size=cfg.data.batch_size,
-        shuffle=True,
-        drop_last=True,  # equal batches on every process and every step
-        collate_fn=collate,
-        num_workers=cfg.data.num_workers,
-        worker_init_fn=seed_worker,
-    )
-    train_loader = accelerator.prepare(train_loader)
     steps_per_epoch = max(1, len(train_loader) // cfg.train.grad_accum)  # per-process batches
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
@@ -162,17 +153,10 @@ def train_group(
     teacher: nn.Module | None = None
     trainees = []
     for run_cfg in cfgs:
-        set_seed(run_cfg.train.seed)
-        module, teacher = build_models(run_cfg, job, num_classes, teacher)  # one shared teacher
-        optimizer = build_optimizer(module, run_cfg.train)
-        module, optimizer = accelerator.prepare(module, optimizer)
-        scheduler = accelerator.prepare(build_scheduler(optimizer, run_cfg.train, total_steps))
-        detector = accelerator.unwrap_model(module).detector
-        detector.score_thresh = run_cfg.eval.score_threshold
-        detector.detections_per_img = run_cfg.eval.detections_per_image
-        run_dir = Path(run_cfg.output.dir)
-        writer = SummaryWriter(str(run_dir / "tb")) if accelerator.is_main_process else None
-        trainees.append(Trainee(run_cfg, run_dir, module, optimizer, scheduler, detector, writer))
+        trainee, teacher = build_trainee(
+            accelerator, run_cfg, job, num_classes, total_steps, teacher
+        )
+        trainees.append(trainee)
     teacher_digest = ""
     if teacher is not None:
         teacher.to(accelerator.device)  # frozen: not prepared, not in an optimizer, not in DDP
@@ -228,52 +212,15 @@ def train_group(
                 _trace_batch(trainees[0], accelerator, progress, targets)
                 # Shared transform, once: teacher and students see one ImageList, one anchor set.
                 image_list, targets = transform(images, targets)
-                teacher_out = None
-                if teacher is not None:
-                    with torch.no_grad(), accelerator.autocast():
-                        teacher_out = dense_forward(teacher, image_list)
+                teacher_out = (
+                    teacher_forward(accelerator, teacher, image_list)
+                    if teacher is not None
+                    else None
+                )
                 for t in trainees:
-                    # a skipped step must not keep this forward's BatchNorm statistics either
-                    buffers = [b.detach().clone() for b in t.module.buffers()]
-                    with accelerator.accumulate(t.module):
-                        student_out = t.module(
-                            image_list.tensors,
-                            image_list.image_sizes,
-                            teacher_out.features if teacher_out is not None else None,
-                        )
-                        det_losses = detection_loss(t.detector, student_out, targets)
-                        kd_terms = (
-                            distill_terms(
-                                student_out,
-                                teacher_out,
-                                targets,
-                                _hw(image_list.tensors),
-                                t.cfg.distill,
-                            )
-                            if teacher_out is not None
-                            else {}
-                        )
-                        total, logs = combine(
-                            det_losses, kd_terms, t.cfg.distill, progress.step, epoch
-                        )
-                        # a non-finite loss on any process skips the step on every process
-                        bad = _any_process(accelerator, not bool(torch.isfinite(total.detach())))
-                        accelerator.backward(total)
-                        t.metrics["grad_norm"] = None
-                        if bad:
-                            t.optimizer.zero_grad(set_to_none=True)
-                            with torch.no_grad():
-                                for b, saved in zip(t.module.buffers(), buffers):
-                                    b.copy_(saved)
-                        elif accelerator.sync_gradients:
-                            max_norm = t.cfg.train.grad_clip or math.inf
-                            t.metrics["grad_norm"] = accelerator.clip_grad_norm_(
-                                t.module.parameters(), max_norm
-                            )
-                            t.optimizer.step()
-                            if not t.optimizer.step_was_skipped:  # fp16 scaler overflow: no LR step
-                                t.scheduler.step()
-                            t.optimizer.zero_grad(set_to_none=True)
+                    bad, logs = train_step(
+                        accelerator, t, image_list, targets, teacher_out, progress.step, epoch
+                    )
                     if accelerator.sync_gradients:
                         _after_step(t, bad, progress, logs)
                 progress.batch += 1
@@ -359,116 +306,96 @@ def train_group(
 
 
 # ---------------------------------------------------------------------------------------------
+# One step
+# ---------------------------------------------------------------------------------------------
+
+
+def teacher_forward(
+    accelerator: Accelerator, teacher: nn.Module, image_list: ImageList
+) -> DenseOutputs:
+    """The frozen teacher on the shared batch: no_grad, autocast, never prepared."""
+    with torch.no_grad(), accelerator.autocast():
+        return dense_forward(teacher, image_list)
+
+
+def train_step(
+    accelerator: Accelerator,
+    t: Trainee,
+    image_list: ImageList,
+    targets: list[dict[str, Any]],
+    teacher_out: DenseOutputs | None,
+    step: int,
+    epoch: int,
+) -> tuple[bool, dict[str, float]]:
+    """Forward and backward of trainee ``t`` on a transformed batch and, at the end of an
+    accumulation window, the optimizer step.
+
+    Returns ``(skipped, logs)``. ``skipped``: the loss or the gradient norm of the window was
+    not finite on some process; every process then drops the gradients, puts the BatchNorm
+    statistics back and leaves weights, optimizer and LR schedule untouched.
+    """
+    if t.saved_buffers is None:  # first micro-batch of the window
+        t.saved_buffers = [b.detach().clone() for b in t.module.buffers()]
+    with accelerator.accumulate(t.module):
+        student_out = t.module(
+            image_list.tensors,
+            image_list.image_sizes,
+            teacher_out.features if teacher_out is not None else None,
+        )
+        det_losses = detection_loss(t.detector, student_out, targets)
+        kd_terms = (
+            distill_terms(student_out, teacher_out, targets, _hw(image_list.tensors), t.cfg.distill)
+            if teacher_out is not None
+            else {}
+        )
+        total, logs = combine(det_losses, kd_terms, t.cfg.distill, step, epoch)
+        t.window_bad |= not bool(torch.isfinite(total.detach()))
+        accelerator.backward(total)
+        skipped = False
+        if accelerator.sync_gradients:
+            max_norm = t.cfg.train.grad_clip or math.inf
+            grad_norm = float(accelerator.clip_grad_norm_(t.module.parameters(), max_norm))
+            # gradients are averaged over processes already, the loss flag is not: one all-reduce
+            skipped = _any_process(accelerator, t.window_bad or not math.isfinite(grad_norm))
+            t.metrics["grad_norm"] = None if skipped else grad_norm
+            if skipped:
+                with torch.no_grad():
+                    for buffer, saved in zip(t.module.buffers(), t.saved_buffers):
+                        buffer.copy_(saved)
+            else:
+                t.optimizer.step()
+                if not t.optimizer.step_was_skipped:  # fp16 scaler overflow: no LR step
+                    t.scheduler.step()
+            t.optimizer.zero_grad(set_to_none=True)
+            t.saved_buffers, t.window_bad = None, False
+    return skipped, logs
+
+
+# ---------------------------------------------------------------------------------------------
 # Building
 # ---------------------------------------------------------------------------------------------
 
 
-def make_accelerator(cfg: Config, **kwargs: Any) -> Accelerator:
-    """An Accelerator for this config; usable several times in one process (tests, demo, sweeps).
-
-    Without CUDA, ``cpu=True`` is what lets Accelerate run several CPU processes with gloo
-    (``accelerate launch --multi_gpu --num_processes 2`` on a CPU-only machine).
-    """
-    # Accelerate keeps one global state per process; a new run may use another precision.
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=check_mixed_precision(cfg.train.mixed_precision),
-        **kwargs,
-    )
-
-
-def build_models(
-    cfg: Config, job: str, num_classes: int, teacher: nn.Module | None = None
-) -> tuple[StudentModule, nn.Module | None]:
-    """The trainable module and the frozen teacher (None when not needed; ``teacher`` is reused
-    when given). The student is built first, so its initial weights depend only on the seed."""
-    if job == "teacher":
-        return StudentModule(build_teacher(cfg, num_classes, frozen=False)), None
-    if job != "student":
-        raise ValueError(f"unknown job {job!r}: teacher | student")
-    student = build_student(cfg, num_classes)
-    if not needs_teacher(cfg.distill):
-        return StudentModule(student), teacher
-    if teacher is None:
-        # The teacher's (random) init must not consume the global RNG: the adapters built below
-        # then get the same init whether the teacher is built here or shared (lockstep sweeps).
-        with torch.random.fork_rng(devices=[]):
-            teacher = build_teacher(cfg, num_classes, frozen=True)
-    check_compatible(teacher, student)
-    feature = cfg.distill.feature
-    levels = feature.levels if feature.weight > 0 else ()
-    s_ch, t_ch = _out_channels(student), _out_channels(teacher)
-    adapters = None
-    if levels and (feature.kind == "mse" or s_ch != t_ch):
-        adapters = build_adapters(levels, s_ch, t_ch)
-    global_s = global_t = None
-    if levels and feature.kind == "fgd" and feature.fgd_lambda > 0:
-        blocks = build_global_blocks(levels, t_ch)  # {"student_p3": ..., "teacher_p3": ...}
-        global_s = nn.ModuleDict({lv: blocks[f"student_{lv}"] for lv in levels})
-        global_t = nn.ModuleDict({lv: blocks[f"teacher_{lv}"] for lv in levels})
-    return StudentModule(student, levels, adapters, global_s, global_t), teacher
-
-
-def _out_channels(model: nn.Module) -> int:
-    """FPN width of a RetinaNet (torchvision's backbones carry ``out_channels``)."""
-    backbone: Any = model.backbone
-    return int(backbone.out_channels)
-
-
-def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW; no weight decay on biases and normalisation weights (1-D parameters)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    raise ConfigError(f"train.optimizer: unknown optimizer {cfg.optimizer!r} (sgd | adamw)")
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warm-up over ``warmup_steps``, then cosine / step / constant, per optimizer step."""
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
-    rest = max(total_steps - warmup, 1)
-    after: torch.optim.lr_scheduler.LRScheduler
-    if cfg.schedule == "cosine":
-        after = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=rest, eta_min=cfg.lr * 0.01
-        )
-    elif cfg.schedule == "step":
-        milestones = [max(1, round(f * total_steps) - warmup) for f in cfg.step_milestones]
-        after = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=cfg.step_gamma)
-    elif cfg.schedule == "constant":
-        after = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    else:
-        raise ConfigError(
-            f"train.schedule: unknown schedule {cfg.schedule!r} (cosine | step | constant)"
-        )
-    if warmup == 0:
-        return after
-    ramp = torch.optim.lr_scheduler.LinearLR(
-        optimizer, start_factor=0.001, end_factor=1.0, total_iters=warmup
-    )
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, after], milestones=[warmup])
-
-
-def check_mixed_precision(value: str) -> str:
-    """Accelerate's mixed-precision mode; fp16 without CUDA is an error, not a silent fallback."""
-    if value not in ("no", "fp16", "bf16"):
-        raise ConfigError(f"train.mixed_precision: expected no | fp16 | bf16, got {value!r}")
-    if value == "fp16" and not torch.cuda.is_available():
-        raise ConfigError(
-            "train.mixed_precision=fp16 needs a CUDA GPU and none is available; "
-            "use bf16 (CPUs with avx512_bf16 / AMX run it fast) or no"
-        )
-    return value
+def build_trainee(
+    accelerator: Accelerator,
+    cfg: Config,
+    job: str,
+    num_classes: int,
+    total_steps: int,
+    teacher: nn.Module | None = None,
+) -> tuple[Trainee, nn.Module | None]:
+    """A prepared model to train (built right after ``set_seed``) and the (shared) teacher."""
+    set_seed(cfg.train.seed)
+    module, teacher = build_models(cfg, job, num_classes, teacher)
+    optimizer = build_optimizer(module, cfg.train)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    scheduler = accelerator.prepare(build_scheduler(optimizer, cfg.train, total_steps))
+    detector = accelerator.unwrap_model(module).detector
+    detector.score_thresh = cfg.eval.score_threshold
+    detector.detections_per_img = cfg.eval.detections_per_image
+    run_dir = Path(cfg.output.dir)
+    writer = SummaryWriter(str(run_dir / "tb")) if accelerator.is_main_process else None
+    return Trainee(cfg, run_dir, module, optimizer, scheduler, detector, writer), teacher
 
 
 def _check_lockstep(cfgs: list[Config]) -> None:
@@ -604,39 +531,3 @@ def _setup_logging(accelerator: Accelerator) -> None:
     level = logging.INFO if accelerator.is_main_process else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("distill").setLevel(level)
-
-
-class StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop finishes its step, saves and exits. A second
-    signal of the same kind falls back to the default behaviour (immediate exit)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.reason = ""
-        self._previous: dict[int, Any] = {}
-
-    @classmethod
-    def install(cls) -> StopFlag:
-        flag = cls()
-        try:
-            for sig in cls.SIGNALS:
-                flag._previous[sig] = signal.signal(sig, flag._handle)
-        except ValueError:  # not the main thread: no signal handling, as for any library call
-            pass
-        return flag
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if self.requested:  # second signal: stop now
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            signal.raise_signal(signum)
-            return
-        self.requested = True
-        self.reason = f"received {name}"
-        log.warning("%s: finishing the current step, saving a checkpoint, then exiting", name)
-
-    def uninstall(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)

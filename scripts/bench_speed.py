@@ -46,12 +46,13 @@ import argparse
 import datetime
 import json
 import logging
-import math
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,23 +63,18 @@ import accelerate
 import torch
 import torchvision
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from torchvision.models.detection.image_list import ImageList
 
 from distill.config import Config, load_config, replace
-from distill.data import build_dataset, collate, seed_worker
-from distill.dense import DenseOutputs, build_transform, dense_forward, detection_loss
-from distill.losses import combine, distill_terms
+from distill.dense import DenseOutputs, build_transform
 from distill.train import (
     Trainee,
-    _any_process,
-    _hw,
-    build_models,
-    build_optimizer,
-    build_scheduler,
-    make_accelerator,
+    build_accelerator,
+    build_train_loader,
+    build_trainee,
+    teacher_forward,
+    train_step,
 )
 
 log = logging.getLogger("bench_speed")
@@ -125,22 +121,15 @@ class Settings:
 
 @dataclass
 class Health:
-    """Steps per trainee whose loss was not finite (skipped, as the loop skips them) or whose
-    gradient norm was not finite (taken: the loop checks only the loss)."""
+    """Steps per trainee that the loop skipped (non-finite loss or gradient norm)."""
 
-    nonfinite_loss: dict[str, int] = field(default_factory=dict)
-    nonfinite_grad_norm: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
 
-    def count(
-        self, t: Trainee, loss_bad: bool, grad_norm: Tensor | None, logs: dict[str, float]
-    ) -> None:
-        name = str(t.run_dir)
-        if loss_bad:
-            self.nonfinite_loss[name] = self.nonfinite_loss.get(name, 0) + 1
-            log.warning("%s: non-finite loss, optimizer step skipped: %s", name, logs)
-        elif grad_norm is not None and not bool(torch.isfinite(grad_norm)):
-            self.nonfinite_grad_norm[name] = self.nonfinite_grad_norm.get(name, 0) + 1
-            log.warning("%s: non-finite gradient norm %s (the step was taken)", name, grad_norm)
+    def count(self, t: Trainee, skipped: bool, logs: dict[str, float]) -> None:
+        if skipped:
+            name = t.run_dir.name
+            self.skipped[name] = self.skipped.get(name, 0) + 1
+            log.warning("%s: non-finite loss or gradient norm, step skipped: %s", name, logs)
 
 
 @dataclass
@@ -167,89 +156,30 @@ def student_step(
     teacher_out: DenseOutputs | None,
     health: Health,
 ) -> None:
-    """One trainee's step: the body of the per-trainee loop in ``distill.train.train_group``
-    at step 0 of epoch 0, less its bookkeeping (``_after_step``, which would stop the benchmark
-    after a few non-finite losses); ``health`` counts what was not finite instead."""
-    with accelerator.accumulate(t.module):
-        student_out = t.module(
-            image_list.tensors,
-            image_list.image_sizes,
-            teacher_out.features if teacher_out is not None else None,
-        )
-        det_losses = detection_loss(t.detector, student_out, targets)
-        kd_terms = (
-            distill_terms(student_out, teacher_out, targets, _hw(image_list.tensors), t.cfg.distill)
-            if teacher_out is not None
-            else {}
-        )
-        total, logs = combine(det_losses, kd_terms, t.cfg.distill, 0, 0)
-        bad = _any_process(accelerator, not bool(torch.isfinite(total.detach())))
-        accelerator.backward(total)
-        t.metrics["grad_norm"] = None
-        if bad:
-            t.optimizer.zero_grad(set_to_none=True)
-        elif accelerator.sync_gradients:
-            max_norm = t.cfg.train.grad_clip or math.inf
-            t.metrics["grad_norm"] = accelerator.clip_grad_norm_(t.module.parameters(), max_norm)
-            t.optimizer.step()
-            if not t.optimizer.step_was_skipped:
-                t.scheduler.step()
-            t.optimizer.zero_grad(set_to_none=True)
-    health.count(t, bad, t.metrics["grad_norm"], logs)
+    """One trainee's step, exactly the loop's ``train_step`` (at step 0 of epoch 0), without
+    its bookkeeping (``_after_step`` would stop the benchmark after a few skipped steps)."""
+    skipped, logs = train_step(accelerator, t, image_list, targets, teacher_out, 0, 0)
+    health.count(t, skipped, logs)
 
 
-def teacher_forward(
-    accelerator: Accelerator, teacher: nn.Module, image_list: ImageList
-) -> DenseOutputs:
-    """The frozen teacher as the loop runs it: no_grad, autocast, never prepared."""
-    with torch.no_grad(), accelerator.autocast():
-        return dense_forward(teacher, image_list)
-
-
-def build_trainee(
+def build_bench_trainee(
     accelerator: Accelerator,
     cfg: Config,
     num_classes: int,
     teacher: nn.Module | None,
     name: str,
     total_steps: int,
+    scratch: Path,
 ) -> tuple[Trainee, nn.Module | None]:
-    """A prepared trainee built as ``train_group`` builds one (seeded, shared teacher)."""
-    set_seed(cfg.train.seed)
-    module, teacher = build_models(cfg, "student", num_classes, teacher)
-    optimizer = build_optimizer(module, cfg.train)
-    module, optimizer = accelerator.prepare(module, optimizer)
-    scheduler = accelerator.prepare(build_scheduler(optimizer, cfg.train, total_steps))
-    detector = accelerator.unwrap_model(module).detector
-    module.train()
-    return Trainee(cfg, Path(name), module, optimizer, scheduler, detector, None), teacher
-
-
-def build_accelerator(cfg: Config) -> Accelerator:
-    """The accelerator ``train_group`` makes for ``cfg``."""
-    return make_accelerator(
-        cfg,
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        dataloader_config=DataLoaderConfiguration(
-            use_seedable_sampler=True, data_seed=cfg.train.seed
-        ),
-        step_scheduler_with_optimizer=False,
-    )
-
-
-def build_loader(accelerator: Accelerator, cfg: Config) -> tuple[Any, Any]:
-    """The training set and its prepared DataLoader, as ``train_group`` builds them."""
-    train_set = build_dataset(cfg.data, "train", seed=cfg.train.seed)
-    loader = DataLoader(
-        train_set,
-        batch_size=cfg.data.batch_size,
-        shuffle=True,
-        drop_last=True,
-        collate_fn=collate,
-        num_workers=cfg.data.num_workers,
-        worker_init_fn=seed_worker,
-    )
-    return train_set, accelerator.prepare(loader)
+    """A prepared trainee built as ``train_group`` builds one (seeded, shared teacher); its run
+    directory is a scratch folder and it writes no TensorBoard logs."""
+    cfg = replace(cfg, **{"output.dir": str(scratch / name)})
+    trainee, teacher = build_trainee(accelerator, cfg, "student", num_classes, total_steps, teacher)
+    if trainee.writer is not None:
+        trainee.writer.close()
+        trainee.writer = None
+    trainee.module.train()
+    return trainee, teacher
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +265,7 @@ def measure_precision(
     )
     accelerator = build_accelerator(cfg)
     device = accelerator.device
-    train_set, loader = build_loader(accelerator, cfg)
+    train_set, loader = build_train_loader(accelerator, cfg)
     num_classes = train_set.num_categories + 1
     if len(loader) < 2:
         raise ValueError(
@@ -349,11 +279,15 @@ def measure_precision(
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
     log.info("%s: building the teacher and %d students", precision, settings.sweep_k + 3)
-    trainee, teacher = build_trainee(accelerator, cfg, num_classes, teacher, "kd", total_steps)
-    kd_only, _ = build_trainee(accelerator, cfg, num_classes, teacher, "kd_only", total_steps)
-    plain, _ = build_trainee(accelerator, plain_cfg, num_classes, None, "plain", total_steps)
+    scratch = Path(tempfile.mkdtemp(prefix="bench_speed_"))
+    args = (num_classes, teacher)
+    trainee, teacher = build_bench_trainee(accelerator, cfg, *args, "kd", total_steps, scratch)
+    kd_only, _ = build_bench_trainee(accelerator, cfg, *args, "kd_only", total_steps, scratch)
+    plain, _ = build_bench_trainee(
+        accelerator, plain_cfg, num_classes, None, "plain", total_steps, scratch
+    )
     sweep = [
-        build_trainee(accelerator, cfg, num_classes, teacher, f"sweep{k}", total_steps)[0]
+        build_bench_trainee(accelerator, cfg, *args, f"sweep{k}", total_steps, scratch)[0]
         for k in range(settings.sweep_k)
     ]
     assert teacher is not None  # the config has KD terms, so build_models made a teacher
@@ -416,9 +350,9 @@ def measure_precision(
     samples = round_robin(variants, settings.iters, settings.warmup, device)
     log.info("%s: timing the data loader over %d epoch(s)", precision, settings.loader_epochs)
     loader_records = time_loader(train_set, loader, settings.loader_epochs)
+    shutil.rmtree(scratch, ignore_errors=True)
     result = summarize(samples, loader_records, settings)
-    result["nonfinite_loss_steps"] = health.nonfinite_loss
-    result["nonfinite_grad_norm_steps"] = health.nonfinite_grad_norm
+    result["skipped_steps"] = health.skipped
     result["mixed_precision"] = accelerator.mixed_precision
     result["loader_epoch_images"] = len(loader) * cfg.data.batch_size
     return result, teacher
@@ -594,9 +528,10 @@ def format_table(result: dict[str, Any]) -> str:
         values = [f"{result[p]['median_ms'][name]:.1f}" for p in precisions]
         lines.append(f"| median ms: {name} | " + " | ".join(values) + " |  |  |")
     for p in precisions:
-        for what in ("nonfinite_loss_steps", "nonfinite_grad_norm_steps"):
-            if result[p][what]:
-                lines.append(f"\n{p}: {what.replace('_', ' ')} per model: {result[p][what]}")
+        if result[p]["skipped_steps"]:
+            lines.append(
+                f"\n{p}: skipped (non-finite) steps per model: {result[p]['skipped_steps']}"
+            )
     return "\n".join(lines)
 
 

@@ -59,8 +59,8 @@ def test_ratios_from_medians() -> None:
     assert bench.goal_met("kd_step_ratio", 1.05) and not bench.goal_met("kd_step_ratio", 1.06)
     full = {
         "sweep_k": 4,
-        "fp32": {**result, "nonfinite_loss_steps": {}, "nonfinite_grad_norm_steps": {}},
-        "bf16": {**result, "nonfinite_loss_steps": {"plain": 1}, "nonfinite_grad_norm_steps": {}},
+        "fp32": {**result, "skipped_steps": {}},
+        "bf16": {**result, "skipped_steps": {"plain": 1}},
     }
     table = bench.format_table(full)
     assert table.splitlines()[0] == "| metric | fp32 | bf16 | goal | met? |"
@@ -68,7 +68,7 @@ def test_ratios_from_medians() -> None:
         "| KD step / (plain step + teacher fwd) | 1.100 | 1.100 | ≤ 1.05 | fp32 no / bf16 no |"
         in (table)
     )
-    assert "bf16: nonfinite loss steps per model: {'plain': 1}" in table
+    assert "bf16: skipped (non-finite) steps per model: {'plain': 1}" in table
 
 
 def test_quick_run_writes_the_json(tmp_path: Path) -> None:

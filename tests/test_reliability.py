@@ -35,20 +35,14 @@ from accelerate.utils import set_seed
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import distill.train
+from distill.build import build_models, build_optimizer, make_accelerator
 from distill.checkpoint import find_checkpoint, state_digest, write_text_atomic
 from distill.cli import main
 from distill.config import ConfigError, load_config
 from distill.data import build_dataset, predictions_to_coco
 from distill.dense import build_transform
 from distill.evaluate import coco_metrics, evaluate, write_json
-from distill.train import (
-    TrainingStopped,
-    _check_not_optimized,
-    build_models,
-    build_optimizer,
-    make_accelerator,
-    train,
-)
+from distill.train import TrainingStopped, _check_not_optimized, train
 from distill.weights import load_state_dict_file, save_state_dict_file
 from students import build_student
 from teachers import build_teacher

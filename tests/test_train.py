@@ -14,11 +14,11 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 
+from distill.build import build_optimizer
 from distill.cli import main
 from distill.config import load_config, replace
 from distill.data import build_dataset, collate
 from distill.dense import build_transform
-from distill.train import build_optimizer
 from distill.weights import load_state_dict_file
 from students import build_student
 from tests.conftest import REPO, smoke_overrides

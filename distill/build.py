@@ -1,0 +1,156 @@
+"""Building a training run: the Accelerator, the data loader, the models, optimizer and schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DataLoaderConfiguration
+from torch import nn
+from torch.utils.data import DataLoader
+
+from distill.config import Config, ConfigError, TrainConfig
+from distill.data import CocoDetection, build_dataset, collate, seed_worker
+from distill.dense import check_compatible
+from distill.losses import build_adapters, build_global_blocks, needs_teacher
+from distill.module import StudentModule
+from students import build_student
+from teachers import build_teacher
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    """The Accelerator of a training run."""
+    return make_accelerator(
+        cfg,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        # the shuffle order of epoch e depends only on (seed, e): resumable and equal on all ranks
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=cfg.train.seed
+        ),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def build_train_loader(accelerator: Accelerator, cfg: Config) -> tuple[CocoDetection, Any]:
+    """The training set and its prepared (sharded, seeded) DataLoader."""
+    train_set = build_dataset(cfg.data, "train", seed=cfg.train.seed)
+    loader = DataLoader(
+        train_set,
+        batch_size=cfg.data.batch_size,
+        shuffle=True,
+        drop_last=True,  # equal batches on every process and every step
+        collate_fn=collate,
+        num_workers=cfg.data.num_workers,
+        worker_init_fn=seed_worker,
+    )
+    return train_set, accelerator.prepare(loader)
+
+
+def make_accelerator(cfg: Config, **kwargs: Any) -> Accelerator:
+    """An Accelerator for this config; usable several times in one process (tests, demo, sweeps).
+
+    Without CUDA, ``cpu=True`` is what lets Accelerate run several CPU processes with gloo
+    (``accelerate launch --multi_gpu --num_processes 2`` on a CPU-only machine).
+    """
+    # Accelerate keeps one global state per process; a new run may use another precision.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=check_mixed_precision(cfg.train.mixed_precision),
+        **kwargs,
+    )
+
+
+def build_models(
+    cfg: Config, job: str, num_classes: int, teacher: nn.Module | None = None
+) -> tuple[StudentModule, nn.Module | None]:
+    """The trainable module and the frozen teacher (None when not needed; ``teacher`` is reused
+    when given). The student is built first, so its initial weights depend only on the seed."""
+    if job == "teacher":
+        return StudentModule(build_teacher(cfg, num_classes, frozen=False)), None
+    if job != "student":
+        raise ValueError(f"unknown job {job!r}: teacher | student")
+    student = build_student(cfg, num_classes)
+    if not needs_teacher(cfg.distill):
+        return StudentModule(student), teacher
+    if teacher is None:
+        # The teacher's (random) init must not consume the global RNG: the adapters built below
+        # then get the same init whether the teacher is built here or shared (lockstep sweeps).
+        with torch.random.fork_rng(devices=[]):
+            teacher = build_teacher(cfg, num_classes, frozen=True)
+    check_compatible(teacher, student)
+    feature = cfg.distill.feature
+    levels = feature.levels if feature.weight > 0 else ()
+    s_ch, t_ch = _out_channels(student), _out_channels(teacher)
+    adapters = None
+    if levels and (feature.kind == "mse" or s_ch != t_ch):
+        adapters = build_adapters(levels, s_ch, t_ch)
+    global_s = global_t = None
+    if levels and feature.kind == "fgd" and feature.fgd_lambda > 0:
+        blocks = build_global_blocks(levels, t_ch)  # {"student_p3": ..., "teacher_p3": ...}
+        global_s = nn.ModuleDict({lv: blocks[f"student_{lv}"] for lv in levels})
+        global_t = nn.ModuleDict({lv: blocks[f"teacher_{lv}"] for lv in levels})
+    return StudentModule(student, levels, adapters, global_s, global_t), teacher
+
+
+def _out_channels(model: nn.Module) -> int:
+    """FPN width of a RetinaNet (torchvision's backbones carry ``out_channels``)."""
+    backbone: Any = model.backbone
+    return int(backbone.out_channels)
+
+
+def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW; no weight decay on biases and normalisation weights (1-D parameters)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise ConfigError(f"train.optimizer: unknown optimizer {cfg.optimizer!r} (sgd | adamw)")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up over ``warmup_steps``, then cosine / step / constant, per optimizer step."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    rest = max(total_steps - warmup, 1)
+    after: torch.optim.lr_scheduler.LRScheduler
+    if cfg.schedule == "cosine":
+        after = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=rest, eta_min=cfg.lr * 0.01
+        )
+    elif cfg.schedule == "step":
+        milestones = [max(1, round(f * total_steps) - warmup) for f in cfg.step_milestones]
+        after = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=cfg.step_gamma)
+    elif cfg.schedule == "constant":
+        after = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    else:
+        raise ConfigError(
+            f"train.schedule: unknown schedule {cfg.schedule!r} (cosine | step | constant)"
+        )
+    if warmup == 0:
+        return after
+    ramp = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=0.001, end_factor=1.0, total_iters=warmup
+    )
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, after], milestones=[warmup])
+
+
+def check_mixed_precision(value: str) -> str:
+    """Accelerate's mixed-precision mode; fp16 without CUDA is an error, not a silent fallback."""
+    if value not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"train.mixed_precision: expected no | fp16 | bf16, got {value!r}")
+    if value == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.mixed_precision=fp16 needs a CUDA GPU and none is available; "
+            "use bf16 (CPUs with avx512_bf16 / AMX run it fast) or no"
+        )
+    return value

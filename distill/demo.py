@@ -115,7 +115,28 @@ def demo(
         f"{configs['student'].data.image_size} px). Runs in {out}; "
         f"`tensorboard --logdir {out}` shows the curves and detections."
     )
+    print(verdict(rows, teacher_weights))
     return {"rows": rows, "sizes": size_of, "minutes": minutes}
+
+
+def verdict(rows: dict[str, dict[str, Any]], teacher_weights: Path) -> str:
+    """One plain sentence on what the measured numbers show."""
+    teacher = rows["teacher"].get("map", float("nan"))
+    plain, kd = rows["student"]["map"], rows["student + KD"]["map"]
+    if not teacher > plain:
+        return (
+            f"\nThe teacher (mAP {teacher:.3f}) is not better than the plain student "
+            f"({plain:.3f}): a ResNet50-FPN trained from random weights for a few minutes on "
+            "2 CPU cores has not converged yet, so there is nothing to distil. Train it longer, "
+            "once, e.g. "
+            "`distill train-teacher configs/shapes/teacher.yaml` (10k steps), and rerun with "
+            f"`distill demo --teacher runs/shapes/teacher/teacher.pt` (here: {teacher_weights})."
+        )
+    gap = teacher - plain
+    return (
+        f"\nDistillation moved the student from mAP {plain:.3f} to {kd:.3f} "
+        f"({(kd - plain) / gap:+.0%} of the {gap:.3f} gap to the teacher)."
+    )
 
 
 def format_demo_table(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,7 +206,11 @@ def train_group(
             for t in trainees:
                 t.module.train()
             bar = tqdm(
-                loader, desc=f"epoch {epoch}", disable=not accelerator.is_main_process, leave=False
+                loader,
+                desc=f"epoch {epoch}",
+                disable=not accelerator.is_main_process,
+                leave=False,
+                mininterval=0.5 if sys.stderr.isatty() else 30.0,  # log files: a line per 30 s
             )
             tic = time.perf_counter()
             for images, targets in bar:
@@ -531,3 +536,4 @@ def _setup_logging(accelerator: Accelerator) -> None:
     level = logging.INFO if accelerator.is_main_process else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("distill").setLevel(level)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise

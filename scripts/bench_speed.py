@@ -528,7 +528,7 @@ def format_table(result: dict[str, Any]) -> str:
         values = [f"{result[p]['median_ms'][name]:.1f}" for p in precisions]
         lines.append(f"| median ms: {name} | " + " | ".join(values) + " |  |  |")
     for p in precisions:
-        if result[p]["skipped_steps"]:
+        if result[p].get("skipped_steps"):
             lines.append(
                 f"\n{p}: skipped (non-finite) steps per model: {result[p]['skipped_steps']}"
             )

@@ -1,0 +1,245 @@
+"""The distillation benchmark: does KD close the teacher-student gap on the shapes benchmark?
+
+    python scripts/bench_kd.py                  # trains (or reuses) the teacher, then students
+    python scripts/bench_kd.py --teacher FILE   # a teacher.pt made by `distill train-teacher`
+    python scripts/bench_kd.py --quick          # a 64 px smoke run of the whole pipeline
+
+1. the shapes dataset with a fixed dataset seed (generated if absent);
+2. the teacher: ``--teacher FILE``, or ``OUT/teacher/teacher.pt`` from an earlier run, or trained
+   now with ``configs/shapes/teacher.yaml``;
+3. for every run seed, the plain student (``configs/shapes/student.yaml``) and the distilled
+   student (``configs/shapes/distill.yaml``) on the same schedule, plus, for the first seed only,
+   one-term ablations (feature KD only, logit KD only, box KD only). The models of one seed train
+   in **lockstep** (``train_group``: one data stream, one teacher forward per batch), and each ends
+   with the weights a separate ``distill run`` gives, so grouping changes the cost, not the result;
+4. ``results/bench_kd.json`` and a markdown table: mAP (mean ± std over seeds), AP50, APs/m/l,
+   params, GFLOPs, and gap closed = (KD − plain) / (teacher − plain), from the seed means.
+
+``train_minutes`` of a model is the wall time of its lockstep group divided by the group's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill.config import Config, load_config
+from distill.data.shapes import generate_shapes
+from distill.evaluate import write_json
+from distill.summary import summarize
+from distill.train import train, train_group
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "shapes"
+METRICS = ("map", "ap50", "aps", "apm", "apl")
+ABLATIONS = {
+    "feature KD only": ["distill.logit.weight=0", "distill.box.weight=0"],
+    "logit KD only": ["distill.feature.weight=0", "distill.box.weight=0"],
+    "box KD only": ["distill.feature.weight=0", "distill.logit.weight=0"],
+}
+QUICK = [
+    "data.image_size=64",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "train.max_steps=3",
+    "train.warmup_steps=1",
+    "eval.images_logged=0",
+]
+
+log = logging.getLogger("bench_kd")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "shapes")
+    parser.add_argument("--out-dir", type=Path, default=REPO / "runs" / "bench_kd")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "bench_kd.json")
+    parser.add_argument("--teacher", type=Path, default=None, help="an existing teacher.pt")
+    parser.add_argument("--seeds", default="0,1,2", help="run seeds, comma-separated")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra overrides for every config (teacher and students)")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="tiny data and 3 steps: a smoke run")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    overrides = [f"data.root={args.data}", *(QUICK if args.quick else []), *args.overrides]
+    if not (args.data / "train.json").is_file():
+        size = 64 if args.quick else 128
+        num_train, num_val = (32, 8) if args.quick else (2000, 500)
+        generate_shapes(args.data, num_train=num_train, num_val=num_val, size=size, seed=0)
+
+    teacher_weights = args.teacher or args.out_dir / "teacher" / "teacher.pt"
+    teacher_minutes = float("nan")
+    if not teacher_weights.is_file():
+        cfg = load_config(
+            CONFIGS / "teacher.yaml", [*overrides, f"output.dir={teacher_weights.parent}"]
+        )
+        tic = time.perf_counter()
+        train(cfg, job="teacher")
+        teacher_minutes = (time.perf_counter() - tic) / 60
+    teacher_metrics = _teacher_metrics(teacher_weights, overrides)
+
+    per_model: dict[str, list[dict[str, Any]]] = {}
+    minutes: dict[str, list[float]] = {}
+    for i, seed in enumerate(seeds):
+        common = [*overrides, f"teacher.weights={teacher_weights}", f"train.seed={seed}"]
+        cfgs = {
+            "student": load_config(
+                CONFIGS / "student.yaml", [*common, _dir(args, "student", seed)]
+            ),
+            "student + KD": load_config(
+                CONFIGS / "distill.yaml", [*common, _dir(args, "distill", seed)]
+            ),
+        }
+        if i == 0:  # one-term ablations, first seed only
+            for name, extra in ABLATIONS.items():
+                slug = name.split()[0]
+                cfgs[name] = load_config(
+                    CONFIGS / "distill.yaml", [*common, *extra, _dir(args, slug, seed)]
+                )
+        group_dir = args.out_dir / f"group_seed{seed}"
+        resume = (group_dir / "checkpoints" / "last").is_file()  # an interrupted benchmark resumes
+        tic = time.perf_counter()
+        results = train_group(list(cfgs.values()), "student", group_dir, resume=resume)
+        group_minutes = (time.perf_counter() - tic) / 60
+        for name, metrics in zip(cfgs, results):
+            per_model.setdefault(name, []).append(metrics)
+            minutes.setdefault(name, []).append(group_minutes / len(cfgs))
+
+    sizes = summarize(load_config(CONFIGS / "distill.yaml", overrides))
+    models: dict[str, Any] = {
+        "teacher": {
+            **{
+                k: {"mean": teacher_metrics[k], "std": 0.0} if k == "map" else teacher_metrics[k]
+                for k in METRICS
+            },
+            "params": sizes["teacher"]["params"],
+            "gflops": sizes["teacher"]["gflops"],
+            "train_minutes": teacher_minutes,
+            "weights": str(teacher_weights),
+        }
+    }
+    for name, runs in per_model.items():
+        maps = [r["map"] for r in runs]
+        models[name] = {
+            "map": {
+                "mean": statistics.fmean(maps),
+                "std": statistics.pstdev(maps) if len(maps) > 1 else 0.0,
+            },
+            **{k: statistics.fmean(r[k] for r in runs) for k in METRICS if k != "map"},
+            "map_per_seed": maps,
+            "params": sizes["student"]["params"],
+            "gflops": sizes["student"]["gflops"],
+            "train_minutes": statistics.fmean(minutes[name]),
+        }
+    teacher_map = teacher_metrics["map"]
+    plain, kd = models["student"]["map"]["mean"], models["student + KD"]["map"]["mean"]
+    gap = teacher_map - plain
+    beats = [
+        k > p
+        for k, p in zip(models["student + KD"]["map_per_seed"], models["student"]["map_per_seed"])
+    ]
+    return {
+        "models": models,
+        "gap_closed": (kd - plain) / gap if gap > 0 else float("nan"),
+        "kd_beats_plain_every_seed": all(beats),
+        "seeds": seeds,
+        "quick": bool(args.quick),
+        "machine": {
+            "cpu": _cpu_name(),
+            "cores": torch.get_num_threads(),
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python scripts/bench_kd.py" + ("" if not argv else " " + shlex.join(argv)),
+    }
+
+
+def _dir(args: argparse.Namespace, name: str, seed: int) -> str:
+    return f"output.dir={args.out_dir / f'{name}_seed{seed}'}"
+
+
+def _teacher_metrics(weights: Path, overrides: list[str]) -> dict[str, Any]:
+    """The teacher's val metrics: its run's metrics.json, or evaluated now."""
+    metrics_file = weights.parent / "metrics.json"
+    if metrics_file.is_file():
+        return json.loads(metrics_file.read_text())
+    from distill.build import make_accelerator
+    from distill.config import replace
+    from distill.data import build_dataset
+    from distill.dense import build_transform
+    from distill.evaluate import evaluate
+    from teachers import build_teacher
+
+    cfg: Config = load_config(CONFIGS / "teacher.yaml", overrides)
+    cfg = replace(cfg, **{"teacher.weights": str(weights)})
+    accelerator = make_accelerator(cfg)
+    dataset = build_dataset(cfg.data, "val")
+    teacher = build_teacher(cfg, dataset.num_categories + 1).to(accelerator.device)
+    teacher.score_thresh = cfg.eval.score_threshold
+    transform = build_transform(cfg).to(accelerator.device)
+    return evaluate(
+        teacher, transform, dataset, accelerator, cfg.data.batch_size, cfg.data.num_workers
+    )
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Markdown: one row per model, mean ± std over seeds for mAP."""
+    lines = [
+        "| model | mAP | AP50 | APs | APm | APl | params (M) | GFLOPs | train (min) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in result["models"].items():
+        mean, std = m["map"]["mean"], m["map"]["std"]
+        cells = [f"{mean:.3f} ± {std:.3f}", *(f"{m[k]:.3f}" for k in ("ap50", "aps", "apm", "apl"))]
+        cells += [f"{m['params'] / 1e6:.2f}", f"{m['gflops']:.2f}", f"{m['train_minutes']:.1f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        f"Gap closed by the default KD recipe: {result['gap_closed']:.0%} "
+        f"(seeds {result['seeds']}; KD beats the plain student on every seed: "
+        f"{'yes' if result['kd_beats_plain_every_seed'] else 'no'})."
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    result = run(args, argv)
+    write_json(result, args.out)
+    print(format_table(result))
+    print(f"\nwrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""scripts/bench_kd.py end to end on a tiny setting (--quick)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def load_bench_kd():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("bench_kd", REPO / "scripts" / "bench_kd.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_kd"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_every_model_and_the_gap(tmp_path: Path) -> None:
+    bench = load_bench_kd()
+    out = tmp_path / "bench_kd.json"
+    args = ["--quick", "--seeds", "0,1", "--data", str(tmp_path / "data"),
+            "--out-dir", str(tmp_path / "runs"), "--out", str(out)]  # fmt: skip
+    result = bench.main(args)
+    saved = json.loads(out.read_text())
+    assert saved["seeds"] == [0, 1] and saved["quick"] is True
+    names = [
+        "teacher",
+        "student",
+        "student + KD",
+        "feature KD only",
+        "logit KD only",
+        "box KD only",
+    ]
+    assert list(saved["models"]) == names
+    for name in names:
+        model = saved["models"][name]
+        assert set(model) >= {
+            "map",
+            "ap50",
+            "aps",
+            "apm",
+            "apl",
+            "params",
+            "gflops",
+            "train_minutes",
+        }
+        assert set(model["map"]) == {"mean", "std"}
+    assert len(saved["models"]["student"]["map_per_seed"]) == 2
+    assert len(saved["models"]["box KD only"]["map_per_seed"]) == 1  # ablations: first seed only
+    assert saved["models"]["student"]["gflops"] < saved["models"]["teacher"]["gflops"]
+    table = bench.format_table(result)
+    assert "| student + KD |" in table and "Gap closed" in table
+    # a second run reuses the teacher trained by the first
+    teacher = tmp_path / "runs" / "teacher" / "teacher.pt"
+    stamp = teacher.stat().st_mtime_ns
+    bench.main([*args[:2], "0", *args[3:]])
+    assert teacher.stat().st_mtime_ns == stamp

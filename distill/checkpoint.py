@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import load
 from torch import nn
+
+from distill.files import write_text_atomic
 
 
 class CheckpointError(RuntimeError):
@@ -38,16 +39,6 @@ class Progress:
     step: int = 0  # optimizer steps taken or skipped
     nonfinite: dict[str, int] = field(default_factory=dict)  # per run dir: skipped, non-finite
     scaler_skipped: dict[str, int] = field(default_factory=dict)  # per run dir: fp16 overflow
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def save_checkpoint(

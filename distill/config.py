@@ -22,6 +22,8 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
+from distill.files import write_text_atomic
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key and the file."""
@@ -310,11 +312,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML; ``load_config(path)`` reads back the same object."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomic(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def replace(cfg: T, **changes: Any) -> T:

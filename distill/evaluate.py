@@ -28,6 +28,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from distill.config import Config, replace
 from distill.data import CocoDetection, build_dataset, collate, predictions_to_coco
 from distill.dense import build_transform, dense_forward, postprocess
+from distill.files import write_text_atomic
 
 log = logging.getLogger("distill.evaluate")
 
@@ -205,8 +206,5 @@ def eval_command(cfg: Config, models: list[tuple[str, str]], out: Path | None = 
 
 
 def write_json(payload: Any, path: Path) -> None:
-    """Atomic JSON write: a temporary name in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+    """Atomic JSON write (``write_text_atomic``)."""
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")

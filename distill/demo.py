@@ -11,7 +11,6 @@ every number printed is measured in this run (or read from the reused teacher's 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -70,6 +69,7 @@ def demo(
     teacher: Path | None = None,
 ) -> dict[str, Any]:
     from distill.data.shapes import generate_shapes
+    from distill.evaluate import run_metrics
     from distill.summary import summarize
     from distill.train import train
 
@@ -87,8 +87,7 @@ def demo(
     minutes: dict[str, float] = {}
     if teacher_weights.is_file():
         log.info("reusing the teacher in %s", teacher_weights)
-        metrics_file = teacher_weights.parent / "metrics.json"
-        rows["teacher"] = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        rows["teacher"] = run_metrics(teacher_weights) or {}
         minutes["teacher"] = float("nan")
     else:
         tic = time.perf_counter()

@@ -163,8 +163,10 @@ def format_metrics_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def eval_command(cfg: Config, models: list[tuple[str, str]], out: Path | None = None) -> None:
-    """``distill eval``: evaluate each (kind, weights file) on the validation set, side by side."""
+def evaluate_checkpoints(
+    cfg: Config, models: list[tuple[str, str]]
+) -> tuple[Accelerator, list[tuple[str, dict[str, Any]]]]:
+    """COCO metrics of each (``teacher`` | ``student``, weights file) on the validation set."""
     from distill.build import make_accelerator
     from students import build_student
     from teachers import build_teacher
@@ -193,6 +195,18 @@ def eval_command(cfg: Config, models: list[tuple[str, str]], out: Path | None = 
             cfg.data.num_workers,
         )
         rows.append((f"{kind} ({weights})", metrics))
+    return accelerator, rows
+
+
+def run_metrics(weights: Path) -> dict[str, Any] | None:
+    """The ``metrics.json`` that the run which wrote ``weights`` left beside them, if any."""
+    path = weights.parent / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def eval_command(cfg: Config, models: list[tuple[str, str]], out: Path | None = None) -> None:
+    """``distill eval``: evaluate each (kind, weights file) on the validation set, side by side."""
+    accelerator, rows = evaluate_checkpoints(cfg, models)
     if accelerator.is_main_process:
         print(format_metrics_table(rows))
         if out is not None:

@@ -176,12 +176,10 @@ def collect_rows(points: list[Point], grid: list[tuple[str, list[Any]]]) -> list
 
 def teacher_reference(cfg: Config) -> float | None:
     """The teacher's mAP from the ``metrics.json`` beside its weights (written by train-teacher)."""
-    if cfg.teacher.weights is None:
-        return None
-    metrics = Path(cfg.teacher.weights).parent / "metrics.json"
-    if not metrics.is_file():
-        return None
-    value = json.loads(metrics.read_text()).get("map")
+    from distill.evaluate import run_metrics
+
+    metrics = run_metrics(Path(cfg.teacher.weights)) if cfg.teacher.weights else None
+    value = metrics.get("map") if metrics else None
     return float(value) if value is not None else None
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import platform
 import shlex
@@ -34,9 +33,9 @@ from typing import Any
 
 import torch
 
-from distill.config import Config, load_config
+from distill.config import load_config
 from distill.data.shapes import generate_shapes
-from distill.evaluate import write_json
+from distill.evaluate import evaluate_checkpoints, run_metrics, write_json
 from distill.summary import summarize
 from distill.train import train, train_group
 
@@ -175,27 +174,12 @@ def _dir(args: argparse.Namespace, name: str, seed: int) -> str:
 
 
 def _teacher_metrics(weights: Path, overrides: list[str]) -> dict[str, Any]:
-    """The teacher's val metrics: its run's metrics.json, or evaluated now."""
-    metrics_file = weights.parent / "metrics.json"
-    if metrics_file.is_file():
-        return json.loads(metrics_file.read_text())
-    from distill.build import make_accelerator
-    from distill.config import replace
-    from distill.data import build_dataset
-    from distill.dense import build_transform
-    from distill.evaluate import evaluate
-    from teachers import build_teacher
-
-    cfg: Config = load_config(CONFIGS / "teacher.yaml", overrides)
-    cfg = replace(cfg, **{"teacher.weights": str(weights)})
-    accelerator = make_accelerator(cfg)
-    dataset = build_dataset(cfg.data, "val")
-    teacher = build_teacher(cfg, dataset.num_categories + 1).to(accelerator.device)
-    teacher.score_thresh = cfg.eval.score_threshold
-    transform = build_transform(cfg).to(accelerator.device)
-    return evaluate(
-        teacher, transform, dataset, accelerator, cfg.data.batch_size, cfg.data.num_workers
-    )
+    """The teacher's val metrics: its run's metrics.json, or evaluated now (as ``distill eval``)."""
+    metrics = run_metrics(weights)
+    if metrics is None:
+        cfg = load_config(CONFIGS / "teacher.yaml", overrides)
+        metrics = evaluate_checkpoints(cfg, [("teacher", str(weights))])[1][0][1]
+    return metrics
 
 
 def _cpu_name() -> str:

@@ -37,7 +37,6 @@ from distill.build import (
     build_optimizer,
     build_scheduler,
     build_train_loader,
-    make_accelerator,
 )
 from distill.checkpoint import (
     CheckpointError,
@@ -62,7 +61,6 @@ __all__ = [
     "NonFiniteLoss",
     "Trainee",
     "TrainingStopped",
-    "make_accelerator",
     "train",
     "train_group",
 ]

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--val", type=int, default=500, help="validation images")
     shapes.add_argument("--size", type=int, default=128, help="image side in pixels")
     shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--difficulty", default="medium", choices=["easy", "medium", "hard"])
+    shapes.add_argument("--difficulty", default="easy", choices=["easy", "medium", "hard"])
     stats = data_sub.add_parser("stats", help="print statistics of a COCO-format dataset")
     stats.add_argument("root", type=Path)
     stats.add_argument("--ann", action="append", default=None, help="annotation file(s) in ROOT")

@@ -25,6 +25,7 @@ from torchvision.models.detection import (
     retinanet_resnet50_fpn_v2,
 )
 from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.resnet import Bottleneck
 
 from distill.config import Config
 from distill.dense import build_anchor_generator
@@ -99,8 +100,13 @@ def build_teacher(cfg: Config, num_classes: int, frozen: bool = True) -> Freezab
         state, source = read_weights(backbone_weights)
         load_weights(model.backbone.body, state, source, allow_unexpected=True)  # drops fc.*
         log.info("teacher %s: backbone from %s, FPN and head random", t.arch, source)
-    elif frozen:
-        log.warning("teacher %s has random weights (teacher.weights is null)", t.arch)
+    else:
+        if t.zero_init_residual:
+            for m in model.backbone.body.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+        if frozen:
+            log.warning("teacher %s has random weights (teacher.weights is null)", t.arch)
 
     if frozen:
         return model.freeze()

@@ -259,6 +259,22 @@ def test_trainable_teacher_checkpoint_loads_into_frozen_build(coco_like_checkpoi
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
 
 
+def test_zero_init_residual_starts_blocks_as_identity(coco_like_checkpoint) -> None:
+    from torchvision.models.resnet import Bottleneck
+
+    def last_bn_scales(model: nn.Module) -> list[Tensor]:
+        return [m.bn3.weight for m in model.backbone.body.modules() if isinstance(m, Bottleneck)]
+
+    cfg = replace(CFG, **{"teacher.zero_init_residual": True})
+    scales = last_bn_scales(build_teacher(cfg, NUM_CLASSES, frozen=False))
+    assert len(scales) == 16 and all(bool((w == 0).all()) for w in scales)  # 3+4+6+3 blocks
+    assert all(bool((w == 1).all()) for w in last_bn_scales(build_teacher(CFG, NUM_CLASSES)))
+    # an init choice only: loaded weights are never overwritten
+    path, state = coco_like_checkpoint
+    loaded = build_teacher(replace(cfg, **{"teacher.weights": str(path)}), 91)
+    assert state_equal(state, loaded.state_dict())
+
+
 def test_class_count_change_keeps_every_other_weight(coco_like_checkpoint, caplog) -> None:
     path, state = coco_like_checkpoint
     cfg = replace(CFG, **{"teacher.weights": str(path)})

@@ -191,7 +191,7 @@ def test_manifest_protects_other_data(tmp_path: Path) -> None:
     out = tmp_path / "shapes"
     generate_shapes(out, num_train=3, num_val=2, size=64, seed=1)
     manifest = json.loads((out / "shapes.json").read_text())
-    assert manifest["complete"] and manifest["seed"] == 1 and manifest["difficulty"] == "medium"
+    assert manifest["complete"] and manifest["seed"] == 1 and manifest["difficulty"] == "easy"
     stamp = (out / "train.json").stat().st_mtime_ns
 
     with pytest.raises(FileExistsError, match="seed: 1 -> 2"):

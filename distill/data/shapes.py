@@ -472,7 +472,7 @@ def generate_shapes(
     num_val: int = 500,
     size: int = 128,
     seed: int = 0,
-    difficulty: str = "medium",
+    difficulty: str = "easy",
     workers: int | None = None,
 ) -> None:
     """Write the shapes benchmark to ``out`` (layout in the module docstring).

@@ -39,6 +39,7 @@ class Progress:
     step: int = 0  # optimizer steps taken or skipped
     nonfinite: dict[str, int] = field(default_factory=dict)  # per run dir: skipped, non-finite
     scaler_skipped: dict[str, int] = field(default_factory=dict)  # per run dir: fp16 overflow
+    seconds: float = 0.0  # wall time of the training loop (evaluations included), all sessions
 
 
 def save_checkpoint(

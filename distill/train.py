@@ -191,6 +191,11 @@ def train_group(
 
     # ---- loop ---------------------------------------------------------------------------
     stop = StopFlag.install()
+    loop_start, seconds_before = time.perf_counter(), progress.seconds
+
+    def clock() -> None:  # progress.seconds: training wall time, summed over resumed sessions
+        progress.seconds = seconds_before + time.perf_counter() - loop_start
+
     images_per_step = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum
     try:
         for epoch in range(progress.epoch, cfg.train.epochs):
@@ -242,6 +247,7 @@ def train_group(
                 every = cfg.train.checkpoint_every_steps
                 stop_now = _any_process(accelerator, stop.requested or progress.step == stop_after)
                 if stop_now or (every > 0 and progress.step % every == 0):
+                    clock()
                     save_checkpoint(accelerator, checkpoint_dir, progress)
                 if stop_now:
                     raise TrainingStopped(
@@ -258,6 +264,7 @@ def train_group(
                     t.metrics["eval"] = _evaluate_and_log(
                         t, accelerator, teacher, transform, val_set, progress.step
                     )
+            clock()
             save_checkpoint(accelerator, checkpoint_dir, progress)
             if _any_process(accelerator, stop.requested) and not last:
                 raise TrainingStopped(
@@ -292,6 +299,7 @@ def train_group(
                 "num_processes": accelerator.num_processes,
                 "nonfinite_skipped": progress.nonfinite.get(str(t.run_dir), 0),
                 "teacher_digest": teacher_digest,
+                "train_minutes": progress.seconds / 60,  # of the whole lockstep group
             }
             write_json({**metrics, **summary}, t.run_dir / "metrics.json")
             log.info(

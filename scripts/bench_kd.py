@@ -90,6 +90,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         train(cfg, job="teacher")
         teacher_minutes = (time.perf_counter() - tic) / 60
     teacher_metrics = _teacher_metrics(teacher_weights, overrides)
+    if teacher_minutes != teacher_minutes:  # NaN: reused, so read what its own run measured
+        teacher_minutes = _teacher_minutes(teacher_weights, teacher_metrics)
 
     per_model: dict[str, list[dict[str, Any]]] = {}
     minutes: dict[str, list[float]] = {}
@@ -180,6 +182,16 @@ def _teacher_metrics(weights: Path, overrides: list[str]) -> dict[str, Any]:
         cfg = load_config(CONFIGS / "teacher.yaml", overrides)
         metrics = evaluate_checkpoints(cfg, [("teacher", str(weights))])[1][0][1]
     return metrics
+
+
+def _teacher_minutes(weights: Path, metrics: dict[str, Any]) -> float:
+    """Training wall time of a reused teacher: its metrics.json, else its run's file times."""
+    if "train_minutes" in metrics:
+        return float(metrics["train_minutes"])
+    config = weights.parent / "config.yaml"  # written when its run started (or last resumed)
+    if config.is_file() and weights.is_file():
+        return (weights.stat().st_mtime - config.stat().st_mtime) / 60
+    return float("nan")
 
 
 def _cpu_name() -> str:

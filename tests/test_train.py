@@ -106,6 +106,7 @@ def test_resume_continues_from_last_checkpoint(shapes_root: Path, tmp_path: Path
     second = json.loads((out / "metrics.json").read_text())
     assert second["epoch"] == 2
     assert second["step"] == 2 * first["step"]
+    assert second["train_minutes"] > first["train_minutes"] > 0  # summed over both sessions
 
 
 def test_resume_from_missing_run_is_an_error(

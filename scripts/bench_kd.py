@@ -81,17 +81,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         generate_shapes(args.data, num_train=num_train, num_val=num_val, size=size, seed=0)
 
     teacher_weights = args.teacher or args.out_dir / "teacher" / "teacher.pt"
-    teacher_minutes = float("nan")
     if not teacher_weights.is_file():
         cfg = load_config(
             CONFIGS / "teacher.yaml", [*overrides, f"output.dir={teacher_weights.parent}"]
         )
-        tic = time.perf_counter()
         train(cfg, job="teacher")
-        teacher_minutes = (time.perf_counter() - tic) / 60
     teacher_metrics = _teacher_metrics(teacher_weights, overrides)
-    if teacher_minutes != teacher_minutes:  # NaN: reused, so read what its own run measured
-        teacher_minutes = _teacher_minutes(teacher_weights, teacher_metrics)
+    teacher_minutes = _teacher_minutes(teacher_weights, teacher_metrics)  # as its run measured
 
     per_model: dict[str, list[dict[str, Any]]] = {}
     minutes: dict[str, list[float]] = {}
@@ -185,7 +181,7 @@ def _teacher_metrics(weights: Path, overrides: list[str]) -> dict[str, Any]:
 
 
 def _teacher_minutes(weights: Path, metrics: dict[str, Any]) -> float:
-    """Training wall time of a reused teacher: its metrics.json, else its run's file times."""
+    """Training wall time of the teacher: its metrics.json, else (older runs) its file times."""
     if "train_minutes" in metrics:
         return float(metrics["train_minutes"])
     config = weights.parent / "config.yaml"  # written when its run started (or last resumed)

@@ -24,7 +24,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "shapes"
 
 # Budget on 2 CPU cores (bf16 autocast). Steps, not minutes, so that results are reproducible.
 DEMO_TRAIN, DEMO_VAL, DEMO_SIZE = 1000, 200, 128
-TEACHER_STEPS = 700
+TEACHER_STEPS = 600
 STUDENT_STEPS = 500
 
 log = logging.getLogger("distill.demo")

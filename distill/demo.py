@@ -89,10 +89,12 @@ def demo(
         log.info("reusing the teacher in %s", teacher_weights)
         rows["teacher"] = run_metrics(teacher_weights) or {}
         minutes["teacher"] = float("nan")
+        teacher_run = f"teacher reused from {teacher_weights}"
     else:
         tic = time.perf_counter()
         rows["teacher"] = train(configs["teacher"], job="teacher")
         minutes["teacher"] = (time.perf_counter() - tic) / 60
+        teacher_run = f"teacher {TEACHER_STEPS} steps"
     for name in ("student", "student + KD"):
         tic = time.perf_counter()
         rows[name] = train(configs[name], job="student")
@@ -109,7 +111,7 @@ def demo(
     print(table)
     print(
         f"\n{'cuda' if torch.cuda.is_available() else 'cpu'}, "
-        f"total {(time.perf_counter() - start) / 60:.1f} min; teacher {TEACHER_STEPS} steps, "
+        f"total {(time.perf_counter() - start) / 60:.1f} min; {teacher_run}, "
         f"students {STUDENT_STEPS} steps each (batch {configs['student'].data.batch_size}, "
         f"{configs['student'].data.image_size} px). Runs in {out}; "
         f"`tensorboard --logdir {out}` shows the curves and detections."

@@ -68,3 +68,10 @@ def run(specs: list[dict[str, Any]]) -> None:
 
 if __name__ == "__main__":
     run(json.loads(Path(sys.argv[1]).read_text()))
+    # Tear the gloo group down before interpreter exit: left to static destructors, a worker
+    # once aborted after all its commands had exited 0 ("terminate called without an active
+    # exception", exit -6), and the launcher then failed the whole run.
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -238,7 +238,10 @@ def train_group(
                 toc = time.perf_counter()
                 images_per_s = images_per_step / max(toc - tic, 1e-9)
                 tic = toc
-                bar.set_postfix(loss=f"{logs['loss/total']:.3f}", img_s=f"{images_per_s:.1f}")
+                # refresh=False: the bar redraws at its mininterval, not once per step (log files)
+                bar.set_postfix(
+                    loss=f"{logs['loss/total']:.3f}", img_s=f"{images_per_s:.1f}", refresh=False
+                )
                 if progress.step % cfg.train.log_every == 0 or progress.step == 1:
                     for t in trainees:
                         _log_scalars(t, progress.step, epoch, images_per_s)

@@ -56,6 +56,18 @@ QUICK = [
     "eval.images_logged=0",
 ]
 
+# The issue's goals: name -> (label, comparison, bound); "met" when value <= / >= bound.
+GOALS: dict[str, tuple[str, str, float]] = {
+    "teacher_map": ("teacher mAP", ">=", 0.50),
+    "teacher_train_minutes": ("teacher training (min)", "<=", 90.0),
+    "gflops_ratio": ("student / teacher GFLOPs", "<=", 0.2),
+    "student_train_minutes": ("student training per model in its lockstep group (min)", "<=", 10.0),
+    "teacher_minus_plain": ("teacher mAP − plain student mAP", ">=", 0.08),
+    "gap_closed": ("gap closed by KD (mean over seeds)", ">=", 0.5),
+    "kd_beats_plain_every_seed": ("KD beats the plain student on every seed (1 = yes)", ">=", 1.0),
+    "benchmark_minutes": ("benchmark wall time once the teacher exists (min)", "<=", 60.0),
+}
+
 log = logging.getLogger("bench_kd")
 
 
@@ -88,6 +100,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         train(cfg, job="teacher")
     teacher_metrics = _teacher_metrics(teacher_weights, overrides)
     teacher_minutes = _teacher_minutes(teacher_weights, teacher_metrics)  # as its run measured
+    students_start = time.perf_counter()
 
     per_model: dict[str, list[dict[str, Any]]] = {}
     minutes: dict[str, list[float]] = {}
@@ -149,10 +162,29 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         k > p
         for k, p in zip(models["student + KD"]["map_per_seed"], models["student"]["map_per_seed"])
     ]
+    gap_closed = (kd - plain) / gap if gap > 0 else float("nan")
+    benchmark_minutes = (time.perf_counter() - students_start) / 60
+    values = {
+        "teacher_map": teacher_map,
+        "teacher_train_minutes": teacher_minutes,
+        "gflops_ratio": sizes["ratio"]["gflops"],
+        "student_train_minutes": max(
+            m["train_minutes"] for name, m in models.items() if name != "teacher"
+        ),
+        "teacher_minus_plain": gap,
+        "gap_closed": gap_closed,
+        "kd_beats_plain_every_seed": float(all(beats)),
+        "benchmark_minutes": benchmark_minutes,
+    }
     return {
         "models": models,
-        "gap_closed": (kd - plain) / gap if gap > 0 else float("nan"),
+        "gap_closed": gap_closed,
         "kd_beats_plain_every_seed": all(beats),
+        "benchmark_minutes": benchmark_minutes,
+        "goals": {
+            name: {"value": value, "goal": goal_text(name), "met": goal_met(name, value)}
+            for name, value in values.items()
+        },
         "seeds": seeds,
         "quick": bool(args.quick),
         "machine": {
@@ -200,6 +232,16 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def goal_met(name: str, value: float) -> bool:
+    _, op, bound = GOALS[name]
+    return value <= bound if op == "<=" else value >= bound
+
+
+def goal_text(name: str) -> str:
+    _, op, bound = GOALS[name]
+    return f"{'≤' if op == '<=' else '≥'} {bound:g}"
+
+
 def format_table(result: dict[str, Any]) -> str:
     """Markdown: one row per model, mean ± std over seeds for mAP."""
     lines = [
@@ -217,6 +259,13 @@ def format_table(result: dict[str, Any]) -> str:
         f"(seeds {result['seeds']}; KD beats the plain student on every seed: "
         f"{'yes' if result['kd_beats_plain_every_seed'] else 'no'})."
     )
+    goals = result.get("goals", {})  # results written before the goals were recorded have none
+    if goals:
+        lines += ["", "| goal | measured | target | met? |", "|---|---:|---|---|"]
+        for name, g in goals.items():
+            label = GOALS[name][0] if name in GOALS else name
+            met = "yes" if g["met"] else "no"
+            lines.append(f"| {label} | {g['value']:.3f} | {g['goal']} | {met} |")
     return "\n".join(lines)
 
 

@@ -55,10 +55,25 @@ def test_quick_benchmark_writes_every_model_and_the_gap(tmp_path: Path) -> None:
     assert len(saved["models"]["student"]["map_per_seed"]) == 2
     assert len(saved["models"]["box KD only"]["map_per_seed"]) == 1  # ablations: first seed only
     assert saved["models"]["student"]["gflops"] < saved["models"]["teacher"]["gflops"]
+    goals = saved["goals"]
+    assert list(goals) == list(bench.GOALS)
+    assert goals["gap_closed"]["value"] == saved["gap_closed"]
+    assert goals["teacher_map"]["value"] == saved["models"]["teacher"]["map"]["mean"]
+    assert goals["benchmark_minutes"]["value"] == saved["benchmark_minutes"] > 0
+    for name, goal in goals.items():
+        assert goal["met"] == bench.goal_met(name, goal["value"])
     table = bench.format_table(result)
     assert "| student + KD |" in table and "Gap closed" in table
+    assert "| teacher mAP | " in table and "| ≥ 0.5 |" in table
     # a second run reuses the teacher trained by the first
     teacher = tmp_path / "runs" / "teacher" / "teacher.pt"
     stamp = teacher.stat().st_mtime_ns
     bench.main([*args[:2], "0", *args[3:]])
     assert teacher.stat().st_mtime_ns == stamp
+
+
+def test_goal_bounds_are_inclusive() -> None:
+    bench = load_bench_kd()
+    assert bench.goal_met("teacher_map", 0.50) and not bench.goal_met("teacher_map", 0.4999)
+    assert bench.goal_met("benchmark_minutes", 60.0) and not bench.goal_met("benchmark_minutes", 61)
+    assert bench.goal_text("gflops_ratio") == "≤ 0.2"

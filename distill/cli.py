@@ -22,6 +22,7 @@ from pathlib import Path
 from distill.checkpoint import CheckpointError
 from distill.config import ConfigError, load_config
 from distill.data.coco import DatasetError
+from distill.data.shapes import BENCHMARK_TRAIN, BENCHMARK_VAL, generate_shapes
 
 
 class UserError(Exception):
@@ -53,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     shapes = data_sub.add_parser("shapes", help="generate the built-in shapes benchmark")
     shapes.add_argument("out", type=Path)
-    shapes.add_argument("--train", type=int, default=2000, help="training images")
-    shapes.add_argument("--val", type=int, default=500, help="validation images")
+    shapes.add_argument("--train", type=int, default=BENCHMARK_TRAIN, help="training images")
+    shapes.add_argument("--val", type=int, default=BENCHMARK_VAL, help="validation images")
     shapes.add_argument("--size", type=int, default=128, help="image side in pixels")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--difficulty", default="easy", choices=["easy", "medium", "hard"])
@@ -128,8 +129,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data" and args.data_command == "shapes":
-        from distill.data.shapes import generate_shapes
-
         generate_shapes(
             args.out,
             num_train=args.train,

@@ -131,7 +131,7 @@ def verdict(rows: dict[str, dict[str, Any]], teacher_weights: Path) -> str:
             f"({plain:.3f}): a ResNet50-FPN trained from random weights for a few minutes on "
             "2 CPU cores has not converged yet, so there is nothing to distil. Train it longer, "
             "once, e.g. "
-            "`distill train-teacher configs/shapes/teacher.yaml` (6500 steps), and rerun with "
+            "`distill train-teacher configs/shapes/teacher.yaml` (5400 steps), and rerun with "
             f"`distill demo --teacher runs/shapes/teacher/teacher.pt` (here: {teacher_weights})."
         )
     gap = teacher - plain

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from distill.config import load_config
-from distill.data.shapes import generate_shapes
+from distill.data.shapes import BENCHMARK_TRAIN, BENCHMARK_VAL, generate_shapes
 from distill.evaluate import evaluate_checkpoints, run_metrics, write_json
 from distill.summary import summarize
 from distill.train import train, train_group
@@ -87,10 +87,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     overrides = [f"data.root={args.data}", *(QUICK if args.quick else []), *args.overrides]
-    if not (args.data / "train.json").is_file():
-        size = 64 if args.quick else 128
-        num_train, num_val = (32, 8) if args.quick else (2000, 500)
-        generate_shapes(args.data, num_train=num_train, num_val=num_val, size=size, seed=0)
+    # Made if absent, kept if complete; one made with other arguments is refused (FileExistsError).
+    size = 64 if args.quick else 128
+    num_train, num_val = (32, 8) if args.quick else (BENCHMARK_TRAIN, BENCHMARK_VAL)
+    generate_shapes(args.data, num_train=num_train, num_val=num_val, size=size, seed=0)
 
     teacher_weights = args.teacher or args.out_dir / "teacher" / "teacher.pt"
     if not teacher_weights.is_file():
@@ -275,7 +275,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    result = run(args, argv)
+    try:
+        result = run(args, argv)
+    except FileExistsError as err:  # --data holds another dataset: nothing is overwritten
+        sys.exit(f"bench_kd: error: {err}")
     write_json(result, args.out)
     print(format_table(result))
     print(f"\nwrote {args.out}")

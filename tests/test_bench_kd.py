@@ -22,6 +22,20 @@ def load_bench_kd():  # type: ignore[no-untyped-def]
     return module
 
 
+def test_a_dataset_made_with_other_arguments_is_refused_not_reused(tmp_path: Path) -> None:
+    from distill.data.shapes import generate_shapes
+
+    data = tmp_path / "data"
+    generate_shapes(data, num_train=3, num_val=2, size=64, seed=0)  # --quick wants 32 + 8
+    before = (data / "train.json").read_bytes()
+    bench = load_bench_kd()
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick", "--data", str(data), "--out", str(tmp_path / "b.json")])
+    assert "num_train: 3 -> 32" in str(exc.value) and str(data) in str(exc.value)
+    assert (data / "train.json").read_bytes() == before
+    assert not (tmp_path / "b.json").exists()
+
+
 @pytest.mark.slow
 def test_quick_benchmark_writes_every_model_and_the_gap(tmp_path: Path) -> None:
     bench = load_bench_kd()

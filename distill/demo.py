@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from distill.config import Config, load_config, replace
+from distill.data.shapes import BENCHMARK_TRAIN, generate_shapes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "shapes"
 
@@ -69,7 +70,6 @@ def demo(
     data_root: Path = Path("data/shapes-demo"),
     teacher: Path | None = None,
 ) -> dict[str, Any]:
-    from distill.data.shapes import generate_shapes
     from distill.evaluate import run_metrics
     from distill.summary import summarize
     from distill.train import train
@@ -126,12 +126,14 @@ def verdict(rows: dict[str, dict[str, Any]], teacher_weights: Path) -> str:
     teacher = rows["teacher"].get("map", float("nan"))
     plain, kd = rows["student"]["map"], rows["student + KD"]["map"]
     if not teacher > plain:
+        shipped = load_config(CONFIGS / "teacher.yaml")
+        steps = shipped.train.epochs * (BENCHMARK_TRAIN // shipped.data.batch_size)
         return (
             f"\nThe teacher (mAP {teacher:.3f}) is not better than the plain student "
             f"({plain:.3f}): a ResNet50-FPN trained from random weights for a few minutes on "
             "2 CPU cores has not converged yet, so there is nothing to distil. Train it longer, "
             "once, e.g. "
-            "`distill train-teacher configs/shapes/teacher.yaml` (5400 steps), and rerun with "
+            f"`distill train-teacher configs/shapes/teacher.yaml` ({steps} steps), and rerun with "
             f"`distill demo --teacher runs/shapes/teacher/teacher.pt` (here: {teacher_weights})."
         )
     gap = teacher - plain

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from distill.losses import build_adapters, build_global_blocks, needs_teacher
 from distill.module import StudentModule
 from students import build_student
 from teachers import build_teacher
+
+log = logging.getLogger("distill.build")
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -149,12 +152,40 @@ def build_scheduler(
 
 
 def check_mixed_precision(value: str) -> str:
-    """Accelerate's mixed-precision mode; fp16 without CUDA is an error, not a silent fallback."""
-    if value not in ("no", "fp16", "bf16"):
-        raise ConfigError(f"train.mixed_precision: expected no | fp16 | bf16, got {value!r}")
+    """Accelerate's mixed-precision mode for ``train.mixed_precision``.
+
+    ``auto`` is bf16 where the device computes in bf16 natively (see ``native_bf16``) and fp32
+    (``no``) elsewhere. An explicit bf16 is honoured, with a warning where it is emulated: on a
+    2-core AVX2 CPU without AVX-512 an R50-FPN teacher's training step took 42 s in bf16 against
+    1.9 s in fp32, while on an avx512_bf16 CPU bf16 made the same step 2.3x faster than fp32.
+    fp16 without CUDA is an error, not a silent fallback.
+    """
+    if value not in ("no", "fp16", "bf16", "auto"):
+        raise ConfigError(f"train.mixed_precision: expected no | fp16 | bf16 | auto, got {value!r}")
     if value == "fp16" and not torch.cuda.is_available():
         raise ConfigError(
             "train.mixed_precision=fp16 needs a CUDA GPU and none is available; "
-            "use bf16 (CPUs with avx512_bf16 / AMX run it fast) or no"
+            "use bf16 (CPUs with avx512_bf16 / AMX run it fast), auto or no"
+        )
+    if value == "auto":
+        return "bf16" if native_bf16() else "no"
+    if value == "bf16" and not native_bf16():
+        log.warning(
+            "train.mixed_precision=bf16 on a %s without native bf16: it is emulated, and a "
+            "training step can be 10-20x slower than fp32; set train.mixed_precision=auto "
+            "(bf16 only where it is native) or no",
+            "GPU" if torch.cuda.is_available() else "CPU",
         )
     return value
+
+
+def native_bf16() -> bool:
+    """Whether the device that training uses computes bf16 natively: a CUDA GPU with bf16
+    (Ampere and newer), or a CPU for which PyTorch's oneDNN has bf16 kernels (AVX-512 or AMX
+    on x86, bf16 extensions on Arm)."""
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False

@@ -32,6 +32,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from; the message names the path."""
 
 
+class TeacherMismatchError(CheckpointError):
+    """The checkpoint was trained against another frozen teacher than the one configured."""
+
+
 @dataclass
 class Progress:
     epoch: int = 0  # epoch being trained (0-based)
@@ -40,6 +44,8 @@ class Progress:
     nonfinite: dict[str, int] = field(default_factory=dict)  # per run dir: skipped, non-finite
     scaler_skipped: dict[str, int] = field(default_factory=dict)  # per run dir: fp16 overflow
     seconds: float = 0.0  # wall time of the training loop (evaluations included), all sessions
+    # state_digest of the frozen teacher ("" for none); None: a checkpoint older than this field
+    teacher_digest: str | None = None
 
 
 def save_checkpoint(
@@ -106,14 +112,25 @@ def previous_checkpoint(path: Path) -> Path | None:
     return earlier[-1] if earlier else None
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> Progress:
-    """Restore models, optimizers, schedulers and RNG state; returns where training stopped."""
+def load_checkpoint(accelerator: Accelerator, path: Path, teacher_digest: str = "") -> Progress:
+    """Restore models, optimizers, schedulers and RNG state; returns where training stopped.
+
+    teacher_digest: ``state_digest`` of this run's frozen teacher ("" for none). A checkpoint
+    made against another teacher is refused before anything is loaded.
+    """
     try:
         progress = Progress(**json.loads((path / "progress.json").read_text()))
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(
             f"cannot resume: {path / 'progress.json'} is unreadable: {err}"
         ) from None
+    made_with = progress.teacher_digest
+    if made_with is not None and made_with != teacher_digest:
+        raise TeacherMismatchError(
+            f"cannot resume: checkpoint {path} was trained against another teacher "
+            f"({_short(made_with)}; the configured teacher.weights give {_short(teacher_digest)}): "
+            "resume with the teacher it was made with, or start a new run in another output.dir"
+        )
     rng_state = path / f"random_states_{accelerator.process_index}.pkl"
     try:
         if rng_state.is_file():  # load_state ignores an unreadable RNG state without a word
@@ -124,6 +141,10 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> Progress:
             f"cannot resume: checkpoint {path} is corrupt or unsafe: {err}"
         ) from err
     return progress
+
+
+def _short(digest: str) -> str:
+    return f"sha256 {digest[:12]}" if digest else "no teacher"
 
 
 @torch.no_grad()

@@ -140,7 +140,7 @@ class TrainConfig:
     step_gamma: float = 0.1
     grad_clip: float | None = 10.0  # max gradient norm, null for none
     grad_accum: int = 1
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str = "no"  # no | fp16 | bf16 | auto (bf16 where native, else no)
     seed: int = 0
     log_every: int = 10  # steps between TensorBoard scalars
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
@@ -214,6 +214,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     key = key.strip()
     try:
         value = yaml.safe_load(text) if text.strip() else None
+        if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+            value = text.strip()  # YAML 1.1 reads no/yes/on/off as booleans: mixed_precision=no
     except yaml.YAMLError as err:
         raise ConfigError(f"override {item!r}: cannot read the value: {err}") from None
     parts = key.split(".")
@@ -295,8 +297,11 @@ def _type_name(tp: Any) -> str:
 
 
 def _type_error(key: str, value: Any, tp: Any, source: str) -> ConfigError:
+    hint = ""
+    if isinstance(value, bool) and tp is str:
+        hint = ' (YAML reads an unquoted no, yes, on or off as a boolean: quote it, "no")'
     return ConfigError(
-        f"{key} in {source}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        f"{key} in {source}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}{hint}"
     )
 
 

@@ -23,7 +23,8 @@ from distill.data.shapes import BENCHMARK_TRAIN, generate_shapes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "shapes"
 
-# Budget on 2 CPU cores (bf16 autocast). Steps, not minutes, so that results are reproducible.
+# Budget on 2 CPU cores with native bf16 (the configs' mixed_precision auto). Steps, not
+# minutes, so that results are reproducible; CPUs without native bf16 train in fp32, slower.
 DEMO_TRAIN, DEMO_VAL, DEMO_SIZE = 1000, 200, 128
 TEACHER_STEPS = 600
 STUDENT_STEPS = 500

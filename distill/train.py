@@ -41,6 +41,7 @@ from distill.build import (
 from distill.checkpoint import (
     CheckpointError,
     Progress,
+    TeacherMismatchError,
     find_checkpoint,
     load_checkpoint,
     previous_checkpoint,
@@ -162,17 +163,24 @@ def train_group(
         _check_not_optimized(teacher, trainees)
         teacher_digest = state_digest(teacher)
 
-    progress = Progress()
+    progress = Progress(teacher_digest=teacher_digest)
     if checkpoint is not None:
         try:
-            progress = load_checkpoint(accelerator, checkpoint)
+            progress = load_checkpoint(accelerator, checkpoint, teacher_digest)
         except CheckpointError as err:
             previous = previous_checkpoint(checkpoint) if fallback else None
-            if previous is None:
+            if previous is None or isinstance(err, TeacherMismatchError):
                 raise
             log.warning("%s; falling back to %s", err, previous)
             checkpoint = previous
-            progress = load_checkpoint(accelerator, checkpoint)
+            progress = load_checkpoint(accelerator, checkpoint, teacher_digest)
+        if progress.teacher_digest is None:
+            log.warning(
+                "%s records no teacher fingerprint (an older checkpoint): resuming without "
+                "checking that the teacher is the one it was trained against",
+                checkpoint,
+            )
+            progress.teacher_digest = teacher_digest
         log.info(
             "resumed from %s at epoch %d, batch %d, step %d",
             checkpoint,
@@ -290,21 +298,23 @@ def train_group(
         metrics = t.metrics.get("eval") or _evaluate_and_log(
             t, accelerator, teacher, transform, val_set, progress.step
         )
+        metrics = {
+            **metrics,
+            "job": job,
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,  # what train.mixed_precision became
+            "nonfinite_skipped": progress.nonfinite.get(str(t.run_dir), 0),
+            "teacher_digest": teacher_digest,
+            "train_minutes": progress.seconds / 60,  # of the whole lockstep group
+        }
         if accelerator.is_main_process:
             weights_name = "teacher.pt" if job == "teacher" else "student.pt"
             save_state_dict_file(
                 student_state_dict(accelerator.unwrap_model(t.module)), t.run_dir / weights_name
             )
-            summary = {
-                "job": job,
-                "step": progress.step,
-                "epoch": progress.epoch,
-                "num_processes": accelerator.num_processes,
-                "nonfinite_skipped": progress.nonfinite.get(str(t.run_dir), 0),
-                "teacher_digest": teacher_digest,
-                "train_minutes": progress.seconds / 60,  # of the whole lockstep group
-            }
-            write_json({**metrics, **summary}, t.run_dir / "metrics.json")
+            write_json(metrics, t.run_dir / "metrics.json")
             log.info(
                 "%s: mAP %.4f (AP50 %.4f); wrote %s and metrics.json",
                 t.run_dir,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import platform
 import shlex
@@ -33,7 +34,8 @@ from typing import Any
 
 import torch
 
-from distill.config import load_config
+from distill.checkpoint import CheckpointError, TeacherMismatchError, find_checkpoint
+from distill.config import Config, load_config
 from distill.data.shapes import BENCHMARK_TRAIN, BENCHMARK_VAL, generate_shapes
 from distill.evaluate import evaluate_checkpoints, run_metrics, write_json
 from distill.summary import summarize
@@ -121,13 +123,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                     CONFIGS / "distill.yaml", [*common, *extra, _dir(args, slug, seed)]
                 )
         group_dir = args.out_dir / f"group_seed{seed}"
-        resume = (group_dir / "checkpoints" / "last").is_file()  # an interrupted benchmark resumes
-        tic = time.perf_counter()
-        results = train_group(list(cfgs.values()), "student", group_dir, resume=resume)
-        group_minutes = (time.perf_counter() - tic) / 60
+        results = _train_or_resume(list(cfgs.values()), group_dir)
         for name, metrics in zip(cfgs, results):
             per_model.setdefault(name, []).append(metrics)
-            minutes.setdefault(name, []).append(group_minutes / len(cfgs))
+            # the group's training time (over all sessions, if resumed), shared by its models
+            minutes.setdefault(name, []).append(metrics["train_minutes"] / len(cfgs))
 
     sizes = summarize(load_config(CONFIGS / "distill.yaml", overrides))
     models: dict[str, Any] = {
@@ -197,6 +197,24 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python scripts/bench_kd.py" + ("" if not argv else " " + shlex.join(argv)),
     }
+
+
+def _train_or_resume(cfgs: list[Config], group_dir: Path) -> list[dict[str, Any]]:
+    """An interrupted (or finished) group resumes only if its checkpoint was made against this
+    teacher; one made against another, or too old to say, is trained again from the start."""
+    try:
+        checkpoint = find_checkpoint(group_dir)
+        made_with = json.loads((checkpoint / "progress.json").read_text()).get("teacher_digest")
+    except (CheckpointError, OSError, ValueError):
+        return train_group(cfgs, "student", group_dir)
+    if made_with is None:
+        print(f"{checkpoint} records no teacher: training {group_dir.name} again", flush=True)
+        return train_group(cfgs, "student", group_dir)
+    try:
+        return train_group(cfgs, "student", group_dir, resume=True)
+    except TeacherMismatchError as err:
+        print(f"{err}: training {group_dir.name} again", flush=True)
+        return train_group(cfgs, "student", group_dir)
 
 
 def _dir(args: argparse.Namespace, name: str, seed: int) -> str:

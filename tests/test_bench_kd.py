@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from distill.weights import load_state_dict_file, save_state_dict_file
 from tests.conftest import REPO
 
 
@@ -37,7 +38,9 @@ def test_a_dataset_made_with_other_arguments_is_refused_not_reused(tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_quick_benchmark_writes_every_model_and_the_gap(tmp_path: Path) -> None:
+def test_quick_benchmark_writes_every_model_and_the_gap(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bench = load_bench_kd()
     out = tmp_path / "bench_kd.json"
     args = ["--quick", "--seeds", "0,1", "--data", str(tmp_path / "data"),
@@ -85,8 +88,26 @@ def test_quick_benchmark_writes_every_model_and_the_gap(tmp_path: Path) -> None:
     # a second run reuses the teacher trained by the first
     teacher = tmp_path / "runs" / "teacher" / "teacher.pt"
     stamp = teacher.stat().st_mtime_ns
-    bench.main([*args[:2], "0", *args[3:]])
+    group = tmp_path / "runs" / "group_seed0"
+    progress = json.loads((group / "checkpoints" / "step_00000003" / "progress.json").read_text())
+    assert progress["teacher_digest"]  # the group records the teacher it was trained against
+    reused = bench.main([*args[:2], "0", *args[3:]])
     assert teacher.stat().st_mtime_ns == stamp
+    assert (
+        reused["models"]["student + KD"]["map_per_seed"]
+        == saved["models"]["student + KD"]["map_per_seed"][:1]
+    )  # the finished group is resumed, not trained again
+    # with another teacher the finished group is trained again, not reused
+    weights = load_state_dict_file(teacher)
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name] = weights[name] + 1.0
+    other = tmp_path / "other_teacher.pt"
+    save_state_dict_file(weights, other)
+    capsys.readouterr()
+    bench.main([*args[:2], "0", *args[3:], "--teacher", str(other)])
+    assert "trained against another teacher" in capsys.readouterr().out
+    again = json.loads((group / "checkpoints" / "step_00000003" / "progress.json").read_text())
+    assert again["teacher_digest"] not in ("", progress["teacher_digest"])
 
 
 def test_goal_bounds_are_inclusive() -> None:

@@ -90,6 +90,21 @@ def test_overrides_are_yaml_scalars_and_checked(tmp_path: Path) -> None:
         load_config(path, ["train.epochs"])
 
 
+def test_yaml_word_booleans_in_overrides_stay_words(tmp_path: Path) -> None:
+    """``--set train.mixed_precision=no`` means the string "no", as documented; a file's
+    unquoted ``no`` is a YAML boolean, and the error says to quote it."""
+    cfg = load_config(None, ["train.mixed_precision=no", "data.skip_bad_images=false"])
+    assert cfg.train.mixed_precision == "no"
+    assert cfg.data.skip_bad_images is False
+    with pytest.raises(ConfigError, match=r"data\.skip_bad_images.*expected bool.*'yes'"):
+        load_config(None, ["data.skip_bad_images=yes"])
+    path = write(tmp_path, "train: {mixed_precision: no}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "train.mixed_precision" in str(err.value) and str(path) in str(err.value)
+    assert 'quote it, "no"' in str(err.value)
+
+
 def test_yaml_round_trip(tmp_path: Path) -> None:
     cfg = load_config(None, ["distill.feature.levels=[p3, p5]", "train.grad_clip=null"])
     dump_config(cfg, tmp_path / "out" / "config.yaml")

@@ -588,6 +588,38 @@ def test_resume_from_bad_state_is_an_error_naming_the_path(
     assert not (tmp_path / "pwned").exists()  # nothing in the files was run
 
 
+def test_resume_against_another_teacher_is_refused(
+    shapes_root: Path, teacher_pt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A KD checkpoint resumed with other teacher weights: exit 2 naming the checkpoint, also
+    with --resume-fallback, and nothing written; with its own teacher it resumes."""
+    out = tmp_path / "run"
+
+    def overrides(teacher: Path) -> list[str]:
+        return [f"data.root={shapes_root}", f"output.dir={out}", f"teacher.weights={teacher}",
+                "train.epochs=1", "train.max_steps=2", "data.max_val_images=1",
+                "eval.images_logged=0"]  # fmt: skip
+
+    with pytest.raises(TrainingStopped):
+        train(load_config(SMOKE, overrides(teacher_pt)), stop_after=1)
+    weights = load_state_dict_file(teacher_pt)
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name] = weights[name] + 1.0  # one tensor changed: another teacher
+    other = tmp_path / "other_teacher.pt"
+    save_state_dict_file(weights, other)
+    checkpoint = find_checkpoint(out)
+    before = sorted(p.name for p in out.rglob("*"))
+    args = ["run", str(SMOKE), *sets(*overrides(other)), "--resume", str(out)]
+    for extra in ([], ["--resume-fallback"]):
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert str(checkpoint) in err and "another teacher" in err, err
+    after = sorted(p.name for p in out.rglob("*"))
+    assert [n for n in after if n not in before and not n.startswith("events")] == []
+    assert main(["run", str(SMOKE), *sets(*overrides(teacher_pt)), "--resume", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["step"] == 2
+
+
 @pytest.mark.parametrize("damage", ["truncated-model", "truncated-optimizer", "deleted"])
 def test_resume_fallback_uses_the_previous_whole_checkpoint(
     damage: str, reference: Path, shapes_root: Path, tmp_path: Path

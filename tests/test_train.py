@@ -4,7 +4,10 @@ torchvision's own training step, resume, mixed precision, and a real 2-process r
 from __future__ import annotations
 
 import json
+import logging
 import os
+import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +19,7 @@ from accelerate.utils import set_seed
 
 from distill.build import build_optimizer
 from distill.cli import main
-from distill.config import load_config, replace
+from distill.config import ConfigError, load_config, replace
 from distill.data import build_dataset, collate
 from distill.dense import build_transform
 from distill.weights import load_state_dict_file
@@ -132,6 +135,41 @@ def test_fp16_on_cpu_is_a_clear_error(
     assert "fp16 needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_auto_precision_is_bf16_only_where_it_is_native(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from distill import build
+
+    monkeypatch.setattr(build, "native_bf16", lambda: False)
+    assert build.check_mixed_precision("auto") == "no"
+    with caplog.at_level(logging.WARNING, logger="distill.build"):
+        assert build.check_mixed_precision("bf16") == "bf16"  # honoured, with a warning
+    assert "without native bf16" in caplog.text and "train.mixed_precision=auto" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(build, "native_bf16", lambda: True)
+    assert build.check_mixed_precision("auto") == "bf16"
+    with caplog.at_level(logging.WARNING, logger="distill.build"):
+        assert build.check_mixed_precision("bf16") == "bf16"
+        assert build.check_mixed_precision("no") == "no"
+    assert caplog.text == ""
+    with pytest.raises(ConfigError, match=re.escape("no | fp16 | bf16 | auto, got 'half'")):
+        build.check_mixed_precision("half")
+
+
+def test_native_bf16_matches_the_cpu_flags() -> None:
+    """On x86 Linux, PyTorch's oneDNN has bf16 kernels where the CPU has AVX-512 (avx512bw,
+    avx512vl, avx512dq), AMX or AVX-NE-CONVERT; without them bf16 is emulated and slow."""
+    from distill.build import native_bf16
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if torch.cuda.is_available() or platform.machine() != "x86_64" or not cpuinfo.is_file():
+        pytest.skip("checked against /proc/cpuinfo on x86-64 CPU-only hosts")
+    flags = set(next(line for line in cpuinfo.read_text().splitlines()
+                     if line.startswith("flags")).split())  # fmt: skip
+    avx512 = {"avx512bw", "avx512vl", "avx512dq"} <= flags
+    assert native_bf16() == (avx512 or bool({"amx_bf16", "avx_ne_convert"} & flags))
+
+
 def test_plain_student_step_equals_torchvision_training_step(
     shapes_root: Path, tmp_path: Path
 ) -> None:
@@ -179,6 +217,8 @@ def test_bf16_autocast_step_runs(shapes_root: Path, tmp_path: Path) -> None:
     metrics = train(cfg, job="student")
     assert metrics["num_images"] == 6
     assert torch.isfinite(torch.tensor(metrics["map"]))
+    assert metrics["mixed_precision"] == "bf16"
+    assert json.loads((out / "metrics.json").read_text())["mixed_precision"] == "bf16"
 
 
 @pytest.mark.slow

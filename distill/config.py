@@ -187,9 +187,11 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Confi
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_yaml_mapping(Path(path))
+    cfg = from_dict(Config, raw, source)  # the file alone: its errors name the file
     for item in overrides:
         _apply_override(raw, item)
-    return from_dict(Config, raw, source)
+        cfg = from_dict(Config, raw, f"--set {item}")  # an override's errors name the override
+    return cfg
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:

@@ -84,8 +84,12 @@ def test_overrides_are_yaml_scalars_and_checked(tmp_path: Path) -> None:
     assert cfg.output.dir == "runs/x y"
     with pytest.raises(ConfigError, match=r"unknown key train\.epoch .*did you mean epochs"):
         load_config(path, ["train.epoch=5"])
-    with pytest.raises(ConfigError, match=r"train\.epochs.*expected int.*'many'"):
+    with pytest.raises(
+        ConfigError, match=r"train\.epochs in --set train\.epochs=many: expected int"
+    ):
         load_config(path, ["train.epochs=many"])
+    with pytest.raises(ConfigError, match=r"train\.lr in --set train\.lr=fast: expected float"):
+        load_config(path, ["train.epochs=4", "train.lr=fast", "train.seed=1"])
     with pytest.raises(ConfigError, match=r"key\.path=value"):
         load_config(path, ["train.epochs"])
 

@@ -11,6 +11,7 @@ every number printed is measured in this run (or read from the reused teacher's 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from distill.config import Config, load_config, replace
 from distill.data.shapes import BENCHMARK_TRAIN, generate_shapes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "shapes"
+BENCH_KD = Path(__file__).resolve().parents[1] / "results" / "bench_kd.json"
 
 # Budget on 2 CPU cores with native bf16 (the configs' mixed_precision auto). Steps, not
 # minutes, so that results are reproducible; CPUs without native bf16 train in fp32, slower.
@@ -136,12 +138,33 @@ def verdict(rows: dict[str, dict[str, Any]], teacher_weights: Path) -> str:
             "once, e.g. "
             f"`distill train-teacher configs/shapes/teacher.yaml` ({steps} steps), and rerun with "
             f"`distill demo --teacher runs/shapes/teacher/teacher.pt` (here: {teacher_weights})."
+            + benchmark_sentence(BENCH_KD)
         )
     gap = teacher - plain
     return (
         f"\nDistillation moved the student from mAP {plain:.3f} to {kd:.3f} "
         f"({(kd - plain) / gap:+.0%} of the {gap:.3f} gap to the teacher)."
     )
+
+
+def benchmark_sentence(path: Path) -> str:
+    """What the long teacher schedule gave in the last full ``scripts/bench_kd.py`` run, read
+    from its committed JSON ("" when there is none)."""
+    try:
+        result = json.loads(path.read_text())
+        if result.get("quick"):
+            return ""
+        models = result["models"]
+        teacher, plain, kd = (models[k] for k in ("teacher", "student", "student + KD"))
+        return (
+            f" In the last full benchmark ({path.name}, {result['machine']['cpu']}, "
+            f"{result['date'][:10]}), a teacher trained for {teacher['train_minutes']:.0f} min "
+            f"reached mAP {teacher['map']['mean']:.3f}, and distillation moved the student from "
+            f"{plain['map']['mean']:.3f} to {kd['map']['mean']:.3f} ({result['gap_closed']:.0%} "
+            f"of the gap, mean of seeds {result['seeds']})."
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def format_demo_table(

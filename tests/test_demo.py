@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -38,7 +39,21 @@ def test_demo_end_to_end_and_teacher_reuse(
 
 def test_verdict_says_plainly_when_the_teacher_is_too_weak() -> None:
     weak = {"teacher": {"map": 0.01}, "student": {"map": 0.2}, "student + KD": {"map": 0.19}}
-    assert "not better than the plain student" in demo_module.verdict(weak, Path("t.pt"))
+    text = demo_module.verdict(weak, Path("t.pt"))
+    assert "not better than the plain student" in text
+    # and what the long schedule gave, read from the committed benchmark
+    bench = json.loads((REPO / "results" / "bench_kd.json").read_text())
+    kd = bench["models"]["student + KD"]["map"]["mean"]
+    assert f"to {kd:.3f} ({bench['gap_closed']:.0%} of the gap" in text
+
+
+def test_benchmark_sentence_is_empty_without_a_full_benchmark(tmp_path: Path) -> None:
+    assert demo_module.benchmark_sentence(tmp_path / "missing.json") == ""
+    (tmp_path / "broken.json").write_text("{")
+    assert demo_module.benchmark_sentence(tmp_path / "broken.json") == ""
+    quick = tmp_path / "quick.json"
+    quick.write_text(json.dumps({"quick": True, "models": {}}))
+    assert demo_module.benchmark_sentence(quick) == ""
     good = {"teacher": {"map": 0.6}, "student": {"map": 0.4}, "student + KD": {"map": 0.5}}
     assert "+50% of the 0.200 gap" in demo_module.verdict(good, Path("t.pt"))
 

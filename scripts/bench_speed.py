@@ -1,6 +1,7 @@
 """Speed of a distillation step, of a lockstep sweep step and of the data loader.
 
     python scripts/bench_speed.py            # 128 px, batch 8, K=4, fp32 and bf16 (minutes)
+                                             # (bf16 only where native: --precisions fp32,bf16)
     python scripts/bench_speed.py --quick    # 64 px, 2 iterations, batch 2, K=2: a smoke run
 
 Everything runs in one process through the code that training runs: ``make_accelerator``,
@@ -66,6 +67,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
+from distill.build import native_bf16
 from distill.config import Config, load_config, replace
 from distill.dense import DenseOutputs, build_transform
 from distill.train import (
@@ -98,6 +100,7 @@ GOALS: dict[str, tuple[str, float]] = {
     "sweep_speedup": (">=", 1.7),
     "loader_over_kd": (">=", 3.0),  # "several times" the KD step's images/s
 }
+NOT_NATIVE = "no native bf16 on this device; pass --precisions fp32,bf16 to time the emulation"
 BATCH_POOL = 4  # distinct batches cycled through the iterations
 
 
@@ -117,6 +120,7 @@ class Settings:
     data_images: int  # training images generated when ``data`` holds no dataset
     threads: int | None  # torch intra-op threads; None: torch's default (one per core)
     out: Path
+    precisions: tuple[str, ...] = tuple(PRECISIONS)  # keys of PRECISIONS to measure
 
 
 @dataclass
@@ -478,6 +482,11 @@ def load_average() -> list[float] | None:
         return None
 
 
+def default_precisions() -> tuple[str, ...]:
+    """fp32, and bf16 where the device computes it natively."""
+    return tuple(PRECISIONS) if native_bf16() else ("fp32",)
+
+
 def goal_met(metric: str, value: float) -> bool:
     op, bound = GOALS[metric]
     return value <= bound if op == "<=" else value >= bound
@@ -527,6 +536,8 @@ def format_table(result: dict[str, Any]) -> str:
     for name in VARIANTS:
         values = [f"{result[p]['median_ms'][name]:.1f}" for p in precisions]
         lines.append(f"| median ms: {name} | " + " | ".join(values) + " |  |  |")
+    for p, why in result.get("not_measured", {}).items():
+        lines.append(f"\n{p}: not measured ({why}).")
     for p in precisions:
         if result[p].get("skipped_steps"):
             lines.append(
@@ -555,8 +566,11 @@ def run(settings: Settings, argv: Sequence[str]) -> dict[str, Any]:
         "load_average_before": load_average(),
         "goals": {name: f"{op} {bound:g}" for name, (op, bound) in GOALS.items()},
     }
+    not_measured = [p for p in PRECISIONS if p not in settings.precisions]
+    if not_measured:
+        result["not_measured"] = {p: NOT_NATIVE for p in not_measured}
     teacher = None
-    for precision in PRECISIONS:
+    for precision in settings.precisions:
         result[precision], teacher = measure_precision(settings, precision, teacher)
         result[precision]["goals_met"] = {
             name: goal_met(name, result[precision][name]) for name in GOALS
@@ -586,6 +600,11 @@ def parse_args(argv: Sequence[str]) -> Settings:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result")
     parser.add_argument(
+        "--precisions",
+        help="comma-separated, of fp32,bf16 (default: both where the device has native bf16, "
+        "else fp32: emulated bf16 is 10-20x slower and says nothing about a real run)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="64 px, 2 iterations, batch 2, K=2: a smoke run"
     )
     args = parser.parse_args(argv)
@@ -607,7 +626,10 @@ def parse_args(argv: Sequence[str]) -> Settings:
         data_images=16 if args.quick else 400,
         threads=args.threads,
         out=args.out,
+        precisions=tuple(args.precisions.split(",")) if args.precisions else default_precisions(),
     )
+    if not settings.precisions or any(p not in PRECISIONS for p in settings.precisions):
+        parser.error(f"--precisions: a comma-separated list of {', '.join(PRECISIONS)}")
     if settings.iters < 1 or settings.warmup < 0 or settings.sweep_k < 1:
         parser.error("--iters and --sweep-k must be >= 1, --warmup >= 0")
     if settings.loader_epochs < 1 or (settings.threads is not None and settings.threads < 1):

@@ -17,6 +17,21 @@ from tests.conftest import REPO
 SCRIPT = REPO / "scripts" / "bench_speed.py"
 
 
+SAMPLES = {  # medians: transform 2, teacher 100, plain 50, student KD 60, KD 165, sweep 400
+    "transform": [2.0, 2.0, 9.0],
+    "teacher_forward": [100.0, 90.0, 300.0],
+    "plain_step": [50.0, 50.0, 51.0],
+    "student_kd_step": [60.0, 1.0, 70.0],
+    "kd_step": [165.0, 165.0, 165.0],
+    "sweep_step": [400.0, 380.0, 420.0],
+}
+LOADER = [
+    {"first_batch_ms": 200.0, "images_per_s": 480.0, "images_per_s_with_startup": 400.0},
+    {"first_batch_ms": 100.0, "images_per_s": 500.0, "images_per_s_with_startup": 420.0},
+    {"first_batch_ms": 300.0, "images_per_s": 520.0, "images_per_s_with_startup": 440.0},
+]
+
+
 def load_script() -> ModuleType:
     spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
     assert spec is not None and spec.loader is not None
@@ -29,20 +44,7 @@ def load_script() -> ModuleType:
 def test_ratios_from_medians() -> None:
     bench = load_script()
     settings = bench.parse_args(["--batch", "8", "--sweep-k", "4"])
-    samples = {  # medians: transform 2, teacher 100, plain 50, student KD 60, KD 165, sweep 400
-        "transform": [2.0, 2.0, 9.0],
-        "teacher_forward": [100.0, 90.0, 300.0],
-        "plain_step": [50.0, 50.0, 51.0],
-        "student_kd_step": [60.0, 1.0, 70.0],
-        "kd_step": [165.0, 165.0, 165.0],
-        "sweep_step": [400.0, 380.0, 420.0],
-    }
-    loader = [
-        {"first_batch_ms": 200.0, "images_per_s": 480.0, "images_per_s_with_startup": 400.0},
-        {"first_batch_ms": 100.0, "images_per_s": 500.0, "images_per_s_with_startup": 420.0},
-        {"first_batch_ms": 300.0, "images_per_s": 520.0, "images_per_s_with_startup": 440.0},
-    ]
-    result = bench.summarize(samples, loader, settings)
+    result = bench.summarize(SAMPLES, LOADER, settings)
     assert result["kd_step_ratio"] == pytest.approx(165 / (50 + 100))
     assert result["sweep_step_ratio"] == pytest.approx(400 / (2 + 100 + 4 * 60))
     assert result["sweep_speedup"] == pytest.approx(4 * 165 / 400)
@@ -74,7 +76,7 @@ def test_ratios_from_medians() -> None:
 def test_quick_run_writes_the_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     # one torch thread: the smoke run stays fast on a machine shared with other jobs
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--threads", "1"]
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--precisions", "fp32,bf16"]
     cmd += ["--data", str(tmp_path / "shapes"), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -107,3 +109,19 @@ def test_quick_run_writes_the_json(tmp_path: Path) -> None:
         }
         assert all(len(v) == 2 for v in r["samples_ms"].values())
         assert all(math.isfinite(v) and v > 0 for v in r["median_ms"].values())
+
+
+def test_bf16_is_measured_only_where_native_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load_script()
+    monkeypatch.setattr(bench, "native_bf16", lambda: False)
+    assert bench.parse_args(["--quick"]).precisions == ("fp32",)
+    assert bench.parse_args(["--precisions", "fp32,bf16"]).precisions == ("fp32", "bf16")
+    monkeypatch.setattr(bench, "native_bf16", lambda: True)
+    assert bench.parse_args(["--quick"]).precisions == ("fp32", "bf16")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--precisions", "fp16"])
+    fp32 = bench.summarize(SAMPLES, LOADER, bench.parse_args(["--batch", "8", "--sweep-k", "4"]))
+    result = {"sweep_k": 4, "fp32": fp32, "not_measured": {"bf16": bench.NOT_NATIVE}}
+    table = bench.format_table(result)
+    assert table.splitlines()[0] == "| metric | fp32 | goal | met? |"
+    assert "bf16: not measured (no native bf16 on this device" in table

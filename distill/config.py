@@ -209,15 +209,22 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
+def parse_value(text: str) -> Any:
+    """A command-line value read as YAML (``4``, ``null``, ``[p3, p4]``), except that YAML 1.1's
+    word booleans (no, yes, on, off) stay words: ``train.mixed_precision=no`` is the string."""
+    value = yaml.safe_load(text) if text.strip() else None
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text.strip()
+    return value
+
+
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.path=value")
     key, _, text = item.partition("=")
     key = key.strip()
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-        if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
-            value = text.strip()  # YAML 1.1 reads no/yes/on/off as booleans: mixed_precision=no
+        value = parse_value(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"override {item!r}: cannot read the value: {err}") from None
     parts = key.split(".")

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from distill.config import Config, ConfigError, load_config
+from distill.config import Config, ConfigError, load_config, parse_value
 
 log = logging.getLogger("distill.sweep")
 
@@ -56,7 +56,7 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
         values = []
         for part in _split_top_level(text):
             try:
-                values.append(yaml.safe_load(part))
+                values.append(parse_value(part))
             except yaml.YAMLError as err:
                 raise ConfigError(f"--grid {item!r}: cannot read value {part!r}: {err}") from None
         if key.strip() in (k for k, _ in grid):

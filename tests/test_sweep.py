@@ -29,6 +29,11 @@ def test_parse_grid_values_and_errors() -> None:
     ]
     assert is_lockstep(grid)
     assert not is_lockstep(parse_grid(["train.lr=0.1,0.2"]))
+    # word values stay words, as in --set: mixed_precision=no is the string "no"
+    assert parse_grid(["train.mixed_precision=no,auto", "data.hflip=0"])[0][1] == ["no", "auto"]
+    assert parse_grid(["data.skip_bad_images=true,false"]) == [
+        ("data.skip_bad_images", [True, False])
+    ]
     for bad in (["temperature"], ["a="], ["=1,2"]):
         with pytest.raises(ConfigError):
             parse_grid(bad)

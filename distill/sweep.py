@@ -82,6 +82,10 @@ def _split_top_level(text: str) -> list[str]:
 
 
 def _value_text(value: Any) -> str:
+    """``value`` as command-line text that ``parse_value`` reads back (no quotes where none are
+    needed: a run named ``mixed_precision=no``, not ``mixed_precision='no'``)."""
+    if isinstance(value, str) and value and parse_value(value) == value:
+        return value
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from distill.cli import main
-from distill.config import ConfigError
-from distill.sweep import is_lockstep, parse_grid
+from distill.config import ConfigError, parse_value
+from distill.sweep import _value_text, is_lockstep, parse_grid
 from distill.weights import load_state_dict_file
 from tests.conftest import REPO
 
@@ -31,6 +31,9 @@ def test_parse_grid_values_and_errors() -> None:
     assert not is_lockstep(parse_grid(["train.lr=0.1,0.2"]))
     # word values stay words, as in --set: mixed_precision=no is the string "no"
     assert parse_grid(["train.mixed_precision=no,auto", "data.hflip=0"])[0][1] == ["no", "auto"]
+    for value in ("no", "auto", "a b", "1", "true", "null", 4, 2.5, True, None, ["p3", "p4"]):
+        assert parse_value(_value_text(value)) == value  # a point's override reads back its value
+    assert _value_text("no") == "no" and _value_text("1") == "'1'"
     assert parse_grid(["data.skip_bad_images=true,false"]) == [
         ("data.skip_bad_images", [True, False])
     ]

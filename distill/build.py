@@ -1,16 +1,20 @@
-"""Building a training run: the Accelerator, the data loader, the models, optimizer and schedule."""
+"""Building a training run: the Accelerator, the data loader, the models, optimizer and schedule,
+and the prepared ``Trainee`` that the loop in ``distill.train`` steps."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
 
 from distill.config import Config, ConfigError, TrainConfig
 from distill.data import CocoDetection, build_dataset, collate, seed_worker
@@ -189,3 +193,73 @@ def native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# A model to train
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trainee:
+    """One model being trained: its config, prepared module/optimizer/scheduler and outputs."""
+
+    cfg: Config
+    run_dir: Path
+    module: nn.Module  # prepared StudentModule (DDP-wrapped under several processes)
+    optimizer: Any  # AcceleratedOptimizer
+    scheduler: Any  # AcceleratedScheduler
+    detector: nn.Module  # the unwrapped torchvision RetinaNet inside ``module``
+    writer: SummaryWriter | None
+    nonfinite_in_a_row: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    saved_buffers: list[torch.Tensor] | None = None  # BatchNorm state at the window's start
+    window_bad: bool = False  # a non-finite loss in the current accumulation window
+
+
+def build_trainee(
+    accelerator: Accelerator,
+    cfg: Config,
+    job: str,
+    num_classes: int,
+    total_steps: int,
+    teacher: nn.Module | None = None,
+) -> tuple[Trainee, nn.Module | None]:
+    """A prepared model to train (built right after ``set_seed``) and the (shared) teacher."""
+    set_seed(cfg.train.seed)
+    module, teacher = build_models(cfg, job, num_classes, teacher)
+    optimizer = build_optimizer(module, cfg.train)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    scheduler = accelerator.prepare(build_scheduler(optimizer, cfg.train, total_steps))
+    detector = accelerator.unwrap_model(module).detector
+    detector.score_thresh = cfg.eval.score_threshold
+    detector.detections_per_img = cfg.eval.detections_per_image
+    run_dir = Path(cfg.output.dir)
+    writer = SummaryWriter(str(run_dir / "tb")) if accelerator.is_main_process else None
+    return Trainee(cfg, run_dir, module, optimizer, scheduler, detector, writer), teacher
+
+
+def check_lockstep(cfgs: list[Config]) -> None:
+    """Models trained in lockstep share everything but their ``distill`` and ``output``."""
+    first = cfgs[0]
+    for other in cfgs[1:]:
+        for section in ("data", "anchors", "teacher", "student", "train", "eval"):
+            if getattr(other, section) != getattr(first, section):
+                raise ConfigError(
+                    f"lockstep training needs the same {section} section for every model "
+                    f"({first.output.dir} vs {other.output.dir}); use sequential mode"
+                )
+    dirs = [c.output.dir for c in cfgs]
+    if len(set(dirs)) != len(dirs):
+        raise ConfigError(f"two models share an output.dir: {dirs}")
+
+
+def check_not_optimized(teacher: nn.Module, trainees: list[Trainee]) -> None:
+    """The frozen teacher has no parameter in any trainee's optimizer."""
+    teacher_params = {id(p) for p in teacher.parameters()}
+    for t in trainees:
+        for group in t.optimizer.param_groups:
+            if any(id(p) in teacher_params for p in group["params"]):
+                raise RuntimeError(
+                    "a teacher parameter is in an optimizer: the teacher must stay frozen"
+                )

@@ -19,24 +19,23 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast, set_seed
+from accelerate.utils import broadcast
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 from torchvision.models.detection.image_list import ImageList
 from tqdm import tqdm
 
 from distill.build import (
+    Trainee,
     build_accelerator,
-    build_models,
-    build_optimizer,
-    build_scheduler,
     build_train_loader,
+    build_trainee,
+    check_lockstep,
+    check_not_optimized,
 )
 from distill.checkpoint import (
     CheckpointError,
@@ -48,7 +47,7 @@ from distill.checkpoint import (
     save_checkpoint,
     state_digest,
 )
-from distill.config import Config, ConfigError, dump_config, replace
+from distill.config import Config, dump_config, replace
 from distill.data import CocoDetection, build_dataset
 from distill.dense import DenseOutputs, build_transform, dense_forward, detection_loss
 from distill.evaluate import evaluate, write_json
@@ -60,7 +59,6 @@ from distill.weights import save_state_dict_file
 
 __all__ = [
     "NonFiniteLoss",
-    "Trainee",
     "TrainingStopped",
     "train",
     "train_group",
@@ -75,23 +73,6 @@ class TrainingStopped(Exception):
 
 class NonFiniteLoss(RuntimeError):
     """Too many non-finite losses in a row."""
-
-
-@dataclass
-class Trainee:
-    """One model being trained: its config, prepared module/optimizer/scheduler and outputs."""
-
-    cfg: Config
-    run_dir: Path
-    module: nn.Module  # prepared StudentModule (DDP-wrapped under several processes)
-    optimizer: Any  # AcceleratedOptimizer
-    scheduler: Any  # AcceleratedScheduler
-    detector: nn.Module  # the unwrapped torchvision RetinaNet inside ``module``
-    writer: SummaryWriter | None
-    nonfinite_in_a_row: int = 0
-    metrics: dict[str, Any] = field(default_factory=dict)
-    saved_buffers: list[torch.Tensor] | None = None  # BatchNorm state at the window's start
-    window_bad: bool = False  # a non-finite loss in the current accumulation window
 
 
 def train(
@@ -134,7 +115,7 @@ def train_group(
     built right after ``set_seed(seed)``, so it starts from the weights a separate run has.
     """
     cfg = cfgs[0]
-    _check_lockstep(cfgs)
+    check_lockstep(cfgs)
     checkpoint = find_checkpoint(checkpoint_dir, fallback) if resume else None  # fail early
     accelerator = build_accelerator(cfg)
     _setup_logging(accelerator)
@@ -160,7 +141,7 @@ def train_group(
     teacher_digest = ""
     if teacher is not None:
         teacher.to(accelerator.device)  # frozen: not prepared, not in an optimizer, not in DDP
-        _check_not_optimized(teacher, trainees)
+        check_not_optimized(teacher, trainees)
         teacher_digest = state_digest(teacher)
 
     progress = Progress(teacher_digest=teacher_digest)
@@ -393,57 +374,6 @@ def train_step(
             t.optimizer.zero_grad(set_to_none=True)
             t.saved_buffers, t.window_bad = None, False
     return skipped, logs
-
-
-# ---------------------------------------------------------------------------------------------
-# Building
-# ---------------------------------------------------------------------------------------------
-
-
-def build_trainee(
-    accelerator: Accelerator,
-    cfg: Config,
-    job: str,
-    num_classes: int,
-    total_steps: int,
-    teacher: nn.Module | None = None,
-) -> tuple[Trainee, nn.Module | None]:
-    """A prepared model to train (built right after ``set_seed``) and the (shared) teacher."""
-    set_seed(cfg.train.seed)
-    module, teacher = build_models(cfg, job, num_classes, teacher)
-    optimizer = build_optimizer(module, cfg.train)
-    module, optimizer = accelerator.prepare(module, optimizer)
-    scheduler = accelerator.prepare(build_scheduler(optimizer, cfg.train, total_steps))
-    detector = accelerator.unwrap_model(module).detector
-    detector.score_thresh = cfg.eval.score_threshold
-    detector.detections_per_img = cfg.eval.detections_per_image
-    run_dir = Path(cfg.output.dir)
-    writer = SummaryWriter(str(run_dir / "tb")) if accelerator.is_main_process else None
-    return Trainee(cfg, run_dir, module, optimizer, scheduler, detector, writer), teacher
-
-
-def _check_lockstep(cfgs: list[Config]) -> None:
-    first = cfgs[0]
-    for other in cfgs[1:]:
-        for section in ("data", "anchors", "teacher", "student", "train", "eval"):
-            if getattr(other, section) != getattr(first, section):
-                raise ConfigError(
-                    f"lockstep training needs the same {section} section for every model "
-                    f"({first.output.dir} vs {other.output.dir}); use sequential mode"
-                )
-    dirs = [c.output.dir for c in cfgs]
-    if len(set(dirs)) != len(dirs):
-        raise ConfigError(f"two models share an output.dir: {dirs}")
-
-
-def _check_not_optimized(teacher: nn.Module, trainees: list[Trainee]) -> None:
-    teacher_params = {id(p) for p in teacher.parameters()}
-    for t in trainees:
-        for group in t.optimizer.param_groups:
-            if any(id(p) in teacher_params for p in group["params"]):
-                raise RuntimeError(
-                    "a teacher parameter is in an optimizer: the teacher must stay frozen"
-                )
 
 
 # ---------------------------------------------------------------------------------------------

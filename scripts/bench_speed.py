@@ -67,17 +67,16 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
-from distill.build import native_bf16
-from distill.config import Config, load_config, replace
-from distill.dense import DenseOutputs, build_transform
-from distill.train import (
+from distill.build import (
     Trainee,
     build_accelerator,
     build_train_loader,
     build_trainee,
-    teacher_forward,
-    train_step,
+    native_bf16,
 )
+from distill.config import Config, load_config, replace
+from distill.dense import DenseOutputs, build_transform
+from distill.train import teacher_forward, train_step
 
 log = logging.getLogger("bench_speed")
 

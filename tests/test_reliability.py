@@ -35,14 +35,14 @@ from accelerate.utils import set_seed
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import distill.train
-from distill.build import build_models, build_optimizer, make_accelerator
+from distill.build import build_models, build_optimizer, check_not_optimized, make_accelerator
 from distill.checkpoint import find_checkpoint, state_digest, write_text_atomic
 from distill.cli import main
 from distill.config import ConfigError, load_config
 from distill.data import build_dataset, predictions_to_coco
 from distill.dense import build_transform
 from distill.evaluate import coco_metrics, evaluate, write_json
-from distill.train import TrainingStopped, _check_not_optimized, train
+from distill.train import TrainingStopped, train
 from distill.weights import load_state_dict_file, save_state_dict_file
 from students import build_student
 from teachers import build_teacher
@@ -822,10 +822,10 @@ def test_teacher_is_outside_the_optimizer_and_stays_in_eval_mode(shapes_root: Pa
     assert not any(m.training for m in teacher.modules())
     assert not any(p.requires_grad for p in teacher.parameters())
     assert len(module.global_t) > 0  # FGD's blocks on teacher features are the student's
-    _check_not_optimized(teacher, [SimpleNamespace(optimizer=optimizer)])  # type: ignore[list-item]
+    check_not_optimized(teacher, [SimpleNamespace(optimizer=optimizer)])  # type: ignore[list-item]
     optimizer.add_param_group({"params": [next(teacher.parameters())]})
     with pytest.raises(RuntimeError, match="teacher parameter is in an optimizer"):
-        _check_not_optimized(teacher, [SimpleNamespace(optimizer=optimizer)])  # type: ignore[list-item]
+        check_not_optimized(teacher, [SimpleNamespace(optimizer=optimizer)])  # type: ignore[list-item]
 
 
 def test_run_raises_if_the_teacher_changes(

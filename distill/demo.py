@@ -22,8 +22,9 @@ import torch
 from distill.config import Config, load_config, replace
 from distill.data.shapes import BENCHMARK_TRAIN, generate_shapes
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "shapes"
-BENCH_KD = Path(__file__).resolve().parents[1] / "results" / "bench_kd.json"
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "shapes"
+BENCH_KD = REPO / "results" / "bench_kd.json"
 
 # Budget on 2 CPU cores with native bf16 (the configs' mixed_precision auto). Steps, not
 # minutes, so that results are reproducible; CPUs without native bf16 train in fp32, slower.

@@ -6,7 +6,7 @@
     distill run CONFIG [--set key=value ...] [--resume RUN_DIR]
     distill eval CONFIG --weights FILE [--model student|teacher] [--out FILE]
     distill summary CONFIG [--json]
-    distill demo [--out DIR --data DIR --teacher FILE]
+    distill demo [--out DIR --data DIR --teacher FILE --minutes M]
 
 Each sub-command is a thin layer over a library function; errors a user can fix (a missing
 file, a bad config key) are printed as one line and exit with status 2.
@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--data", type=Path, default=Path("data/shapes-demo"))
     demo.add_argument("--teacher", type=Path, default=None, help="reuse this teacher.pt")
+    demo.add_argument(
+        "--minutes",
+        type=float,
+        default=15.0,
+        help="time budget: the schedule shrinks to fit it on this machine (0: the reference "
+        "schedule, 600 teacher and 500 student steps)",
+    )
     return parser
 
 
@@ -190,7 +197,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from distill.demo import demo
 
-        demo(out=args.out, data_root=args.data, teacher=args.teacher)
+        demo(out=args.out, data_root=args.data, teacher=args.teacher, minutes=args.minutes)
         return 0
     raise AssertionError(args)
 

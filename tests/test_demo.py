@@ -20,8 +20,12 @@ def test_demo_end_to_end_and_teacher_reuse(
                         "STUDENT_STEPS": 2}.items():  # fmt: skip
         monkeypatch.setattr(demo_module, name, value)
     out, data = tmp_path / "runs", tmp_path / "data"
-    result = demo_module.demo(out=out, data_root=data)
+    result = demo_module.demo(out=out, data_root=data)  # 15-minute budget: probes, then fits
     assert list(result["rows"]) == ["teacher", "student", "student + KD"]
+    plan = result["plan"]
+    assert set(plan["seconds"]) == {"teacher", "student", "student + KD"}
+    assert all(s > 0 for s in plan["seconds"].values())
+    assert plan["scale"] == 1.0 and plan["steps"]["teacher"] == 2  # a tiny schedule fits
     printed = capsys.readouterr().out
     for row in ("| teacher |", "| student |", "| student + KD |"):
         assert row in printed
@@ -32,9 +36,56 @@ def test_demo_end_to_end_and_teacher_reuse(
     assert "Distillation moved" in printed or "not better than the plain student" in printed
 
     # a second demo reuses the trained teacher instead of training it again
-    again = demo_module.demo(out=out, data_root=data)
+    again = demo_module.demo(out=out, data_root=data, minutes=0)  # 0: no probe
     assert math.isnan(again["minutes"]["teacher"])
+    assert again["plan"]["seconds"] == {}
     assert again["rows"]["teacher"]["map"] == result["rows"]["teacher"]["map"]
+
+
+def test_the_schedule_shrinks_by_one_factor_to_fit_the_budget() -> None:
+    # seconds per step measured by the probe on a 2-core AVX2-only CPU (fp32): 43.5 min
+    seconds = {"teacher": 2.8, "student": 0.53, "student + KD": 1.33}
+    plan = demo_module.plan_steps(seconds, minutes=15)
+    reference = demo_module.reference_steps()
+    assert 0.25 < plan["scale"] < 0.3
+    for name, steps in plan["steps"].items():
+        assert steps == round(reference[name] * plan["scale"])
+    trained = sum(plan["steps"][n] * s for n, s in seconds.items())
+    rounding = 0.5 * sum(seconds.values())  # each count is rounded to a whole step
+    assert trained <= 15 * 60 * demo_module.TRAIN_SHARE + rounding
+    text = demo_module.describe_plan(plan, 15)
+    assert "would train for 44 min" in text and "--minutes 0" in text
+
+    # a reused teacher: only the students train, so their schedule shrinks less
+    students = {"student": 0.53, "student + KD": 1.33}
+    assert 0.7 < demo_module.plan_steps(students, minutes=15)["scale"] < 0.8
+    assert demo_module.plan_steps({"student": 0.2}, minutes=15)["steps"] == reference
+    # never longer than the reference, never shorter than MIN_STEPS
+    assert demo_module.plan_steps({"teacher": 1e-3}, minutes=15)["steps"] == reference
+    tiny = demo_module.plan_steps(seconds, minutes=0.5)["steps"]
+    assert min(tiny.values()) == demo_module.MIN_STEPS
+
+
+def test_demo_configs_carry_the_planned_schedule(tmp_path: Path) -> None:
+    steps = {"teacher": 300, "student": 100, "student + KD": 100}
+    out, data, teacher = tmp_path / "out", tmp_path / "data", tmp_path / "t.pt"
+    configs = demo_module.demo_configs(out, data, teacher, steps)
+    assert configs["teacher"].train.max_steps == 300
+    assert configs["teacher"].train.warmup_steps == 50  # half the schedule, half the warm-up
+    for name in ("student", "student + KD"):
+        assert configs[name].train.max_steps == 100
+        assert configs[name].train.warmup_steps == 20
+        assert configs[name].teacher.weights == str(teacher)
+    reference = demo_module.demo_configs(out, data, teacher)
+    assert reference["teacher"].train.max_steps == demo_module.TEACHER_STEPS
+    assert reference["student"].train.warmup_steps == demo_module.WARMUP_STEPS
+
+
+def test_demo_minutes_on_the_command_line() -> None:
+    from distill.cli import build_parser
+
+    assert build_parser().parse_args(["demo"]).minutes == demo_module.MINUTES
+    assert build_parser().parse_args(["demo", "--minutes", "0"]).minutes == 0
 
 
 def test_verdict_says_plainly_when_the_teacher_is_too_weak() -> None:
@@ -55,7 +106,9 @@ def test_benchmark_sentence_is_empty_without_a_full_benchmark(tmp_path: Path) ->
     quick.write_text(json.dumps({"quick": True, "models": {}}))
     assert demo_module.benchmark_sentence(quick) == ""
     good = {"teacher": {"map": 0.6}, "student": {"map": 0.4}, "student + KD": {"map": 0.5}}
-    assert "+50% of the 0.200 gap" in demo_module.verdict(good, Path("t.pt"))
+    text = demo_module.verdict(good, Path("t.pt"))
+    assert "+50% of the 0.200 gap" in text
+    assert "In the last full benchmark" in text  # minutes-long models are put in context
 
 
 def test_readme_tables_are_generated_from_results() -> None:

@@ -32,8 +32,20 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from; the message names the path."""
 
 
-class TeacherMismatchError(CheckpointError):
+class RunExistsError(CheckpointError):
+    """A fresh start would overwrite a run that is already there."""
+
+
+class MismatchError(CheckpointError):
+    """The checkpoint is whole but belongs to other training: no fallback applies."""
+
+
+class TeacherMismatchError(MismatchError):
     """The checkpoint was trained against another frozen teacher than the one configured."""
+
+
+class ModelsMismatchError(MismatchError):
+    """The checkpoint holds another set of models (another run, sweep or grid)."""
 
 
 @dataclass
@@ -46,6 +58,9 @@ class Progress:
     seconds: float = 0.0  # wall time of the training loop (evaluations included), all sessions
     # state_digest of the frozen teacher ("" for none); None: a checkpoint older than this field
     teacher_digest: str | None = None
+    # the models trained together: their run dirs relative to the checkpointing dir ("." for a
+    # single run, the point names of a lockstep sweep); None: a checkpoint older than this field
+    models: list[str] | None = None
 
 
 def save_checkpoint(
@@ -91,7 +106,8 @@ def find_checkpoint(run_dir: Path, fallback: bool = False) -> Path:
     """
     pointer = run_dir / "checkpoints" / "last"
     if not run_dir.is_dir():
-        raise CheckpointError(f"cannot resume: run directory {run_dir} does not exist")
+        problem = "is not a directory" if run_dir.exists() else "does not exist"
+        raise CheckpointError(f"cannot resume: run directory {run_dir} {problem}")
     problem = ""
     if not pointer.is_file():
         problem = f"cannot resume: {pointer} not found (no complete checkpoint in {run_dir})"
@@ -106,24 +122,63 @@ def find_checkpoint(run_dir: Path, fallback: bool = False) -> Path:
     raise CheckpointError(problem)
 
 
+RUN_OUTPUTS = ("checkpoints/last", "metrics.json", "student.pt", "teacher.pt")
+
+
+def check_fresh(run_dir: Path) -> None:
+    """A fresh start must not overwrite a run already in ``run_dir`` (its checkpoints, weights
+    or metrics): an error says how to continue it or where else to train."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunExistsError(f"output.dir {run_dir} is a file, not a directory")
+    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if found:
+        raise RunExistsError(
+            f"{run_dir} already holds a run ({', '.join(found)}): continue it with --resume "
+            f"{run_dir}, train into another output.dir (--set output.dir=...), or remove {run_dir}"
+            " first"
+        )
+
+
 def previous_checkpoint(path: Path) -> Path | None:
     """The whole checkpoint before ``path`` (for ``--resume-fallback``), if there is one."""
     earlier = [p for p in _complete(path.parent) if p.name < path.name]
     return earlier[-1] if earlier else None
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, teacher_digest: str = "") -> Progress:
-    """Restore models, optimizers, schedulers and RNG state; returns where training stopped.
-
-    teacher_digest: ``state_digest`` of this run's frozen teacher ("" for none). A checkpoint
-    made against another teacher is refused before anything is loaded.
-    """
+def read_progress(path: Path) -> Progress:
+    """The ``progress.json`` of checkpoint ``path``, or an error naming it."""
     try:
-        progress = Progress(**json.loads((path / "progress.json").read_text()))
+        return Progress(**json.loads((path / "progress.json").read_text()))
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(
             f"cannot resume: {path / 'progress.json'} is unreadable: {err}"
         ) from None
+
+
+def check_models(path: Path, progress: Progress, models: list[str]) -> None:
+    """The checkpoint holds the models being resumed (``Progress.models``), or an error."""
+    if progress.models is not None and progress.models != models:
+        raise ModelsMismatchError(
+            f"cannot resume: checkpoint {path} was saved for the models {progress.models}, not "
+            f"{models} (another run or sweep, or a sweep with another grid, wrote it there): use "
+            f"another output.dir, or remove {path.parent} to start these models anew (models "
+            "that finished keep their weights and metrics.json)"
+        )
+
+
+def load_checkpoint(
+    accelerator: Accelerator,
+    path: Path,
+    teacher_digest: str = "",
+    models: list[str] | None = None,
+) -> Progress:
+    """Restore models, optimizers, schedulers and RNG state; returns where training stopped.
+
+    teacher_digest: ``state_digest`` of this run's frozen teacher ("" for none).
+    models: the run's ``Progress.models``. A checkpoint made against another teacher or for
+    other models is refused before anything is loaded.
+    """
+    progress = read_progress(path)
     made_with = progress.teacher_digest
     if made_with is not None and made_with != teacher_digest:
         raise TeacherMismatchError(
@@ -131,6 +186,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path, teacher_digest: str = 
             f"({_short(made_with)}; the configured teacher.weights give {_short(teacher_digest)}): "
             "resume with the teacher it was made with, or start a new run in another output.dir"
         )
+    if models is not None:
+        check_models(path, progress, models)
     rng_state = path / f"random_states_{accelerator.process_index}.pkl"
     try:
         if rng_state.is_file():  # load_state ignores an unreadable RNG state without a word

@@ -110,9 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _last_line(err: Exception) -> str:
+    """The message; for an error raised in a DataLoader worker, without the worker's traceback
+    (torch puts it in the message): its last line, the error itself."""
+    text = str(err)
+    return text.rstrip().splitlines()[-1] if "Original Traceback" in text else text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from distill.train import NonFiniteLoss, TrainingStopped
+    from distill.weights import WeightsError
 
     try:
         return _dispatch(args)
@@ -121,10 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         UserError,
         DatasetError,
         CheckpointError,
+        WeightsError,
         FileNotFoundError,
         FileExistsError,
     ) as err:
-        print(f"distill: error: {err}", file=sys.stderr)
+        print(f"distill: error: {_last_line(err)}", file=sys.stderr)
         return 2
     except TrainingStopped as err:  # a signal: the state is saved, --resume continues
         print(f"distill: {err}", file=sys.stderr)
@@ -197,6 +206,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from distill.demo import demo
 
+        if args.teacher is not None and not args.teacher.is_file():
+            raise UserError(f"--teacher {args.teacher}: no such file (a teacher.pt to reuse)")
+        if not args.minutes >= 0:  # also NaN
+            raise UserError(f"--minutes {args.minutes}: give a budget >= 0 (0: no budget)")
         demo(out=args.out, data_root=args.data, teacher=args.teacher, minutes=args.minutes)
         return 0
     raise AssertionError(args)

@@ -188,10 +188,81 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Confi
     if path is not None:
         raw = read_yaml_mapping(Path(path))
     cfg = from_dict(Config, raw, source)  # the file alone: its errors name the file
+    check_values(cfg, source)
     for item in overrides:
         _apply_override(raw, item)
         cfg = from_dict(Config, raw, f"--set {item}")  # an override's errors name the override
+        check_values(cfg, f"--set {item}")
     return cfg
+
+
+LEVEL_NAMES = ("p3", "p4", "p5", "p6", "p7")  # the FPN levels of every model here
+
+
+# Values that must be positive, or at least zero (a type check cannot tell).
+POSITIVE = (
+    "data.image_size", "data.batch_size", "train.lr", "train.grad_accum", "train.log_every",
+    "train.max_nonfinite", "distill.logit.temperature", "distill.feature.tau",
+    "eval.detections_per_image", "eval.batch_size", "student.fpn_channels",
+    "student.head_channels", "student.head_convs", "data.max_train_images", "data.max_val_images",
+)  # fmt: skip
+NON_NEGATIVE = (
+    "data.num_workers", "train.epochs",
+    "train.max_steps", "train.warmup_steps", "train.weight_decay", "train.momentum",
+    "train.checkpoint_every_steps", "train.seed", "eval.every_epochs", "eval.images_logged",
+    "distill.warmup_steps", "distill.feature.weight", "distill.logit.weight", "distill.box.weight",
+)  # fmt: skip
+
+
+def choices() -> dict[str, tuple[Any, ...]]:
+    """The names a key accepts, from the registries that use them (imported here, late: they
+    import this module)."""
+    from distill.losses.combine import ANCHOR_WEIGHTINGS
+    from distill.losses.features import FEATURE_KINDS
+    from distill.losses.logits import BOX_KINDS, LOGIT_KINDS
+    from students import STUDENTS
+    from students.parts import NORMS
+    from teachers import HEAD_NORMS, TEACHERS
+
+    return {
+        "teacher.arch": tuple(TEACHERS),
+        "teacher.head_norm": (None, *HEAD_NORMS),
+        "student.arch": tuple(STUDENTS),
+        "student.norm": tuple(NORMS),
+        "distill.feature.kind": FEATURE_KINDS,
+        "distill.logit.kind": LOGIT_KINDS,
+        "distill.logit.anchor_weighting": ANCHOR_WEIGHTINGS,
+        "distill.box.kind": BOX_KINDS,
+        "train.optimizer": ("sgd", "adamw"),
+        "train.schedule": ("cosine", "step", "constant"),
+    }
+
+
+def check_values(cfg: Config, source: str) -> None:
+    """Names and ranges that types alone do not check; errors name the key and the source."""
+    flat = flatten(cfg)
+    for key, allowed in choices().items():
+        if flat[key] not in allowed:
+            names = " | ".join("null" if a is None else str(a) for a in allowed)
+            raise ConfigError(f"{key} in {source}: {flat[key]!r} is not one of {names}")
+    for keys, low, words in ((POSITIVE, False, "> 0"), (NON_NEGATIVE, True, ">= 0")):
+        for key in keys:
+            value = flat[key]
+            if value is not None and not (value >= 0 if low else value > 0):
+                raise ConfigError(f"{key} in {source}: {value!r} must be {words}")
+    if not 0 <= cfg.data.hflip <= 1:  # also NaN
+        raise ConfigError(f"data.hflip in {source}: {cfg.data.hflip!r} must be between 0 and 1")
+    levels = cfg.distill.feature.levels
+    if not levels or any(level not in LEVEL_NAMES for level in levels):
+        raise ConfigError(
+            f"distill.feature.levels in {source}: {list(levels)} must be a non-empty list of "
+            f"{', '.join(LEVEL_NAMES)}"
+        )
+    if len(cfg.anchors.sizes) != len(LEVEL_NAMES):
+        raise ConfigError(
+            f"anchors.sizes in {source}: one base size per level {', '.join(LEVEL_NAMES)}, "
+            f"got {list(cfg.anchors.sizes)}"
+        )
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
@@ -202,6 +273,8 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:  # includes Python tags, which safe_load refuses
         raise ConfigError(f"cannot parse {path}: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"cannot read {path}: not a text (UTF-8) file ({err.reason})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -325,6 +398,53 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         return value
 
     return plain(dataclasses.asdict(cfg))
+
+
+# What a resumed run may change: where things are, how it is logged or evaluated, and how long
+# it trains (a finished run resumed with more epochs goes on), not what it trains. Keys ending
+# in "." cover a section.
+RESUME_MAY_CHANGE = (
+    "output.", "eval.", "data.root", "data.train", "data.val", "data.images", "data.val_images",
+    "data.num_workers", "teacher.weights", "teacher.backbone_weights", "student.weights",
+    "student.backbone_weights", "train.epochs", "train.max_steps", "train.log_every",
+    "train.checkpoint_every_steps", "train.max_nonfinite", "train.trace_batches",
+)  # fmt: skip
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """``{"train.lr": 0.01, ...}``: every leaf of a config under its dotted key."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                walk(f"{prefix}{key}.", sub)
+        else:
+            flat[prefix[:-1]] = value
+
+    walk("", to_dict(cfg))
+    return flat
+
+
+def check_resume_config(cfg: Config, run_dir: Path) -> None:
+    """A resumed run trains with the config it started with (its ``config.yaml``): same
+    model, data and schedule, so that it does not silently change course halfway."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    before, now = flatten(load_config(saved)), flatten(cfg)
+    changed = [
+        f"{key}: {before.get(key)!r} -> {now.get(key)!r}"
+        for key in sorted(before.keys() | now.keys())
+        if before.get(key) != now.get(key) and not key.startswith(RESUME_MAY_CHANGE)
+    ]
+    if changed:
+        raise ConfigError(
+            f"cannot resume {run_dir}: the config differs from the one the run started with "
+            f"({saved}) in {'; '.join(changed)}. Resume with the config and --set overrides it "
+            f"started with (all of them are in {saved}; for a single run, pass that file as the "
+            "CONFIG)"
+        )
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -43,6 +43,7 @@ TRAIN_SHARE = 0.8  # of the budget for training steps; the rest: evaluation, mod
 MIN_STEPS = 20
 
 log = logging.getLogger("distill.demo")
+AGAIN = "run distill demo again (a finished teacher is reused)"  # after a stop
 
 
 def reference_steps() -> dict[str, int]:
@@ -128,12 +129,14 @@ def demo(
         teacher_run = f"teacher reused from {teacher_weights}"
     else:
         tic = time.perf_counter()
-        rows["teacher"] = train(configs["teacher"], job="teacher")
+        rows["teacher"] = train(
+            configs["teacher"], job="teacher", overwrite=True, resume_hint=AGAIN
+        )
         spent["teacher"] = (time.perf_counter() - tic) / 60
         teacher_run = f"teacher {steps['teacher']} steps"
     for name in ("student", "student + KD"):
         tic = time.perf_counter()
-        rows[name] = train(configs[name], job="student")
+        rows[name] = train(configs[name], job="student", overwrite=True, resume_hint=AGAIN)
         spent[name] = (time.perf_counter() - tic) / 60
 
     sizes = summarize(configs["student + KD"])

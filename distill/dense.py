@@ -19,12 +19,13 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from distill.config import LEVEL_NAMES
 from distill.weights import eval_mode
 
 if TYPE_CHECKING:
     from distill.config import AnchorConfig, Config
 
-LEVELS = ("p3", "p4", "p5", "p6", "p7")
+LEVELS = LEVEL_NAMES
 STRIDES = (8, 16, 32, 64, 128)
 IMAGE_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as torchvision's detectors use
 IMAGE_STD = (0.229, 0.224, 0.225)

@@ -182,7 +182,8 @@ def evaluate_checkpoints(
         if kind == "teacher":
             detector = build_teacher(replace(cfg, **{"teacher.weights": weights}), num_classes)
         else:
-            detector = build_student(replace(cfg, **{"student.weights": weights}), num_classes)
+            student_cfg = replace(cfg, **{"student.weights": weights})
+            detector = build_student(student_cfg, num_classes, strict_classes=True)
         detector.score_thresh = cfg.eval.score_threshold
         detector.detections_per_img = cfg.eval.detections_per_image
         detector.to(accelerator.device)
@@ -206,6 +207,9 @@ def run_metrics(weights: Path) -> dict[str, Any] | None:
 
 def eval_command(cfg: Config, models: list[tuple[str, str]], out: Path | None = None) -> None:
     """``distill eval``: evaluate each (kind, weights file) on the validation set, side by side."""
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):  # before evaluating
+        what = "is a directory" if out.is_dir() else f"needs the folder {out.parent}"
+        raise FileNotFoundError(f"--out {out} {what}: give a .json file path in a folder")
     accelerator, rows = evaluate_checkpoints(cfg, models)
     if accelerator.is_main_process:
         print(format_metrics_table(rows))

@@ -53,8 +53,14 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
         key, sep, text = item.partition("=")
         if not sep or not key.strip() or not text.strip():
             raise ConfigError(f"--grid {item!r} must look like key.path=v1,v2,...")
+        if key.strip().startswith("output."):
+            raise ConfigError(
+                f"--grid {item!r}: a point's output.dir is the sweep's output.dir/<point name>"
+            )
         values = []
         for part in _split_top_level(text):
+            if not part:
+                raise ConfigError(f"--grid {item!r}: an empty value (nothing between commas)")
             try:
                 values.append(parse_value(part))
             except yaml.YAMLError as err:
@@ -78,7 +84,7 @@ def _split_top_level(text: str) -> list[str]:
         else:
             current += char
     parts.append(current.strip())
-    return [p for p in parts if p]
+    return parts
 
 
 def _value_text(value: Any) -> str:
@@ -146,6 +152,7 @@ def sweep_command(
             len(points) - len(todo),
             len(points),
         )
+    hint = "resume by running the same distill sweep command again"
     if todo and is_lockstep(grid) and not sequential:
         resume = (sweep_dir / "checkpoints" / "last").is_file()
         log.info(
@@ -153,12 +160,12 @@ def sweep_command(
             len(todo),
             " (resuming)" if resume else "",
         )
-        train_group([p.cfg for p in todo], "student", sweep_dir, resume=resume)
+        train_group([p.cfg for p in todo], "student", sweep_dir, resume=resume, resume_hint=hint)
     else:
         for point in todo:
             run_dir = Path(point.cfg.output.dir)
             resume_dir = run_dir if (run_dir / "checkpoints" / "last").is_file() else None
-            train(point.cfg, job="student", resume=resume_dir)
+            train(point.cfg, job="student", resume=resume_dir, resume_hint=hint)
     rows = collect_rows(points, grid)
     teacher_map = teacher_reference(cfg)
     write_report(sweep_dir, rows, [k for k, _ in grid], teacher_map)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,15 +40,18 @@ from distill.build import (
 )
 from distill.checkpoint import (
     CheckpointError,
+    MismatchError,
     Progress,
-    TeacherMismatchError,
+    check_fresh,
+    check_models,
     find_checkpoint,
     load_checkpoint,
     previous_checkpoint,
+    read_progress,
     save_checkpoint,
     state_digest,
 )
-from distill.config import Config, dump_config, replace
+from distill.config import Config, ConfigError, check_resume_config, dump_config, replace
 from distill.data import CocoDetection, build_dataset
 from distill.dense import DenseOutputs, build_transform, dense_forward, detection_loss
 from distill.evaluate import evaluate, write_json
@@ -81,12 +85,15 @@ def train(
     resume: Path | None = None,
     fallback: bool = False,
     stop_after: int | None = None,
+    resume_hint: str = "",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate one model; returns the final COCO metrics (also in ``metrics.json``).
 
     resume: a run directory to continue from its last complete checkpoint (its output.dir).
     fallback: if that checkpoint is missing or corrupt, use the previous whole one.
     stop_after: behave as if a stop signal arrived after this many optimizer steps (tests).
+    overwrite: a fresh start may replace a run already in output.dir (callers that own it).
     """
     checkpoint_dir = Path(resume) if resume is not None else Path(cfg.output.dir)
     if resume is not None:
@@ -98,6 +105,8 @@ def train(
         resume=resume is not None,
         fallback=fallback,
         stop_after=stop_after,
+        resume_hint=resume_hint,
+        overwrite=overwrite,
     )[0]
 
 
@@ -108,15 +117,35 @@ def train_group(
     resume: bool = False,
     fallback: bool = False,
     stop_after: int | None = None,
+    resume_hint: str = "",
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Train ``len(cfgs)`` models in lockstep on the same batches; one checkpoint for all.
 
     The configs may differ only in their ``distill`` and ``output`` sections. Each model is
     built right after ``set_seed(seed)``, so it starts from the weights a separate run has.
+    resume_hint: how to resume, for the message of a stop (default: ``--resume DIR``).
+    overwrite: a fresh start may replace runs already in these directories; otherwise it is
+    refused before anything is written.
     """
+    resume_hint = resume_hint or f"resume with --resume {checkpoint_dir}"
     cfg = cfgs[0]
     check_lockstep(cfgs)
     checkpoint = find_checkpoint(checkpoint_dir, fallback) if resume else None  # fail early
+    if not resume and not overwrite:
+        for run_dir in {checkpoint_dir, *(Path(c.output.dir) for c in cfgs)}:
+            check_fresh(run_dir)
+    # the models trained together, as the checkpoint records them ("." for a single run)
+    models = [os.path.relpath(c.output.dir, checkpoint_dir) for c in cfgs]
+    if checkpoint is not None:  # another run's or grid's checkpoint: refused before any build
+        try:
+            stored = read_progress(checkpoint)
+        except CheckpointError:
+            stored = None  # unreadable: load_checkpoint reports it (or falls back)
+        if stored is not None:
+            check_models(checkpoint, stored, models)
+        for c in cfgs:
+            check_resume_config(c, Path(c.output.dir))
     accelerator = build_accelerator(cfg)
     _setup_logging(accelerator)
 
@@ -124,7 +153,13 @@ def train_group(
     train_set, train_loader = build_train_loader(accelerator, cfg)
     val_set = build_dataset(cfg.data, "val")
     num_classes = train_set.num_categories + 1  # + background (label 0), torchvision's convention
-    steps_per_epoch = max(1, len(train_loader) // cfg.train.grad_accum)  # per-process batches
+    if len(train_loader) < cfg.train.grad_accum:
+        raise ConfigError(
+            f"{len(train_set)} training images (data.root {cfg.data.root}) make no optimizer step:"
+            f" data.batch_size {cfg.data.batch_size} x {accelerator.num_processes} processes x "
+            f"train.grad_accum {cfg.train.grad_accum} needs more (incomplete batches are dropped)"
+        )
+    steps_per_epoch = len(train_loader) // cfg.train.grad_accum  # per-process batches
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -144,17 +179,18 @@ def train_group(
         check_not_optimized(teacher, trainees)
         teacher_digest = state_digest(teacher)
 
-    progress = Progress(teacher_digest=teacher_digest)
+    progress = Progress(teacher_digest=teacher_digest, models=models)
     if checkpoint is not None:
         try:
-            progress = load_checkpoint(accelerator, checkpoint, teacher_digest)
+            progress = load_checkpoint(accelerator, checkpoint, teacher_digest, models)
         except CheckpointError as err:
             previous = previous_checkpoint(checkpoint) if fallback else None
-            if previous is None or isinstance(err, TeacherMismatchError):
+            if previous is None or isinstance(err, MismatchError):
                 raise
             log.warning("%s; falling back to %s", err, previous)
             checkpoint = previous
-            progress = load_checkpoint(accelerator, checkpoint, teacher_digest)
+            progress = load_checkpoint(accelerator, checkpoint, teacher_digest, models)
+        progress.models = models
         if progress.teacher_digest is None:
             log.warning(
                 "%s records no teacher fingerprint (an older checkpoint): resuming without "
@@ -244,8 +280,7 @@ def train_group(
                 if stop_now:
                     raise TrainingStopped(
                         f"stopped at epoch {epoch}, step {progress.step} "
-                        f"({stop.reason or 'on request'}); checkpoint saved: "
-                        f"resume with --resume {checkpoint_dir}"
+                        f"({stop.reason or 'on request'}); checkpoint saved: {resume_hint}"
                     )
             bar.close()
             progress.epoch, progress.batch = epoch + 1, 0
@@ -259,10 +294,7 @@ def train_group(
             clock()
             save_checkpoint(accelerator, checkpoint_dir, progress)
             if _any_process(accelerator, stop.requested) and not last:
-                raise TrainingStopped(
-                    f"stopped after epoch {epoch} ({stop.reason}); "
-                    f"resume with --resume {checkpoint_dir}"
-                )
+                raise TrainingStopped(f"stopped after epoch {epoch} ({stop.reason}); {resume_hint}")
     finally:
         stop.uninstall()
         for t in trainees:

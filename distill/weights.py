@@ -39,7 +39,12 @@ CLS_LOGITS_KEYS = (
 _MAX_LISTED = 5
 
 
-class WeightsMismatchError(ValueError):
+class WeightsError(ValueError):
+    """A weights file that cannot be used: unreadable, unsafe, not a state dict, or not for
+    this model; the message names the file."""
+
+
+class WeightsMismatchError(WeightsError):
     """A checkpoint whose keys or shapes do not fit the model; the message lists them."""
 
 
@@ -63,17 +68,21 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     except pickle.UnpicklingError as err:
         # weights_only refuses arbitrary globals: the file would run code when loaded.
         lines = str(err).splitlines()
-        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
-        raise ValueError(
-            f"{path}: refusing to load, it holds pickled objects other than tensors ({reason})"
+        unsafe = next((ln.strip() for ln in lines if "unsupported global" in ln.lower()), None)
+        if unsafe is None:  # not a pickle at all (a text file, ...): torch's words say little
+            raise WeightsError(f"{path}: cannot read weights, not a torch file") from None
+        raise WeightsError(
+            f"{path}: refusing to load, it holds pickled objects other than tensors ({unsafe})"
         ) from None
     except Exception as err:  # truncated zip, not a torch file, ...
-        raise ValueError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
+        raise WeightsError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state dict (str -> Tensor), got {type(obj).__name__}")
+        raise WeightsError(
+            f"{path}: expected a state dict (str -> Tensor), got {type(obj).__name__}"
+        )
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, Tensor):
-            raise ValueError(
+            raise WeightsError(
                 f"{path}: expected a state dict (str -> Tensor), but entry {key!r} holds "
                 f"{type(value).__name__} (a training checkpoint rather than plain weights?)"
             )
@@ -148,8 +157,16 @@ def read_weights(weights: WeightsEnum | Path) -> tuple[dict[str, Tensor], str]:
     """
     if isinstance(weights, Path):
         return load_state_dict_file(weights), str(weights)
-    state = weights.get_state_dict(progress=True, check_hash=True)
-    return state, f"torchvision {type(weights).__name__}.{weights.name}"
+    name = f"torchvision {type(weights).__name__}.{weights.name}"
+    try:
+        state = weights.get_state_dict(progress=True, check_hash=True)
+    except OSError as err:  # no network (URLError), a proxy, a full disk, ...
+        raise WeightsError(
+            f"cannot download {name} from {weights.url}: {err}. Without a network, download "
+            "the file elsewhere into torch's cache (torch.hub.get_dir()/checkpoints) or give "
+            "a file path instead of the name"
+        ) from None
+    return state, name
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,16 +246,28 @@ def mismatch_report(
     return "\n".join(lines)
 
 
-def load_detector_weights(model: RetinaNet, state: Mapping[str, Tensor], source: str) -> None:
-    """Load a whole RetinaNet checkpoint; a different class count re-creates ``cls_logits``.
+def load_detector_weights(
+    model: RetinaNet, state: Mapping[str, Tensor], source: str, strict_classes: bool = False
+) -> None:
+    """Load a whole RetinaNet checkpoint; a different class count re-creates ``cls_logits``
+    (for a model that is trained next), or is an error with ``strict_classes`` (a frozen
+    teacher or a model being evaluated: a re-created classifier would only predict noise).
 
     The model was built for the dataset's classes, so its ``cls_logits`` already carries
     RetinaNet's prior-probability initialisation; every other tensor must fit exactly.
     """
+    head = model.head.classification_head
+    got = (
+        state[CLS_LOGITS_KEYS[0]].shape[0] // head.num_anchors if CLS_LOGITS_KEYS[0] in state else 0
+    )
+    if strict_classes and got and got != head.num_classes:
+        raise WeightsMismatchError(
+            f"{source} has {got} classes (background included), the dataset {head.num_classes}: "
+            "its classifier would have to be re-created at random. Fine-tune it on this "
+            "dataset first (distill train-teacher with teacher.weights set to it)"
+        )
     reinit = load_weights(model, state, source, class_keys=CLS_LOGITS_KEYS)
     if reinit:
-        head = model.head.classification_head
-        got = state[CLS_LOGITS_KEYS[0]].shape[0] // head.num_anchors
         log.warning(
             "%s has %d classes, the model %d: re-created head.classification_head.cls_logits "
             "(prior-probability init) and kept every other weight",

@@ -99,7 +99,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         cfg = load_config(
             CONFIGS / "teacher.yaml", [*overrides, f"output.dir={teacher_weights.parent}"]
         )
-        train(cfg, job="teacher")
+        run_dir = teacher_weights.parent  # an interrupted teacher run goes on where it stopped
+        resume = run_dir if (run_dir / "checkpoints" / "last").is_file() else None
+        train(cfg, job="teacher", resume=resume)
     teacher_metrics = _teacher_metrics(teacher_weights, overrides)
     teacher_minutes = _teacher_minutes(teacher_weights, teacher_metrics)  # as its run measured
     students_start = time.perf_counter()
@@ -206,15 +208,15 @@ def _train_or_resume(cfgs: list[Config], group_dir: Path) -> list[dict[str, Any]
         checkpoint = find_checkpoint(group_dir)
         made_with = json.loads((checkpoint / "progress.json").read_text()).get("teacher_digest")
     except (CheckpointError, OSError, ValueError):
-        return train_group(cfgs, "student", group_dir)
+        return train_group(cfgs, "student", group_dir, overwrite=True)  # its own folder
     if made_with is None:
         print(f"{checkpoint} records no teacher: training {group_dir.name} again", flush=True)
-        return train_group(cfgs, "student", group_dir)
+        return train_group(cfgs, "student", group_dir, overwrite=True)
     try:
         return train_group(cfgs, "student", group_dir, resume=True)
     except TeacherMismatchError as err:
         print(f"{err}: training {group_dir.name} again", flush=True)
-        return train_group(cfgs, "student", group_dir)
+        return train_group(cfgs, "student", group_dir, overwrite=True)
 
 
 def _dir(args: argparse.Namespace, name: str, seed: int) -> str:

@@ -471,6 +471,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "native_bf16": native_bf16(),  # bf16 computed natively (else emulated, slow)
     }
 
 

@@ -128,12 +128,15 @@ STUDENTS: dict[str, Callable[..., FreezableRetinaNet]] = {
 }
 
 
-def build_student(cfg: Config, num_classes: int) -> FreezableRetinaNet:
+def build_student(
+    cfg: Config, num_classes: int, strict_classes: bool = False
+) -> FreezableRetinaNet:
     """The student ``cfg.student.arch`` with the run's anchors and image size.
 
     cfg.student.weights, a full student checkpoint path, is loaded last (a different class
-    count re-creates cls_logits only); with it, backbone_weights is not fetched, and the
-    backbone's BatchNorm stays fixed as for a pretrained backbone.
+    count re-creates cls_logits only, or is an error with ``strict_classes``: evaluation); with
+    it, backbone_weights is not fetched, and the backbone's BatchNorm stays fixed as for a
+    pretrained backbone.
     """
     s = cfg.student
     if s.arch not in STUDENTS:
@@ -151,7 +154,8 @@ def build_student(cfg: Config, num_classes: int) -> FreezableRetinaNet:
         backbone_weights=None if s.weights else s.backbone_weights,
     )
     if s.weights:
-        load_detector_weights(model, load_state_dict_file(s.weights), s.weights)
+        state = load_state_dict_file(s.weights)
+        load_detector_weights(model, state, s.weights, strict_classes=strict_classes)
         model.freeze_backbone_norm()
         log.info("student %s: loaded %s", s.arch, s.weights)
     return model

@@ -88,7 +88,7 @@ def build_teacher(cfg: Config, num_classes: int, frozen: bool = True) -> Freezab
 
     if weights is not None:
         state, source = read_weights(weights)
-        load_detector_weights(model, state, source)
+        load_detector_weights(model, state, source, strict_classes=frozen)
         if weights == RetinaNet_ResNet50_FPN_Weights.COCO_V1:
             # These weights were trained with FrozenBatchNorm2d(eps=0); torchvision's builder
             # restores that with overwrite_eps, the same here for the BatchNorm2d layers.

@@ -139,3 +139,56 @@ def test_shipped_configs_load() -> None:
     assert paths, "no configs shipped"
     for path in paths:
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "distill.feature.kind=foo",
+            "distill.feature.kind in --set distill.feature.kind=foo: 'foo'",
+        ),
+        (
+            "student.arch=resnet",
+            "student.arch in --set student.arch=resnet: 'resnet' is not one of",
+        ),
+        ("teacher.head_norm=bn", "'bn' is not one of null | gn | none"),
+        ("train.schedule=linear", "train.schedule in --set train.schedule=linear"),
+        ("train.lr=-1", "train.lr in --set train.lr=-1: -1.0 must be > 0"),
+        ("train.log_every=0", "train.log_every in --set train.log_every=0: 0 must be > 0"),
+        ("distill.logit.temperature=0", "distill.logit.temperature in"),
+        ("data.num_workers=-1", "data.num_workers in --set data.num_workers=-1: -1 must be >= 0"),
+        ("data.hflip=.nan", "data.hflip in --set data.hflip=.nan: nan must be between 0 and 1"),
+        ("data.hflip=1", None),
+        ("distill.feature.levels=[p9]", "['p9'] must be a non-empty list of p3, p4, p5, p6, p7"),
+        ("distill.feature.levels=[]", "[] must be a non-empty list"),
+        ("anchors.sizes=[16, 32]", "anchors.sizes in --set anchors.sizes=[16, 32]: one base size"),
+    ],
+)
+def test_names_and_ranges_are_checked_when_the_config_is_read(
+    override: str, message: str | None
+) -> None:
+    if message is None:
+        load_config(None, [override])
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_the_names_a_key_accepts_come_from_the_registries() -> None:
+    from distill.config import choices
+    from distill.losses.features import FEATURE_KINDS
+    from students import STUDENTS
+
+    assert choices()["distill.feature.kind"] == FEATURE_KINDS
+    assert choices()["student.arch"] == tuple(STUDENTS)
+    for path in sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml")):
+        load_config(path)  # every shipped config passes
+
+
+def test_a_binary_config_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match=f"cannot read {path}: not a text"):
+        load_config(path)

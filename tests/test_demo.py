@@ -88,6 +88,25 @@ def test_demo_minutes_on_the_command_line() -> None:
     assert build_parser().parse_args(["demo", "--minutes", "0"]).minutes == 0
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--teacher", "missing.pt"], "--teacher missing.pt: no such file"),
+        (["--minutes", "-5"], "--minutes -5.0: give a budget >= 0"),
+        (["--minutes", "nan"], "--minutes nan"),
+    ],
+)
+def test_demo_arguments_are_checked_before_anything_runs(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from distill.cli import main
+
+    out = tmp_path / "runs"
+    assert main(["demo", "--out", str(out), "--data", str(tmp_path / "data"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "data").exists()
+
+
 def test_verdict_says_plainly_when_the_teacher_is_too_weak() -> None:
     weak = {"teacher": {"map": 0.01}, "student": {"map": 0.2}, "student + KD": {"map": 0.19}}
     text = demo_module.verdict(weak, Path("t.pt"))

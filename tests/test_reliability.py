@@ -36,13 +36,18 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import distill.train
 from distill.build import build_models, build_optimizer, check_not_optimized, make_accelerator
-from distill.checkpoint import find_checkpoint, state_digest, write_text_atomic
+from distill.checkpoint import (
+    ModelsMismatchError,
+    find_checkpoint,
+    state_digest,
+    write_text_atomic,
+)
 from distill.cli import main
 from distill.config import ConfigError, load_config
 from distill.data import build_dataset, predictions_to_coco
 from distill.dense import build_transform
 from distill.evaluate import coco_metrics, evaluate, write_json
-from distill.train import TrainingStopped, train
+from distill.train import TrainingStopped, train, train_group
 from distill.weights import load_state_dict_file, save_state_dict_file
 from students import build_student
 from teachers import build_teacher
@@ -618,6 +623,43 @@ def test_resume_against_another_teacher_is_refused(
     assert [n for n in after if n not in before and not n.startswith("events")] == []
     assert main(["run", str(SMOKE), *sets(*overrides(teacher_pt)), "--resume", str(out)]) == 0
     assert json.loads((out / "metrics.json").read_text())["step"] == 2
+
+
+def test_resume_of_other_models_is_refused(
+    shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint records the models it holds: a group (a sweep) resumed from a single run's
+    checkpoint, or from another grid's, is refused, also with fallback, and nothing is loaded.
+    A resume with another recipe, and a fresh start over a finished run, are refused too."""
+    out = tmp_path / "run"
+    cfg = load_config(SMOKE, plain(shapes_root, out))
+    with pytest.raises(TrainingStopped, match="run it again"):  # the caller's resume hint
+        train(cfg, stop_after=1, resume_hint="run it again")
+    checkpoint = find_checkpoint(out)
+    assert json.loads((checkpoint / "progress.json").read_text())["models"] == ["."]
+    group = [load_config(SMOKE, plain(shapes_root, out / name)) for name in ("a", "b")]
+    for fallback in (False, True):
+        with pytest.raises(ModelsMismatchError, match=re.escape(str(checkpoint))) as err:
+            train_group(group, "student", out, resume=True, fallback=fallback)
+        assert "['a', 'b']" in str(err.value) and "['.']" in str(err.value)
+    assert not (out / "a").exists() and find_checkpoint(out) == checkpoint
+    # resumed with another recipe (a forgotten --set): refused, naming the key; config.yaml kept
+    saved = (out / "config.yaml").read_text()
+    other = sets(*plain(shapes_root, out, "train.lr=0.5"))
+    assert main(["run", str(SMOKE), *other, "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr: 0.005 -> 0.5" in err and str(out / "config.yaml") in err, err
+    assert (out / "config.yaml").read_text() == saved
+    # its own run resumes, also from its config.yaml alone: 2 epochs of 4 batches
+    assert main(["run", str(out / "config.yaml"), "--resume", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["step"] == 8
+
+    # a fresh start into the finished run: refused before anything is written
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert main(["run", str(SMOKE), *sets(*plain(shapes_root, out, "distill.logit.weight=1"))]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} already holds a run" in err and "--resume" in err, err
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
 
 @pytest.mark.parametrize("damage", ["truncated-model", "truncated-optimizer", "deleted"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def test_parse_grid_values_and_errors() -> None:
     assert parse_grid(["data.skip_bad_images=true,false"]) == [
         ("data.skip_bad_images", [True, False])
     ]
-    for bad in (["temperature"], ["a="], ["=1,2"]):
+    for bad in (["temperature"], ["a="], ["=1,2"], ["a.b=,"], ["a.b=1,,2"], ["output.dir=a,b"]):
         with pytest.raises(ConfigError):
             parse_grid(bad)
     with pytest.raises(ConfigError, match="given twice"):
@@ -54,7 +55,9 @@ def test_unknown_grid_key_is_a_config_error(
 
 
 @pytest.mark.slow
-def test_lockstep_sweep_equals_separate_runs(shapes_root: Path, tmp_path: Path) -> None:
+def test_lockstep_sweep_equals_separate_runs(
+    shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     base = [f"data.root={shapes_root}", "eval.images_logged=0", "train.max_steps=3"]
     sweep_dir = tmp_path / "sweep"
     args = ["sweep", str(SMOKE), *sets(*base, f"output.dir={sweep_dir}"),
@@ -97,3 +100,16 @@ def test_lockstep_sweep_equals_separate_runs(shapes_root: Path, tmp_path: Path) 
     before = {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/student.pt")}
     assert main(args) == 0
     assert before == {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/student.pt")}
+
+    # a wider grid: the new point must not resume from the finished group's checkpoint
+    wider = [*args[:-3], "--grid", "distill.logit.temperature=1,4,8", "--with-baseline"]
+    assert main(wider) == 2
+    err = capsys.readouterr().err
+    assert "saved for the models ['temperature=1', 'temperature=4', 'baseline']" in err, err
+    assert "not ['temperature=8']" in err and str(sweep_dir / "checkpoints") in err
+    assert not (sweep_dir / "temperature=8" / "student.pt").exists()
+    assert before == {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/student.pt")}
+    shutil.rmtree(sweep_dir / "checkpoints")  # as the message says: the new point starts anew
+    assert main(wider) == 0
+    assert (sweep_dir / "temperature=8" / "student.pt").is_file()
+    assert before == {p: p.stat().st_mtime_ns for p in before}

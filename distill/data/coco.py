@@ -91,6 +91,8 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
 
         data = _read_annotation_file(self.ann_path)
         where = str(self.ann_path)
+        if not self.image_dir.is_dir():  # found now, not when the first image is read
+            raise DatasetError(f"image folder not found: {self.image_dir} (for {where})")
         categories = _check_categories(data["categories"], where)
         image_entries = _check_images(data["images"], where)
         annotations = _check_annotations(data["annotations"], image_entries, categories, where)

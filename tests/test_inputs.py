@@ -4,6 +4,7 @@ anything is trained or written."""
 from __future__ import annotations
 
 import re
+import shutil
 import urllib.error
 from pathlib import Path
 
@@ -93,3 +94,18 @@ def test_torchvision_weights_without_a_network(monkeypatch: pytest.MonkeyPatch) 
         WeightsError, match=rf"cannot download .*COCO_V1 from {re.escape(weights.url)}"
     ):
         read_weights(weights)
+
+
+def test_a_missing_image_read_by_a_loader_worker_is_one_line(
+    shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(shapes_root, data)
+    missing = sorted((data / "images" / "train").iterdir())[0]
+    missing.unlink()
+    args = sets(f"data.root={data}", f"output.dir={tmp_path / 'run'}", "data.num_workers=2")
+    assert main(["run", str(SMOKE), *args]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("distill: error:") and missing.name in last, err
+    assert "Traceback" not in err, err

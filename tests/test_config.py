@@ -192,3 +192,17 @@ def test_a_binary_config_file_is_a_config_error(tmp_path: Path) -> None:
     path.write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(ConfigError, match=f"cannot read {path}: not a text"):
         load_config(path)
+
+
+def test_a_key_given_twice_in_a_file_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "train:\n  lr: 0.1\ndata:\n  batch_size: 4\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"key 'train' given twice") as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "line 5" in str(err.value)
+    nested = write(tmp_path, "train:\n  lr: 0.1\n  lr: 0.2\n", "nested.yaml")
+    with pytest.raises(ConfigError, match=r"key 'lr' given twice"):
+        load_config(nested)
+    # !!python tags are still refused, as by safe_load
+    tagged = write(tmp_path, "data: !!python/object/apply:os.system ['true']\n", "tag.yaml")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(tagged)

@@ -122,6 +122,11 @@ def find_checkpoint(run_dir: Path, fallback: bool = False) -> Path:
     raise CheckpointError(problem)
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir`` has a checkpoint to resume from (its ``checkpoints/last`` pointer)."""
+    return (run_dir / "checkpoints" / "last").is_file()
+
+
 RUN_OUTPUTS = ("checkpoints/last", "metrics.json", "student.pt", "teacher.pt")
 
 

@@ -212,9 +212,7 @@ def plan_steps(seconds: Mapping[str, float], minutes: float) -> dict[str, Any]:
     predicted = sum(reference[name] * s for name, s in seconds.items())
     budget = max(minutes, 0.0) * 60 * TRAIN_SHARE
     scale = min(1.0, budget / predicted) if predicted > 0 else 1.0
-    steps = {name: max(MIN_STEPS, round(n * scale)) for name, n in reference.items()}
-    if scale == 1.0:
-        steps = reference
+    steps = {name: min(n, max(MIN_STEPS, round(n * scale))) for name, n in reference.items()}
     return {"scale": scale, "steps": steps, "seconds": dict(seconds), "predicted": predicted}
 
 

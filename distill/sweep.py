@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from distill.checkpoint import has_checkpoint
 from distill.config import Config, ConfigError, load_config, parse_value
 
 log = logging.getLogger("distill.sweep")
@@ -154,7 +155,7 @@ def sweep_command(
         )
     hint = "resume by running the same distill sweep command again"
     if todo and is_lockstep(grid) and not sequential:
-        resume = (sweep_dir / "checkpoints" / "last").is_file()
+        resume = has_checkpoint(sweep_dir)
         log.info(
             "lockstep: %d students on one teacher forward%s",
             len(todo),
@@ -164,7 +165,7 @@ def sweep_command(
     else:
         for point in todo:
             run_dir = Path(point.cfg.output.dir)
-            resume_dir = run_dir if (run_dir / "checkpoints" / "last").is_file() else None
+            resume_dir = run_dir if has_checkpoint(run_dir) else None
             train(point.cfg, job="student", resume=resume_dir, resume_hint=hint)
     rows = collect_rows(points, grid)
     teacher_map = teacher_reference(cfg)

@@ -34,7 +34,12 @@ from typing import Any
 
 import torch
 
-from distill.checkpoint import CheckpointError, TeacherMismatchError, find_checkpoint
+from distill.checkpoint import (
+    CheckpointError,
+    TeacherMismatchError,
+    find_checkpoint,
+    has_checkpoint,
+)
 from distill.config import Config, load_config
 from distill.data.shapes import BENCHMARK_TRAIN, BENCHMARK_VAL, generate_shapes
 from distill.evaluate import evaluate_checkpoints, run_metrics, write_json
@@ -100,8 +105,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             CONFIGS / "teacher.yaml", [*overrides, f"output.dir={teacher_weights.parent}"]
         )
         run_dir = teacher_weights.parent  # an interrupted teacher run goes on where it stopped
-        resume = run_dir if (run_dir / "checkpoints" / "last").is_file() else None
-        train(cfg, job="teacher", resume=resume)
+        train(cfg, job="teacher", resume=run_dir if has_checkpoint(run_dir) else None)
     teacher_metrics = _teacher_metrics(teacher_weights, overrides)
     teacher_minutes = _teacher_minutes(teacher_weights, teacher_metrics)  # as its run measured
     students_start = time.perf_counter()

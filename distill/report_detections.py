@@ -129,7 +129,26 @@ def draw_tile(
     if not boxes:
         return canvas
     xyxy = box_convert(torch.tensor(boxes, dtype=torch.float32), "xywh", "xyxy") * scale
-    return draw_bounding_boxes(canvas, xyxy, labels, colors=colors, width=2)
+    # White text on a label filled with the box colour: readable on any background.
+    return draw_bounding_boxes(
+        canvas,
+        xyxy,
+        labels,
+        colors=colors,
+        width=2,
+        font=_font(),
+        font_size=11,
+        label_colors="white",
+        fill_labels=True,
+    )
+
+
+def _font() -> str:
+    """A TrueType font that is always here (matplotlib ships DejaVu Sans), so that labels can
+    be sized; PIL's built-in bitmap font cannot."""
+    import matplotlib
+
+    return str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
 
 
 def detections_figure(
@@ -145,7 +164,7 @@ def detections_figure(
     index = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
     ncols = 1 + len(columns)
     fig, axes = plt.subplots(
-        len(images), ncols, figsize=(2.6 * ncols, 2.75 * len(images)), squeeze=False
+        len(images), ncols, figsize=(3.0 * ncols, 3.25 * len(images)), squeeze=False
     )
     for row, (image_id, why) in enumerate(images):
         image, _ = dataset[index[image_id]]

@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # files only: no display on servers and in tests
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.ticker import MaxNLocator
 from pycocotools.cocoeval import COCOeval
 
 # One colour per model, in every figure: the teacher dark, the baseline grey, students in colour.
@@ -190,6 +191,7 @@ def training_figure(
                 ax.plot(steps, values, style, color=color, label=label, linewidth=1, markersize=3)
         ax.set_title(CURVES[tag], fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no 0.96, 1.04
         ax.grid(alpha=0.3)
         values = [v for *_, s in runs for v in s.get(tag, ([], []))[1]]
         if min(values) > 0 and max(values) > 20 * min(values):  # losses falling by decades

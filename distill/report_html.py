@@ -113,7 +113,8 @@ def _summary(lineup: Lineup) -> str:
         "0.50:0.95; APs/m/l: objects under 32², up to 96², above 96² pixels). Gain: mAP − the "
         "baseline's; gap closed: gain / (teacher mAP − baseline mAP). Params, GFLOPs (backbone + "
         "FPN + head, one image at the config's size) and latency (median CPU forward, batch 1) "
-        "measured here; training minutes are those of the run's lockstep group.</p>"
+        "measured here, while the report ran (a busy machine gives larger times); training "
+        "minutes are those of the run's lockstep group.</p>"
         + "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
     )
 
@@ -149,13 +150,19 @@ def _per_class(lineup: Lineup, colors: dict[str, str], out: Path) -> str:
         series,
         f"AP per class, sorted by the gain of {distilled.name}" if gains else "AP per class",
     )
-    if gains:
-        least = [c for c in classes if not math.isnan(gains[c])][::-1][:LEAST_HELPED]
+    known = [c for c in classes if not math.isnan(gains.get(c, math.nan))]
+    if known and gains[known[0]] == gains[known[-1]]:
+        text = (
+            f"<p>{html.escape(distilled.name)}'s AP differs from the baseline's by the same "
+            f"{gains[known[0]]:+.3f} on every class: no class was helped more than another.</p>"
+        )
+    elif known:
+        least = sorted(known, key=lambda c: (gains[c], c))[:LEAST_HELPED]
         words = ", ".join(f"{html.escape(c)} ({gains[c]:+.3f} AP)" for c in least)
         text = (
             f"<p>Distillation helped <b>{html.escape(distilled.name)}</b> least on: "
-            f"<b>{words}</b>. It helped most on {html.escape(classes[0])} "
-            f"({gains[classes[0]]:+.3f}).</p>"
+            f"<b>{words}</b>. It helped most on {html.escape(known[0])} "
+            f"({gains[known[0]]:+.3f}).</p>"
         )
     else:
         text = '<p class="note">No baseline: classes are sorted by the student\'s AP.</p>'
@@ -185,11 +192,17 @@ def _per_size(lineup: Lineup, colors: dict[str, str], out: Path) -> str:
         closed = {k: gain_and_gap(m, lineup.baseline, lineup.teacher, k)[1] for k in SIZES}
         gap.append((m.name, colors[m.name], closed))
         rows.append(("", [_text(m.name), *(_percent(closed[k]) for k in SIZES)]))
-    per_size_figure(out / "per_size.png", series, gap)
+    drawable = [g for g in gap if any(not math.isnan(v) for v in g[2].values())]
+    per_size_figure(out / "per_size.png", series, drawable)
     text = _figure(out / "per_size.png", "AP per object size")
     if have_gap:
         header = ["student", *(f"gap closed, {v}" for v in SIZE_LABELS.values())]
         text += _table(header, rows)
+        if not drawable:
+            text += (
+                '<p class="note">The teacher is not ahead of the baseline at any size: '
+                "there is no gap to close.</p>"
+            )
     else:
         text += '<p class="note">The gap closed per size needs a teacher and a baseline.</p>'
     return text

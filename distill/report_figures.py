@@ -220,8 +220,8 @@ def bench_figure(result: dict[str, Any], path: Path) -> None:
     kd = models.get("student + KD", {}).get("per_class", {})
     plain = models.get("student", {}).get("per_class", {})
     classes = sorted(kd, key=lambda c: kd[c] - plain.get(c, 0.0), reverse=True)
-    per_class = [(names[k], c, m["per_class"]) for (k, m), c in zip(models.items(), colors)]
-    per_size = [(names[k], c, {s: m[s] for s in SIZE_LABELS}) for (k, m), c in
+    per_class = [(names[k], c, _known(m["per_class"])) for (k, m), c in zip(models.items(), colors)]
+    per_size = [(names[k], c, _known({s: m[s] for s in SIZE_LABELS})) for (k, m), c in
                 zip(models.items(), colors)]  # fmt: skip
     fig, (left, right) = plt.subplots(
         1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]}
@@ -236,6 +236,11 @@ def bench_figure(result: dict[str, Any], path: Path) -> None:
     right.legend(fontsize=8)
     fig.suptitle(f"Distillation on shapes ({result.get('date', '')[:10]})", fontsize=11)
     _save(fig, path)
+
+
+def _known(values: dict[str, float]) -> dict[str, float]:
+    """COCO's -1 (no ground truth of that class or size) as nan: no bar rather than a negative."""
+    return {k: v if v >= 0 else math.nan for k, v in values.items()}
 
 
 def _save(fig: Any, path: Path) -> None:

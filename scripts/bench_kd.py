@@ -141,7 +141,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         results = _train_or_resume(list(cfgs.values()), group_dir)
         for (name, cfg), metrics in zip(cfgs.items(), results):
             per_model.setdefault(name, []).append(metrics)
-            run_dirs.setdefault(name, []).append(cfg.output.dir)
+            run_dirs.setdefault(name, []).append(_repo_relative(cfg.output.dir))
             # the group's training time (over all sessions, if resumed), shared by its models
             minutes.setdefault(name, []).append(metrics["train_minutes"] / len(cfgs))
 
@@ -238,6 +238,12 @@ def _train_or_resume(cfgs: list[Config], group_dir: Path) -> list[dict[str, Any]
         return train_group(cfgs, "student", group_dir, overwrite=True)
 
 
+def _repo_relative(path: str) -> str:
+    """``path`` relative to the repository if inside it (no machine's folders in results/)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(resolved)
+
+
 def _dir(args: argparse.Namespace, name: str, seed: int) -> str:
     return f"output.dir={args.out_dir / f'{name}_seed{seed}'}"
 
@@ -312,9 +318,9 @@ def report_runs(result: dict[str, Any]) -> tuple[list[Path], Path, Path]:
     """What ``distill report`` compares for a result: the first seed's distilled students
     (default recipe first, then the ablations), its plain student and the teacher weights."""
     models = result["models"]
-    students = [Path(m["run_dirs"][0]) for name, m in models.items()
+    students = [REPO / m["run_dirs"][0] for name, m in models.items()
                 if name not in ("teacher", "student")]  # fmt: skip
-    return students, Path(models["student"]["run_dirs"][0]), Path(models["teacher"]["weights"])
+    return students, REPO / models["student"]["run_dirs"][0], Path(models["teacher"]["weights"])
 
 
 def write_figures(result: dict[str, Any], figure: Path, report_dir: Path | None) -> None:
@@ -335,6 +341,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     figure = args.out.with_suffix(".png")
     if args.figure:  # from the JSON of the last run; no training, no report
+        if not args.out.is_file():
+            sys.exit(f"bench_kd: error: {args.out} not found: run the benchmark first")
         result = json.loads(args.out.read_text())
         try:
             write_figures(result, figure, None)

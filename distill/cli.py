@@ -7,6 +7,7 @@
     distill eval CONFIG --weights FILE [--model student|teacher] [--out FILE]
     distill summary CONFIG [--json]
     distill demo [--out DIR --data DIR --teacher FILE --minutes M]
+    distill report RUN_DIR... [--teacher RUN_DIR_OR_WEIGHTS] [--baseline RUN_DIR] --out DIR
 
 Each sub-command is a thin layer over a library function; errors a user can fix (a missing
 file, a bad config key) are printed as one line and exit with status 2.
@@ -107,7 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="time budget: the schedule shrinks to fit it on this machine (0: the reference "
         "schedule, 600 teacher and 500 student steps)",
     )
+    _add_report_parser(sub)
     return parser
+
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
+    rep = sub.add_parser("report", help="HTML report: teacher, plain and distilled students")
+    rep.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="runs or sweep dirs")
+    rep.add_argument("--teacher", default=None, metavar="RUN_DIR_OR_WEIGHTS")
+    rep.add_argument("--baseline", type=Path, default=None, metavar="RUN_DIR")
+    rep.add_argument("--out", type=Path, required=True, metavar="DIR")
+    rep.add_argument("--images", type=int, default=4, help="images where the models differ most")
+    rep.add_argument("--random-images", type=int, default=2, help="images chosen at random")
+    rep.add_argument("--min-score", type=float, default=0.3, help="score of a drawn detection")
+    rep.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="override a key of every run's config")  # fmt: skip
 
 
 def _last_line(err: Exception) -> str:
@@ -211,6 +226,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not args.minutes >= 0:  # also NaN
             raise UserError(f"--minutes {args.minutes}: give a budget >= 0 (0: no budget)")
         demo(out=args.out, data_root=args.data, teacher=args.teacher, minutes=args.minutes)
+        return 0
+    if args.command == "report":
+        from distill.report import ReportError, report_command
+
+        try:
+            report_command(
+                args.runs, args.out, args.teacher, args.baseline, args.overrides,
+                args.images, args.random_images, args.min_score,
+            )  # fmt: skip
+        except ReportError as err:
+            raise UserError(str(err)) from None
         return 0
     raise AssertionError(args)
 

@@ -99,13 +99,28 @@ def coco_metrics(
     in [0, 1]; -1 where COCO has no ground truth for a bucket) and ``per_class`` {name: AP}.
     No detections at all gives 0 everywhere (COCO's ``loadRes`` cannot take an empty list).
     """
-    if not results:
+    evaluator = run_cocoeval(coco_gt, results, image_ids)
+    if evaluator is None:
         return {
             **{key: 0.0 for key in METRIC_KEYS},
             "per_class": {name: 0.0 for name in class_names.values()},
             "num_images": len(image_ids),
             "num_detections": 0,
         }
+    return {
+        **metrics_of(evaluator, class_names),
+        "num_images": len(image_ids),
+        "num_detections": len(results),
+    }
+
+
+def run_cocoeval(
+    coco_gt: COCO, results: list[dict[str, Any]], image_ids: list[int]
+) -> COCOeval | None:
+    """COCOeval (bbox) evaluated, accumulated and summarized over ``image_ids``; None without
+    detections (COCO's ``loadRes`` cannot take an empty list)."""
+    if not results:
+        return None
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco_dt = coco_gt.loadRes(results)
         evaluator = COCOeval(coco_gt, coco_dt, "bbox")
@@ -113,6 +128,11 @@ def coco_metrics(
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
+    return evaluator
+
+
+def metrics_of(evaluator: COCOeval, class_names: dict[int, str]) -> dict[str, Any]:
+    """``METRIC_KEYS`` and ``per_class`` {name: AP} of a summarized COCOeval."""
     stats = evaluator.stats
     metrics: dict[str, Any] = {key: float(stats[i]) for key, i in METRIC_KEYS.items()}
     # precision: (T iou thresholds, R recall points, K classes, A area ranges, M max dets)
@@ -124,8 +144,6 @@ def coco_metrics(
             float(np.mean(p[p > -1])) if (p > -1).any() else -1.0
         )
     metrics["per_class"] = per_class
-    metrics["num_images"] = len(image_ids)
-    metrics["num_detections"] = len(results)
     return metrics
 
 
@@ -141,14 +159,17 @@ def evaluate(
     results = predict(detector, transform, dataset, accelerator, batch_size, num_workers)
     metrics: dict[str, Any] = {}
     if accelerator.is_main_process:
-        names = {
-            cat_id: dataset.class_names[label - 1]
-            for cat_id, label in dataset.cat_id_to_label.items()
-        }
-        metrics = coco_metrics(dataset.coco, results, dataset.image_ids, names)
+        metrics = coco_metrics(dataset.coco, results, dataset.image_ids, category_names(dataset))
     if accelerator.num_processes > 1:
         metrics = gather_object([metrics])[0]  # the main process's dict, on every process
     return metrics
+
+
+def category_names(dataset: CocoDetection) -> dict[int, str]:
+    """{dataset category id: class name}, as ``coco_metrics`` takes them."""
+    return {
+        cat_id: dataset.class_names[label - 1] for cat_id, label in dataset.cat_id_to_label.items()
+    }
 
 
 def format_metrics_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
@@ -168,8 +189,6 @@ def evaluate_checkpoints(
 ) -> tuple[Accelerator, list[tuple[str, dict[str, Any]]]]:
     """COCO metrics of each (``teacher`` | ``student``, weights file) on the validation set."""
     from distill.build import make_accelerator
-    from students import build_student
-    from teachers import build_teacher
 
     accelerator = make_accelerator(cfg)
     dataset = build_dataset(cfg.data, "val")
@@ -179,14 +198,7 @@ def evaluate_checkpoints(
     for kind, weights in models:
         if not Path(weights).is_file():
             raise FileNotFoundError(f"weights file not found: {weights}")
-        if kind == "teacher":
-            detector = build_teacher(replace(cfg, **{"teacher.weights": weights}), num_classes)
-        else:
-            student_cfg = replace(cfg, **{"student.weights": weights})
-            detector = build_student(student_cfg, num_classes, strict_classes=True)
-        detector.score_thresh = cfg.eval.score_threshold
-        detector.detections_per_img = cfg.eval.detections_per_image
-        detector.to(accelerator.device)
+        detector = load_detector(cfg, kind, weights, num_classes).to(accelerator.device)
         metrics = evaluate(
             detector,
             transform,
@@ -197,6 +209,22 @@ def evaluate_checkpoints(
         )
         rows.append((f"{kind} ({weights})", metrics))
     return accelerator, rows
+
+
+def load_detector(cfg: Config, kind: str, weights: str, num_classes: int) -> RetinaNet:
+    """The ``teacher`` or ``student`` architecture of ``cfg`` with ``weights`` (a file, or for
+    the teacher a torchvision weights name), set up for evaluation as ``cfg.eval`` says."""
+    from students import build_student
+    from teachers import build_teacher
+
+    if kind == "teacher":
+        detector = build_teacher(replace(cfg, **{"teacher.weights": weights}), num_classes)
+    else:
+        student_cfg = replace(cfg, **{"student.weights": weights})
+        detector = build_student(student_cfg, num_classes, strict_classes=True)
+    detector.score_thresh = cfg.eval.score_threshold
+    detector.detections_per_img = cfg.eval.detections_per_image
+    return detector
 
 
 def run_metrics(weights: Path) -> dict[str, Any] | None:

@@ -61,13 +61,20 @@ def summarize(cfg: Config, *, warmup: int = 2, iterations: int = 5) -> dict[str,
     size = cfg.data.image_size
     result: dict[str, Any] = {"image_size": size, "num_classes": num_classes}
     for name, model in (("teacher", teacher), ("student", student)):
-        result[name] = {
-            "params": sum(p.numel() for p in model.parameters()),
-            "gflops": _gflops(model, size),
-            "latency_ms": _latency_ms(model, size, warmup, iterations),
-        }
+        result[name] = measure(model, size, warmup, iterations)
     result["ratio"] = {k: result["student"][k] / result["teacher"][k] for k in METRICS}
     return result
+
+
+def measure(model: RetinaNet, size: int, warmup: int = 2, iterations: int = 5) -> dict[str, Any]:
+    """{params, gflops, latency_ms} of ``model`` on one ``size`` x ``size`` image (see
+    ``summarize``); the model is put in eval mode on the CPU for it."""
+    model = model.eval().cpu()
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "gflops": _gflops(model, size),
+        "latency_ms": _latency_ms(model, size, warmup, iterations),
+    }
 
 
 def format_summary(result: dict[str, Any]) -> str:

@@ -13,6 +13,15 @@ from distill.dense import dense_forward, postprocess
 COLORS = {"ground truth": "lime", "teacher": "deepskyblue", "student": "red"}
 
 
+def to_canvas(image: torch.Tensor, scale: int = 1) -> torch.Tensor:
+    """(3, H, W) float in [0, 1] -> (3, scale*H, scale*W) uint8 (nearest: pixels stay sharp),
+    what ``draw_bounding_boxes`` draws on."""
+    canvas = (image.clamp(0, 1) * 255).to(torch.uint8)
+    if scale == 1:
+        return canvas
+    return canvas.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+
+
 @torch.no_grad()
 def draw_detections(
     detectors: dict[str, nn.Module],
@@ -25,7 +34,7 @@ def draw_detections(
     tiles = []
     for index in range(min(num_images, len(dataset))):
         image, target = dataset[index]
-        canvas = (image.clamp(0, 1) * 255).to(torch.uint8)
+        canvas = to_canvas(image)
         names = [dataset.class_names[int(label) - 1] for label in target["labels"]]
         tiles.append(
             draw_bounding_boxes(canvas, target["boxes"], names, colors=COLORS["ground truth"])

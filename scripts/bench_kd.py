@@ -13,7 +13,11 @@
    in **lockstep** (``train_group``: one data stream, one teacher forward per batch), and each ends
    with the weights a separate ``distill run`` gives, so grouping changes the cost, not the result;
 4. ``results/bench_kd.json`` and a markdown table: mAP (mean ± std over seeds), AP50, APs/m/l,
-   params, GFLOPs, and gap closed = (KD − plain) / (teacher − plain), from the seed means.
+   params, GFLOPs, and gap closed = (KD − plain) / (teacher − plain), from the seed means;
+5. ``results/bench_kd.png`` (per-class and per-size AP of teacher, plain and KD student, seed
+   means) and the ``distill report`` of the first seed's runs in ``OUT/report/report.html``.
+
+    python scripts/bench_kd.py --figure         # results/bench_kd.png again from the JSON
 
 ``train_minutes`` of a model is the wall time of its lockstep group divided by the group's size.
 """
@@ -43,6 +47,8 @@ from distill.checkpoint import (
 from distill.config import Config, load_config
 from distill.data.shapes import BENCHMARK_TRAIN, BENCHMARK_VAL, generate_shapes
 from distill.evaluate import evaluate_checkpoints, run_metrics, write_json
+from distill.report import report_command
+from distill.report_figures import bench_figure
 from distill.summary import summarize
 from distill.train import train, train_group
 
@@ -88,6 +94,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra overrides for every config (teacher and students)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny data and 3 steps: a smoke run")
+    parser.add_argument("--figure", action="store_true",
+                        help="only draw the figure (.png beside --out) from --out")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -111,6 +119,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     students_start = time.perf_counter()
 
     per_model: dict[str, list[dict[str, Any]]] = {}
+    run_dirs: dict[str, list[str]] = {}
     minutes: dict[str, list[float]] = {}
     for i, seed in enumerate(seeds):
         common = [*overrides, f"teacher.weights={teacher_weights}", f"train.seed={seed}"]
@@ -130,8 +139,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 )
         group_dir = args.out_dir / f"group_seed{seed}"
         results = _train_or_resume(list(cfgs.values()), group_dir)
-        for name, metrics in zip(cfgs, results):
+        for (name, cfg), metrics in zip(cfgs.items(), results):
             per_model.setdefault(name, []).append(metrics)
+            run_dirs.setdefault(name, []).append(_repo_relative(cfg.output.dir))
             # the group's training time (over all sessions, if resumed), shared by its models
             minutes.setdefault(name, []).append(metrics["train_minutes"] / len(cfgs))
 
@@ -142,6 +152,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 k: {"mean": teacher_metrics[k], "std": 0.0} if k == "map" else teacher_metrics[k]
                 for k in METRICS
             },
+            "per_class": teacher_metrics.get("per_class", {}),
             "params": sizes["teacher"]["params"],
             "gflops": sizes["teacher"]["gflops"],
             "train_minutes": teacher_minutes,
@@ -156,10 +167,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 "std": statistics.pstdev(maps) if len(maps) > 1 else 0.0,
             },
             **{k: statistics.fmean(r[k] for r in runs) for k in METRICS if k != "map"},
+            "per_class": {
+                c: statistics.fmean(r["per_class"][c] for r in runs) for c in runs[0]["per_class"]
+            },
             "map_per_seed": maps,
             "params": sizes["student"]["params"],
             "gflops": sizes["student"]["gflops"],
             "train_minutes": statistics.fmean(minutes[name]),
+            "run_dirs": run_dirs[name],
         }
     teacher_map = teacher_metrics["map"]
     plain, kd = models["student"]["map"]["mean"], models["student + KD"]["map"]["mean"]
@@ -221,6 +236,12 @@ def _train_or_resume(cfgs: list[Config], group_dir: Path) -> list[dict[str, Any]
     except TeacherMismatchError as err:
         print(f"{err}: training {group_dir.name} again", flush=True)
         return train_group(cfgs, "student", group_dir, overwrite=True)
+
+
+def _repo_relative(path: str) -> str:
+    """``path`` relative to the repository if inside it (no machine's folders in results/)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(resolved)
 
 
 def _dir(args: argparse.Namespace, name: str, seed: int) -> str:
@@ -293,12 +314,41 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def report_runs(result: dict[str, Any]) -> tuple[list[Path], Path, Path]:
+    """What ``distill report`` compares for a result: the first seed's distilled students
+    (default recipe first, then the ablations), its plain student and the teacher weights."""
+    models = result["models"]
+    students = [REPO / m["run_dirs"][0] for name, m in models.items()
+                if name not in ("teacher", "student")]  # fmt: skip
+    return students, REPO / models["student"]["run_dirs"][0], Path(models["teacher"]["weights"])
+
+
+def write_figures(result: dict[str, Any], figure: Path, report_dir: Path | None) -> None:
+    """``figure`` (per-class and per-size AP of teacher, plain and KD) and, with ``report_dir``,
+    the ``distill report`` of the first seed's runs there."""
+    bench_figure(result, figure)
+    print(f"wrote {figure}")
+    if report_dir is not None:
+        students, baseline, teacher = report_runs(result)
+        report_command(students, report_dir, teacher=str(teacher), baseline=baseline)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    figure = args.out.with_suffix(".png")
+    if args.figure:  # from the JSON of the last run; no training, no report
+        if not args.out.is_file():
+            sys.exit(f"bench_kd: error: {args.out} not found: run the benchmark first")
+        result = json.loads(args.out.read_text())
+        try:
+            write_figures(result, figure, None)
+        except ValueError as err:  # written before results had per-class AP
+            sys.exit(f"bench_kd: error: {args.out}: {err}")
+        return result
     try:
         result = run(args, argv)
     except FileExistsError as err:  # --data holds another dataset: nothing is overwritten
@@ -306,6 +356,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(result, args.out)
     print(format_table(result))
     print(f"\nwrote {args.out}")
+    write_figures(result, figure, args.out_dir / "report")
     return result
 
 

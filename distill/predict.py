@@ -32,7 +32,7 @@ from torchvision.models import get_model_weights
 from torchvision.ops import box_convert
 from tqdm import tqdm
 
-from distill.card import read_card
+from distill.card import CardError, read_card
 from distill.config import Config
 from distill.data import DatasetError, build_dataset, load_image
 from distill.dense import build_transform
@@ -78,6 +78,11 @@ def find_categories(cfg: Config, kind: str, weights: str) -> Categories:
     path = Path(weights)
     card = read_card(path) if path.is_file() else None
     if card is not None:
+        if card["role"] != kind:
+            raise CardError(
+                f"{path} holds a {card['role']}'s weights (its card {path.with_suffix('.json')}):"
+                f" use --model {card['role']}"
+            )
         by_label = {int(c["label"]): (int(c["id"]), str(c["name"])) for c in card["categories"]}
         return Categories(int(card["num_classes"]), by_label, f"the card of {path}")
     ann = Path(cfg.data.root) / cfg.data.val
@@ -101,14 +106,18 @@ def find_categories(cfg: Config, kind: str, weights: str) -> Categories:
 
 
 def _torchvision_categories(cfg: Config, weights: str) -> list[str] | None:
+    """torchvision's COCO names (index = category id) if ``weights`` are its COCO weights: a
+    weights name, its published file, or a file the config says is torchvision's."""
     from distill.settings import torchvision_file_names
 
     enum = get_model_weights(cfg.teacher.arch)
-    name = weights.removeprefix(f"{enum.__name__}.")
+    names = [w.name for w in enum] + ["DEFAULT"]
     published = torchvision_file_names().get(Path(weights).name, "")
-    if name in [w.name for w in enum] + ["DEFAULT"] or published.startswith(enum.__name__):
-        return list(enum.DEFAULT.meta["categories"])
-    if cfg.teacher.weights_settings == "torchvision":
+    if (
+        weights.removeprefix(f"{enum.__name__}.") in names
+        or published.startswith(enum.__name__)
+        or cfg.teacher.weights_settings == "torchvision"
+    ):
         return list(enum.DEFAULT.meta["categories"])
     return None
 

@@ -179,8 +179,10 @@ def test_train_losses_equal_torchvisions(setup: Any) -> None:
         outputs = module(image_list.tensors, image_list.image_sizes)
         got = detection_loss(module.detector, outputs, moved)
     assert set(got) == set(want) == {"classification", "bbox_regression"}
-    for key in want:
-        assert abs(float(got[key]) - float(want[key])) <= 1e-5, (key, got[key], want[key])
+    differences = {key: abs(float(got[key]) - float(want[key])) for key in want}
+    print(f"{arch}: loss differences {differences}")
+    for key, difference in differences.items():
+        assert difference <= 1e-5, (key, got[key], want[key])
 
 
 def test_distill_eval_ap_equals_pycocotools(setup: Any, tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ def test_torchvision_weights_need_torchvisions_settings() -> None:
         check_trained_settings(wrong, "teacher", V2)
     message = str(info.value)
     assert "anchors.sizes [16, 32, 64, 128, 256] (expected [32, 64, 128, 256, 512])" in message
-    assert "data.min_size 800 (expected 800), data.max_size 800 (expected 1333)" in message
+    assert "data.image_size 800 (expected data.min_size 800 and data.max_size 1333" in message
     assert "teacher.weights_settings=ignore" in message and "\n" not in message
     # a deliberate override
     ignored = replace(wrong, **{"teacher.weights_settings": "ignore"})

@@ -105,16 +105,21 @@ def find_categories(cfg: Config, kind: str, weights: str) -> Categories:
     )
 
 
+def _torchvision_name(cfg: Config, weights: str) -> bool:
+    """Whether ``weights`` is a torchvision weights name of the teacher's arch (COCO_V1, ...)."""
+    enum = get_model_weights(cfg.teacher.arch)
+    return weights.removeprefix(f"{enum.__name__}.") in [w.name for w in enum] + ["DEFAULT"]
+
+
 def _torchvision_categories(cfg: Config, weights: str) -> list[str] | None:
     """torchvision's COCO names (index = category id) if ``weights`` are its COCO weights: a
     weights name, its published file, or a file the config says is torchvision's."""
     from distill.settings import torchvision_file_names
 
     enum = get_model_weights(cfg.teacher.arch)
-    names = [w.name for w in enum] + ["DEFAULT"]
     published = torchvision_file_names().get(Path(weights).name, "")
     if (
-        weights.removeprefix(f"{enum.__name__}.") in names
+        _torchvision_name(cfg, weights)
         or published.startswith(enum.__name__)
         or cfg.teacher.weights_settings == "torchvision"
     ):
@@ -166,6 +171,9 @@ def predict_images(
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; give a folder")
     images = find_images(inputs)  # before any model is built: a typo fails at once
+    if not Path(weights).is_file() and not (kind == "teacher" and _torchvision_name(cfg, weights)):
+        names = " nor a torchvision weights name" if kind == "teacher" else ""
+        raise FileNotFoundError(f"weights file not found{names}: {weights}")
     categories = find_categories(cfg, kind, weights)
     accelerator = make_accelerator(cfg)
     detector = load_detector(cfg, kind, weights, categories.num_classes, score_threshold)
@@ -180,6 +188,7 @@ def predict_images(
         collate_fn=_keep_all,
     )
     known = torch.tensor(sorted(categories.by_label))
+    label_names = {label: name for label, (_, name) in categories.by_label.items()}
     results: list[dict[str, Any]] = []
     unreadable: list[str] = []
     drawn_names: set[str] = set()
@@ -200,8 +209,7 @@ def predict_images(
             results.extend(_coco_results(index + 1, name, det, categories))
             if draw:
                 canvas = (image.clamp(0, 1) * 255).to(torch.uint8)
-                names = {label: n for label, (_, n) in categories.by_label.items()}
-                picture = draw_boxes(canvas, det, names, draw_threshold)
+                picture = draw_boxes(canvas, det, label_names, draw_threshold)
                 target = _unique(out / "drawn" / Path(name).with_suffix(".png"), drawn_names)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(picture.permute(1, 2, 0).numpy()).save(target)

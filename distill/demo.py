@@ -33,9 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "shapes"
 BENCH_KD = REPO / "results" / "bench_kd.json"
 
-# The reference schedule: 13.8 min in all on 2 CPU cores with native bf16 (the configs'
-# mixed_precision auto, Intel Xeon with avx512_bf16). Where it would not fit the time budget
-# (fp32 on an AVX2-only CPU: 44.9 min), every model's steps shrink by one factor.
+# The reference schedule: about a quarter of an hour on 2 CPU cores with native bf16 (the
+# configs' mixed_precision auto), three times that in fp32 (README, "Observations"). Where it
+# would not fit the time budget, every model's steps shrink by one factor.
 DEMO_TRAIN, DEMO_VAL, DEMO_SIZE = 1000, 200, 128
 TEACHER_STEPS = 600
 STUDENT_STEPS = 500

@@ -149,15 +149,7 @@ def test_benchmark_sentence_is_empty_without_a_full_benchmark(tmp_path: Path) ->
 
 
 def test_readme_tables_are_generated_from_results() -> None:
-    import importlib.util
-    import sys
+    from tests.test_readme_tables import load_tables
 
-    spec = importlib.util.spec_from_file_location(
-        "readme_tables", REPO / "scripts" / "readme_tables.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["readme_tables"] = module
-    spec.loader.exec_module(module)
     readme = (REPO / "README.md").read_text()
-    assert module.render(readme) == readme, "run: python scripts/readme_tables.py"
+    assert load_tables().render(readme) == readme, "run: python scripts/readme_tables.py"

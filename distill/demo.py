@@ -7,8 +7,10 @@
 4. train the plain student and the distilled student on the same schedule,
 5. print one table: teacher, student, student + KD: mAP, AP50, params, GFLOPs, latency.
 
-The schedules are the shipped ``configs/shapes/*.yaml`` shortened to the demo's budget below;
-every number printed is measured in this run (or read from the reused teacher's metrics.json).
+The schedules are the shipped ``configs/shapes/*.yaml`` shortened to the demo's budget below.
+Every number printed is measured in this run (or read from the reused teacher's metrics.json),
+except the verdict's last sentence: it quotes the committed benchmark (``results/bench_kd.json``)
+and says so, with that benchmark's date.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "shapes"
 BENCH_KD = REPO / "results" / "bench_kd.json"
 
-# The reference schedule: 13.8 min in all on 2 CPU cores with native bf16 (the configs'
-# mixed_precision auto, Intel Xeon with avx512_bf16). Where it would not fit the time budget
-# (fp32 on an AVX2-only CPU: 44.9 min), every model's steps shrink by one factor.
+# The reference schedule: about a quarter of an hour on 2 CPU cores with native bf16 (the
+# configs' mixed_precision auto), three times that in fp32 (README, "Observations"). Where it
+# would not fit the time budget, every model's steps shrink by one factor.
 DEMO_TRAIN, DEMO_VAL, DEMO_SIZE = 1000, 200, 128
 TEACHER_STEPS = 600
 STUDENT_STEPS = 500
@@ -256,7 +258,7 @@ def verdict(rows: dict[str, dict[str, Any]], teacher_weights: Path) -> str:
 
 def benchmark_sentence(path: Path) -> str:
     """What the long teacher schedule gave in the last full ``scripts/bench_kd.py`` run, read
-    from its committed JSON ("" when there is none)."""
+    from its committed JSON and labelled as such, with its date ("" when there is none)."""
     try:
         result = json.loads(path.read_text())
         if result.get("quick"):
@@ -264,8 +266,9 @@ def benchmark_sentence(path: Path) -> str:
         models = result["models"]
         teacher, plain, kd = (models[k] for k in ("teacher", "student", "student + KD"))
         return (
-            f" In the last full benchmark ({path.name}, {result['machine']['cpu']}, "
-            f"{result['date'][:10]}), a teacher trained for {teacher['train_minutes']:.0f} min "
+            f" Not measured in this run: in the committed benchmark (results/{path.name}, run "
+            f"{result['date'][:10]} on {result['machine']['cpu']}), a teacher trained for "
+            f"{teacher['train_minutes']:.0f} min "
             f"reached mAP {teacher['map']['mean']:.3f}, and distillation moved the student from "
             f"{plain['map']['mean']:.3f} to {kd['map']['mean']:.3f} ({result['gap_closed']:.0%} "
             f"of the gap, mean of seeds {result['seeds']})."

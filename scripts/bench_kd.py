@@ -12,8 +12,9 @@
    one-term ablations (feature KD only, logit KD only, box KD only). The models of one seed train
    in **lockstep** (``train_group``: one data stream, one teacher forward per batch), and each ends
    with the weights a separate ``distill run`` gives, so grouping changes the cost, not the result;
-4. ``results/bench_kd.json`` and a markdown table: mAP (mean ± std over seeds), AP50, APs/m/l,
-   params, GFLOPs, and gap closed = (KD − plain) / (teacher − plain), from the seed means;
+4. ``results/bench_kd.json`` and a markdown table: mAP (mean ± std over seeds; a model trained
+   once, the teacher and the ablations, has no std), AP50, APs/m/l, params, GFLOPs, and gap
+   closed = (KD − plain) / (teacher − plain), from the seed means;
 5. ``results/bench_kd.png`` (per-class and per-size AP of teacher, plain and KD student, seed
    means) and the ``distill report`` of the first seed's runs in ``OUT/report/report.html``.
 
@@ -28,6 +29,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import platform
 import shlex
 import statistics
@@ -149,7 +151,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     models: dict[str, Any] = {
         "teacher": {
             **{
-                k: {"mean": teacher_metrics[k], "std": 0.0} if k == "map" else teacher_metrics[k]
+                k: spread([teacher_metrics[k]]) if k == "map" else teacher_metrics[k]
                 for k in METRICS
             },
             "per_class": teacher_metrics.get("per_class", {}),
@@ -162,10 +164,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     for name, runs in per_model.items():
         maps = [r["map"] for r in runs]
         models[name] = {
-            "map": {
-                "mean": statistics.fmean(maps),
-                "std": statistics.pstdev(maps) if len(maps) > 1 else 0.0,
-            },
+            "map": spread(maps),
             **{k: statistics.fmean(r[k] for r in runs) for k in METRICS if k != "map"},
             "per_class": {
                 c: statistics.fmean(r["per_class"][c] for r in runs) for c in runs[0]["per_class"]
@@ -210,7 +209,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "quick": bool(args.quick),
         "machine": {
             "cpu": _cpu_name(),
-            "cores": torch.get_num_threads(),
+            "cores": os.cpu_count(),  # logical CPUs of the machine
+            "cores_usable": _usable_cores(),  # those this process may run on (affinity)
+            "torch_threads": torch.get_num_threads(),  # intra-op threads torch used
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -218,6 +219,22 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python scripts/bench_kd.py" + ("" if not argv else " " + shlex.join(argv)),
     }
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean of ``values`` and the number of runs; the (population) std only where there are
+    several runs: one run measures no spread."""
+    result: dict[str, Any] = {"mean": statistics.fmean(values), "runs": len(values)}
+    if len(values) > 1:
+        result["std"] = statistics.pstdev(values)
+    return result
+
+
+def _usable_cores() -> int | None:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count()
 
 
 def _train_or_resume(cfgs: list[Config], group_dir: Path) -> list[dict[str, Any]]:
@@ -288,14 +305,15 @@ def goal_text(name: str) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """Markdown: one row per model, mean ± std over seeds for mAP."""
+    """Markdown: one row per model, mAP as mean ± std over seeds (no ± for a single run)."""
     lines = [
         "| model | mAP | AP50 | APs | APm | APl | params (M) | GFLOPs | train (min) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in result["models"].items():
-        mean, std = m["map"]["mean"], m["map"]["std"]
-        cells = [f"{mean:.3f} ± {std:.3f}", *(f"{m[k]:.3f}" for k in ("ap50", "aps", "apm", "apl"))]
+        mean, std = m["map"]["mean"], m["map"].get("std")  # no std: a single run
+        cells = [f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"]
+        cells += [f"{m[k]:.3f}" for k in ("ap50", "aps", "apm", "apl")]
         cells += [f"{m['params'] / 1e6:.2f}", f"{m['gflops']:.2f}", f"{m['train_minutes']:.1f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")

@@ -35,17 +35,59 @@ def _script(name: str) -> ModuleType:
 def section(name: str, result: dict[str, Any]) -> str:
     """The markdown between the markers for results file ``name``."""
     table = _script(name).format_table(result)
-    machine = result.get("machine", {})
-    where = ", ".join(
-        str(v)
-        for v in (machine.get("cpu"), f"{machine.get('cores')} cores", machine.get("device"))
-        if v
-    )
+    notes = NOTES[name](result) if name in NOTES else ""
     return (
-        f"{table}\n\n"
+        f"{table}\n\n{notes}"
         f"Command: `{result.get('command', 'python scripts/' + name + '.py')}` — "
-        f"{where}, torch {machine.get('torch', '?')}, {result.get('date', '?')}.\n"
+        f"{machine_text(result.get('machine', {}))}, {result.get('date', '?')}.\n"
     )
+
+
+def machine_text(machine: dict[str, Any]) -> str:
+    """The machine as its JSON records it: only the fields present, each under its own name
+    (older results recorded torch's thread count, not the core count)."""
+    parts = [machine.get("cpu")]
+    if machine.get("cores") is not None:
+        usable = machine.get("cores_usable")
+        extra = f" ({usable} usable)" if usable not in (None, machine["cores"]) else ""
+        parts.append(f"{machine['cores']} cores{extra}")
+    if machine.get("torch_threads") is not None:
+        parts.append(f"{machine['torch_threads']} torch threads")
+    parts += [machine.get("device"), f"torch {machine.get('torch', '?')}"]
+    if "native_bf16" in machine:
+        parts.append(f"native bf16: {'yes' if machine['native_bf16'] else 'no'}")
+    return ", ".join(str(p) for p in parts if p)
+
+
+def bench_speed_notes(result: dict[str, Any]) -> str:
+    """What the speed JSON says about bf16 on its host and about the lockstep bound, from its
+    own fields (the README's speed prose is this text, never typed by hand)."""
+    lines = []
+    native = result.get("machine", {}).get("native_bf16")
+    if "bf16" in result and "fp32" in result:
+        fp32, bf16 = result["fp32"]["median_ms"], result["bf16"]["median_ms"]
+        status = {None: "whether it was native is not recorded in this JSON"}.get(
+            native, "native" if native else "emulated"
+        )
+        lines.append(
+            f"bf16 on this host: {status}; the teacher forward took {bf16['teacher_forward']:.0f} "
+            f"ms in bf16 against {fp32['teacher_forward']:.0f} ms in fp32, a student KD step "
+            f"{bf16['student_kd_step']:.0f} against {fp32['student_kd_step']:.0f} ms."
+        )
+    for p in ("fp32", "bf16"):
+        if p in result:
+            ms = result[p]["median_ms"]
+            lines.append(
+                f"{p}: shared work T = transform + teacher forward = "
+                f"{ms['transform'] + ms['teacher_forward']:.0f} ms, per-student work S = "
+                f"{ms['student_kd_step']:.0f} ms: K(T+S)/(T+KS) = "
+                f"{result[p]['sweep_speedup_bound']:.2f}× for K = {result['sweep_k']}."
+            )
+    return "".join(f"- {line}\n" for line in lines) + "\n" if lines else ""
+
+
+# Sentences generated from a results file's fields, after its table.
+NOTES = {"bench_speed": bench_speed_notes}
 
 
 def render(readme: str) -> str:

@@ -5,23 +5,35 @@
 SPEC is a JSON list of commands, run in order in the same process (one process group):
 
     {"argv": ["run", "CONFIG", "--set", "..."],   # what follows ``distill``
+     "expect": 3,                                 # optional: the exit status it must end with (0)
      "nan_rank": 1, "nan_steps": [1, 2],          # optional: non-finite total loss on that rank
-     "digest_dir": "DIR"}                         # optional: DIR/digest.rank{R}.txt at each eval
+     "digest_dir": "DIR"}                         # optional: DIR/digest.rank{R}.json, see below
 
 The non-finite loss replaces ``distill.train.combine``'s total on the chosen rank and steps, so
-only that process sees it. The digest file holds ``state_digest`` of the detector that rank
-evaluates at the end of training: equal files on all ranks mean equal weights on all ranks.
-Each command's status is printed as ``cli_entry: rank R: command K exited S`` and the script
-exits 0 once all have run: a worker that exits non-zero would make the launcher stop the others.
+only that process sees it. The digest file records, for the detector that rank evaluates at the
+end of training, SHA-256 digests taken before anything is broadcast and at the evaluation:
+
+    {"broadcast_before": digest of the tensors the loop broadcasts from process 0 (BatchNorm
+                         buffers), as this rank held them after its last training step,
+     "broadcast_after": the same tensors after the broadcast,
+     "parameters", "buffers", "state": the detector at the evaluation (``state_digest``)}
+
+Each command's status is printed as ``cli_entry: rank R: command K exited S``. Every command
+runs, whatever the status of the one before (a worker that exits early would make the launcher
+stop the others); then the script exits 1 if any command's status was not its ``expect``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 import distill.train
 from distill.checkpoint import state_digest
@@ -42,32 +54,62 @@ def patched(spec: dict[str, Any]) -> None:
         return total, logs
 
     digest_dir = spec.get("digest_dir")
+    digests: dict[str, str] = {}
+
+    def broadcast(tensors: Any, *args: Any, **kwargs: Any) -> Any:
+        if digest_dir is not None:  # this rank's own state, before process 0's replaces it
+            digests["broadcast_before"] = tensors_digest(tensors)
+        result = _broadcast(tensors, *args, **kwargs)
+        if digest_dir is not None:
+            digests["broadcast_after"] = tensors_digest(tensors)
+        return result
 
     def evaluate(detector: Any, *args: Any, **kwargs: Any) -> Any:
         if digest_dir is not None:
             accelerator = args[2] if len(args) > 2 else kwargs["accelerator"]
-            path = Path(digest_dir) / f"digest.rank{accelerator.process_index}.txt"
+            digests["parameters"] = tensors_digest(detector.parameters())
+            digests["buffers"] = tensors_digest(detector.buffers())
+            digests["state"] = state_digest(detector)
+            path = Path(digest_dir) / f"digest.rank{accelerator.process_index}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(state_digest(detector))
+            path.write_text(json.dumps(digests))
         return _evaluate(detector, *args, **kwargs)
 
     distill.train.combine = combine
+    distill.train.broadcast = broadcast
     distill.train.evaluate = evaluate
 
 
+def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
+    """SHA-256 over the dtypes and bytes of ``tensors``, in order."""
+    h = hashlib.sha256()
+    for tensor in tensors:
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 _combine = distill.train.combine
+_broadcast = distill.train.broadcast
 _evaluate = distill.train.evaluate
 
 
-def run(specs: list[dict[str, Any]]) -> None:
+def run(specs: list[dict[str, Any]]) -> int:
+    """Run every command; 1 if any ended with another status than its ``expect``, else 0."""
+    failed = 0
     for k, spec in enumerate(specs):
         patched(spec)
         code = main(spec["argv"])
+        expected = spec.get("expect", 0)
         print(f"cli_entry: rank {RANK}: command {k} exited {code}", flush=True)
+        if code != expected:
+            print(f"cli_entry: rank {RANK}: command {k}: expected {expected}", flush=True)
+            failed = 1
+    return failed
 
 
 if __name__ == "__main__":
-    run(json.loads(Path(sys.argv[1]).read_text()))
+    status = run(json.loads(Path(sys.argv[1]).read_text()))
     # Tear the gloo group down before interpreter exit: left to static destructors, a worker
     # once aborted after all its commands had exited 0 ("terminate called without an active
     # exception", exit -6), and the launcher then failed the whole run.
@@ -75,3 +117,4 @@ if __name__ == "__main__":
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    sys.exit(status)

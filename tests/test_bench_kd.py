@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -69,21 +71,50 @@ def test_quick_benchmark_writes_every_model_and_the_gap(
             "gflops",
             "train_minutes",
         }
-        assert set(model["map"]) == {"mean", "std"}
     assert len(saved["models"]["student"]["map_per_seed"]) == 2
     assert len(saved["models"]["box KD only"]["map_per_seed"]) == 1  # ablations: first seed only
+    # a spread only where there are several runs: the teacher and the ablations ran once
+    for name in names:
+        per_seed = saved["models"][name].get("map_per_seed", [saved["models"][name]["map"]["mean"]])
+        expected = {"mean", "runs", "std"} if len(per_seed) > 1 else {"mean", "runs"}
+        assert set(saved["models"][name]["map"]) == expected, name
+        assert saved["models"][name]["map"]["runs"] == len(per_seed)
+    assert saved["models"]["student"]["map"]["std"] == pytest.approx(
+        statistics.pstdev(saved["models"]["student"]["map_per_seed"])
+    )
+    machine = saved["machine"]
+    assert machine["cores"] == os.cpu_count() and machine["torch_threads"] >= 1
+    assert machine["cores_usable"] == len(os.sched_getaffinity(0))
     assert saved["models"]["student"]["gflops"] < saved["models"]["teacher"]["gflops"]
     goals = saved["goals"]
     assert list(goals) == list(bench.GOALS)
-    gap_closed = saved["gap_closed"]  # NaN when the tiny teacher is no better than the student
-    assert goals["gap_closed"]["value"] == gap_closed or math.isnan(gap_closed)
-    assert math.isnan(goals["gap_closed"]["value"]) == math.isnan(gap_closed)
-    assert goals["teacher_map"]["value"] == saved["models"]["teacher"]["map"]["mean"]
+    # the gap formula from the per-seed mAPs written in the same file
+    teacher_map = saved["models"]["teacher"]["map"]["mean"]
+    plain = saved["models"]["student"]["map_per_seed"]
+    kd = saved["models"]["student + KD"]["map_per_seed"]
+    gap = teacher_map - statistics.fmean(plain)
+    expected_closed = (statistics.fmean(kd) - statistics.fmean(plain)) / gap if gap > 0 else None
+    for closed in (saved["gap_closed"], goals["gap_closed"]["value"]):
+        if expected_closed is None:  # the tiny teacher is no better than the student
+            assert math.isnan(closed)
+        else:
+            assert closed == pytest.approx(expected_closed, rel=1e-12)
+    assert goals["teacher_minus_plain"]["value"] == pytest.approx(gap, rel=1e-12)
+    beats = all(k > p for k, p in zip(kd, plain))
+    assert saved["kd_beats_plain_every_seed"] is beats
+    assert goals["kd_beats_plain_every_seed"]["value"] == float(beats)
+    assert goals["teacher_map"]["value"] == teacher_map
     assert goals["benchmark_minutes"]["value"] == saved["benchmark_minutes"] > 0
-    for name, goal in goals.items():
-        assert goal["met"] == bench.goal_met(name, goal["value"])
+    # "met" read from the goal's own text ("≥ 0.5"), not from the function under test
+    for goal in goals.values():
+        sign, bound = goal["goal"].split()
+        value = goal["value"]
+        assert goal["met"] == (value >= float(bound) if sign == "≥" else value <= float(bound))
     table = bench.format_table(result)
     assert "| student + KD |" in table and "Gap closed" in table
+    assert (
+        "| box KD only | " in table and "±" not in table.split("| box KD only |")[1].split("\n")[0]
+    )
     assert "| teacher mAP | " in table and "| ≥ 0.5 |" in table
     # a second run reuses the teacher trained by the first
     teacher = tmp_path / "runs" / "teacher" / "teacher.pt"
@@ -115,3 +146,58 @@ def test_goal_bounds_are_inclusive() -> None:
     assert bench.goal_met("teacher_map", 0.50) and not bench.goal_met("teacher_map", 0.4999)
     assert bench.goal_met("benchmark_minutes", 60.0) and not bench.goal_met("benchmark_minutes", 61)
     assert bench.goal_text("gflops_ratio") == "≤ 0.2"
+
+
+def test_aggregation_from_known_per_seed_maps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run`` with training replaced by known metrics: the mean, the spread (only for several
+    runs), the gap closed and the goals follow from the per-seed mAPs by their formulas."""
+    bench = load_bench_kd()
+    maps = {  # per seed 0, 1; the ablations run on seed 0 only
+        "student": [0.20, 0.30],
+        "student + KD": [0.40, 0.35],
+        "feature KD only": [0.25],
+        "logit KD only": [0.22],
+        "box KD only": [0.21],
+    }
+    calls: list[int] = []
+
+    def train_or_resume(cfgs: list, group_dir: Path) -> list[dict]:
+        seed = len(calls)
+        calls.append(seed)
+        names = list(maps)[: len(cfgs)]
+        return [dict.fromkeys(bench.METRICS, maps[n][seed]) | {"train_minutes": 6.0} for n in names]
+
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"")
+    (tmp_path / "metrics.json").write_text(
+        json.dumps(dict.fromkeys(bench.METRICS, 0.6) | {"train_minutes": 80.0})
+    )
+    sizes = {"teacher": {"params": 10, "gflops": 10.0}, "student": {"params": 1, "gflops": 1.0}}
+    monkeypatch.setattr(bench, "_train_or_resume", train_or_resume)
+    monkeypatch.setattr(bench, "generate_shapes", lambda *a, **k: None)
+    monkeypatch.setattr(bench, "summarize", lambda cfg: {**sizes, "ratio": {"gflops": 0.1}})
+    args = ["--teacher", str(teacher), "--seeds", "0,1", "--data", str(tmp_path / "d")]
+    result = bench.run(bench.parse_args(args), args)
+
+    models = result["models"]
+    assert models["teacher"]["map"] == {"mean": 0.6, "runs": 1}  # one run: no spread
+    assert models["box KD only"]["map"] == {"mean": 0.21, "runs": 1}
+    assert models["student"]["map"] == {
+        "mean": pytest.approx(0.25),
+        "runs": 2,
+        "std": pytest.approx(0.05),
+    }
+    assert models["student + KD"]["map"]["std"] == pytest.approx(0.025)
+    # (mean KD - mean plain) / (teacher - mean plain) = (0.375 - 0.25) / (0.6 - 0.25)
+    assert result["gap_closed"] == pytest.approx(0.125 / 0.35)
+    assert result["kd_beats_plain_every_seed"] is True  # 0.40 > 0.20 and 0.35 > 0.30
+    goals = result["goals"]
+    assert goals["gap_closed"]["met"] is False  # 0.357 < 0.5
+    assert goals["teacher_minus_plain"]["value"] == pytest.approx(0.35)
+    assert goals["teacher_train_minutes"] == {"value": 80.0, "goal": "≤ 90", "met": True}
+    # a group's 6 min shared by its 5 (seed 0) or 2 (seed 1) models, averaged over seeds
+    assert goals["student_train_minutes"]["value"] == pytest.approx((6.0 / 5 + 6.0 / 2) / 2)
+    table = bench.format_table(result)
+    assert "| teacher | 0.600 | " in table and "| student | 0.250 ± 0.050 | " in table

@@ -8,16 +8,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor, nn
-from torchvision.models import mobilenet_v3_small
-from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models import mobilenet_v3_large, mobilenet_v3_small
+from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights, retinanet_resnet50_fpn
 from torchvision.models.detection.image_list import ImageList
 
-from distill.config import AnchorConfig, Config, replace
+import distill.summary as summary_module
+from distill.cli import main
+from distill.config import AnchorConfig, Config, load_config, replace
 from distill.dense import (
     LEVELS,
     STRIDES,
@@ -30,7 +34,7 @@ from distill.dense import (
     feature_strides,
     postprocess,
 )
-from distill.summary import DEFAULT_NUM_CLASSES, _num_classes, format_summary, summarize
+from distill.summary import DEFAULT_NUM_CLASSES, _num_classes, format_summary
 from distill.weights import (
     CLS_LOGITS_KEYS,
     FreezableRetinaNet,
@@ -429,25 +433,55 @@ def test_losses_and_anchors_stay_float32_under_autocast() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_summary_default_student_is_light(tmp_path, caplog) -> None:
+def test_summary_command_counts_the_default_models(tmp_path, caplog, capsys, monkeypatch) -> None:
+    """``distill summary CONFIG --json`` on the default models (128 px, 3 classes): FLOPs and
+    parameters as torchvision's own models give them; without --json, the table."""
     (tmp_path / "train.json").write_text(json.dumps({"categories": [{"id": i} for i in range(3)]}))
-    cfg = replace(
-        Config(),
-        **{"data.root": str(tmp_path), "teacher.weights": str(tmp_path / "not-yet" / "teacher.pt")},
-    )
-    assert cfg.data.image_size == 128 and cfg.student == Config().student
+    config = tmp_path / "summary.yaml"  # every other key at its default
+    config.write_text(f"data: {{root: {tmp_path}}}\n")
+    weights = f"teacher.weights={tmp_path / 'not-yet' / 'teacher.pt'}"
+    assert load_config(config).student == Config().student
     with caplog.at_level(logging.WARNING, logger="distill.models"):
-        result = summarize(cfg, warmup=1, iterations=1)
+        assert main(["summary", str(config), "--set", weights, "--json"]) == 0
     assert "not-yet" in caplog.text  # a warning, not an error
-    assert result["num_classes"] == 4
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_classes"] == 4 and result["image_size"] == 128
     for name in ("teacher", "student"):
         assert isinstance(result[name]["params"], int)
-        assert result[name]["gflops"] > 0 and result[name]["latency_ms"] > 0
-    assert 20e6 < result["teacher"]["params"] < 40e6
+        assert result[name]["latency_ms"] > 0
+    # the teacher: torchvision's own RetinaNet R50-FPN (v1, the default arch), built apart
+    reference = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=4).eval()
+    image = torch.rand(1, 3, 128, 128)
+    flops = count_flops(lambda: reference.head(list(reference.backbone(image).values())))
+    assert result["teacher"]["gflops"] == pytest.approx(flops / 1e9, rel=1e-9)
+    assert result["teacher"]["params"] == sum(p.numel() for p in reference.parameters())
+    # the student: torchvision's MobileNetV3-Large features counted the same way, plus its
+    # FPN (128 channels) and 2-conv head (9 anchors, 4 classes) by hand: a KxK conv costs
+    # 2 Cin Cout K^2 H W FLOPs. At 128 px, C3/C4/C5 (40/112/960 ch) are 16/8/4 px, P6 2, P7 1.
+    features = mobilenet_v3_large(weights=None).features.eval()
+    c, pixels = 128, [16 * 16, 8 * 8, 4 * 4, 2 * 2, 1 * 1]
+    fpn = 2 * c * (40 * 256 + 112 * 64 + 960 * 16) + 2 * 9 * c * c * sum(pixels)  # P3-P7 3x3
+    # 2 + 2 tower convs, then 9 anchors x (4 class logits + 4 box deltas) output convs
+    head = (2 + 2) * 2 * 9 * c * c * sum(pixels) + 2 * 9 * c * 9 * (4 + 4) * sum(pixels)
+    student = count_flops(lambda: features(image)) + fpn + head
+    assert result["student"]["gflops"] == pytest.approx(student / 1e9, rel=1e-9)
     assert result["ratio"]["gflops"] <= 1 / 5
     assert result["ratio"]["params"] == result["student"]["params"] / result["teacher"]["params"]
-    table = format_summary(result)
-    assert "teacher" in table and "student/teacher" in table
+    # the table: the same result, formatted (summarize is not run again)
+    monkeypatch.setattr(summary_module, "summarize", lambda cfg: result)
+    assert main(["summary", str(config), "--set", weights]) == 0
+    table = capsys.readouterr().out
+    assert table == format_summary(result) + "\n"
+    assert f"{result['teacher']['gflops']:.2f}" in table.splitlines()[1]
+    assert table.splitlines()[3].startswith("student/teacher")
+
+
+def count_flops(forward: Callable[[], object]) -> int:
+    """FLOPs of ``forward()`` under torch's FlopCounterMode (a multiply-add is 2)."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        forward()
+    return int(counter.get_total_flops())
 
 
 def test_summary_class_count_without_annotations(tmp_path, caplog) -> None:

@@ -171,7 +171,9 @@ def worker(launcher_pid: int, rank: int) -> psutil.Process:
     """The ``distill`` worker process of ``rank`` started by an ``accelerate launch``."""
     for child in psutil.Process(launcher_pid).children(recursive=True):
         try:
-            if child.environ().get("RANK") == str(rank) and "distill" in child.cmdline():
+            cmdline = child.cmdline()
+            runs_distill = "distill" in cmdline or str(ENTRY) in cmdline
+            if child.environ().get("RANK") == str(rank) and runs_distill:
                 return child
         except psutil.Error:
             continue
@@ -268,7 +270,7 @@ def ddp(shapes_root: Path, teacher_pt: Path, tmp_path_factory: pytest.TempPathFa
          "digest_dir": str(root / "kd")},
         {"argv": ["run", str(SMOKE), *sets(*fgd)]},
         {"argv": ["run", str(SMOKE), *sets(*nan_stop)], "nan_rank": 1,
-         "nan_steps": list(range(STEPS))},
+         "nan_steps": list(range(STEPS)), "expect": 1},
         *[{"argv": ["eval", str(SMOKE), *sets(*eval_overrides(shapes_root, n)),
                     "--weights", weights, "--out", str(root / f"eval{n}.json")]}
           for n in EVAL_SIZES],
@@ -311,6 +313,16 @@ def test_resume_after_two_stops_equals_the_uninterrupted_run(
     train(cfg, resume=out)
     assert_same_weights(out / "student.pt", reference / "student.pt")
     assert read_trace(out) == read_trace(reference)
+    # the learning-rate schedule (warm-up, then cosine) went on where it stopped
+    assert logged_lr(out) == logged_lr(reference)
+    assert len(logged_lr(reference)) == STEPS
+
+
+def logged_lr(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, learning rate) as the run logged them to TensorBoard, over all its sessions."""
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("train/lr")]
 
 
 def test_resume_after_sigkill_equals_the_uninterrupted_run(
@@ -368,18 +380,22 @@ def test_signal_saves_one_state_exits_3_and_resume_is_exact(
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
     ddp: Path, shapes_root: Path, tmp_path: Path
 ) -> None:
-    """SIGTERM to rank 1 only: both ranks save the same step and exit 3; resuming under 2
-    processes gives the weights and batches of the uninterrupted 2-process run."""
+    """SIGTERM to rank 1 only: both ranks save the same step and exit 3 (each rank's status,
+    printed by tests/cli_entry.py); resuming under 2 processes gives the weights and batches of
+    the uninterrupted 2-process run."""
     out, log = tmp_path / "run", tmp_path / "log.txt"
     overrides = plain(shapes_root, out, "data.batch_size=2")
     args = ["-m", "distill", "run", str(SMOKE), *sets(*overrides)]
-    proc = start(launch(free_port(), *args), log)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps([{"argv": args[2:], "expect": 3}]))
+    proc = start(launch(free_port(), str(ENTRY), str(spec)), log)
     wait_until(lambda: traced(out, rank=1) >= 1, proc, log)
     worker(proc.pid, rank=1).send_signal(signal.SIGTERM)
-    assert finish(proc, log) != 0
+    assert finish(proc, log) == 0, log.read_text()[-3000:]  # each rank exited as expected
     text = log.read_text()
     assert "received SIGTERM" in text and f"resume with --resume {out}" in text, text[-3000:]
-    assert re.search(r"exitcode\s*:\s*3", text), text[-3000:]
+    exits = re.findall(r"cli_entry: rank (\d): command 0 exited (-?\d+)", text)
+    assert sorted(exits) == [("0", "3"), ("1", "3")], text[-3000:]
     progress = checkpoint_progress(out)
     assert 1 <= progress["step"] < STEPS
     for rank in (0, 1):
@@ -394,6 +410,23 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
     assert_same_weights(out / "student.pt", ddp / "plain" / "student.pt")
     for rank in (0, 1):
         assert read_trace(out, rank) == read_trace(ddp / "plain", rank)
+
+
+def test_cli_entry_fails_when_a_command_ends_otherwise_than_expected(tmp_path: Path) -> None:
+    """The multi-process tests' entry point runs every command, then exits 1 if any status was
+    not the expected one, so a failed rank fails its launcher (and the test)."""
+    missing = str(tmp_path / "missing.yaml")
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps([{"argv": ["run", missing], "expect": 2}, {"argv": ["run", missing]}])
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ENTRY), str(spec)], env=ENV, cwd=REPO, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "rank 0: command 0 exited 2\n" in proc.stdout  # as expected
+    assert "rank 0: command 1 exited 2\ncli_entry: rank 0: command 1: expected 0" in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,11 +630,12 @@ def test_resume_against_another_teacher_is_refused(
     shapes_root: Path, teacher_pt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A KD checkpoint resumed with other teacher weights: exit 2 naming the checkpoint, also
-    with --resume-fallback, and nothing written; with its own teacher it resumes."""
+    with --resume-fallback, and nothing written; with its own teacher it resumes, and ends
+    with bitwise the weights of the same distillation run never interrupted."""
     out = tmp_path / "run"
 
-    def overrides(teacher: Path) -> list[str]:
-        return [f"data.root={shapes_root}", f"output.dir={out}", f"teacher.weights={teacher}",
+    def overrides(teacher: Path, run_dir: Path = out) -> list[str]:
+        return [f"data.root={shapes_root}", f"output.dir={run_dir}", f"teacher.weights={teacher}",
                 "train.epochs=1", "train.max_steps=2", "data.max_val_images=1",
                 "eval.images_logged=0"]  # fmt: skip
 
@@ -623,6 +657,11 @@ def test_resume_against_another_teacher_is_refused(
     assert [n for n in after if n not in before and not n.startswith("events")] == []
     assert main(["run", str(SMOKE), *sets(*overrides(teacher_pt)), "--resume", str(out)]) == 0
     assert json.loads((out / "metrics.json").read_text())["step"] == 2
+    # exact resume of distillation: the KD terms, adapters and schedule all went on as they were
+    uninterrupted = tmp_path / "uninterrupted"
+    assert main(["run", str(SMOKE), *sets(*overrides(teacher_pt, uninterrupted))]) == 0
+    assert_same_weights(out / "student.pt", uninterrupted / "student.pt")
+    assert logged_lr(out) == logged_lr(uninterrupted)
 
 
 def test_resume_of_other_models_is_refused(
@@ -767,12 +806,20 @@ def test_too_many_nonfinite_losses_in_a_row_stop_the_run(
 
 @pytest.mark.slow
 def test_nonfinite_loss_on_one_rank_is_skipped_on_both(ddp: Path) -> None:
-    """rank 1 alone sees NaN at step 1: both ranks skip it and end with the same weights (and
-    BatchNorm statistics); NaN on rank 1 at every step stops both ranks (exit 1, in ``ddp``)."""
+    """rank 1 alone sees NaN at step 1: both ranks skip it and end with the same weights (the
+    loop broadcasts no parameter). The BatchNorm statistics, digested on each rank before the
+    loop broadcasts them, are each rank's own after its last batch, and the evaluation uses
+    process 0's on both. NaN on rank 1 at every step stops both ranks (exit 1, in ``ddp``)."""
     kd = ddp / "kd"
     assert json.loads((kd / "metrics.json").read_text())["nonfinite_skipped"] == 1
-    digests = [(kd / f"digest.rank{rank}.txt").read_text() for rank in (0, 1)]
-    assert digests[0] == digests[1]
+    digests = [json.loads((kd / f"digest.rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert digests[0]["parameters"] == digests[1]["parameters"]
+    # the last step's statistics come from each rank's own images: the broadcast is needed ...
+    assert digests[0]["broadcast_before"] != digests[1]["broadcast_before"]
+    # ... and makes both ranks evaluate with process 0's
+    for rank in (0, 1):
+        assert digests[rank]["broadcast_after"] == digests[0]["broadcast_before"]
+    assert digests[0]["state"] == digests[1]["state"]
     log = (ddp / "log.txt").read_text()
     assert log.count("non-finite losses in a row (train.max_nonfinite=2)") == 2
 

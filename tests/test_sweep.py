@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -10,8 +11,8 @@ import pytest
 import torch
 
 from distill.cli import main
-from distill.config import ConfigError, parse_value
-from distill.sweep import _value_text, is_lockstep, parse_grid
+from distill.config import ConfigError, load_config, parse_value
+from distill.sweep import _value_text, is_lockstep, parse_grid, teacher_reference, write_report
 from distill.weights import load_state_dict_file
 from tests.conftest import REPO
 
@@ -20,6 +21,49 @@ SMOKE = REPO / "configs" / "shapes" / "smoke.yaml"
 
 def sets(*overrides: str) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    ours, theirs = load_state_dict_file(a), load_state_dict_file(b)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), f"{a} vs {b}: {key} differs"
+
+
+def test_report_gain_and_gap_closed_with_a_known_teacher(tmp_path: Path) -> None:
+    """gain = mAP - plain student mAP; gap closed = gain / (teacher mAP - plain student mAP),
+    the teacher's mAP read from the metrics.json beside its weights."""
+    teacher = tmp_path / "teacher" / "teacher.pt"
+    teacher.parent.mkdir()
+    (teacher.parent / "metrics.json").write_text(json.dumps({"map": 0.6}))
+    cfg = load_config(SMOKE, [f"teacher.weights={teacher}"])
+    teacher_map = teacher_reference(cfg)
+    assert teacher_map == 0.6
+    key = "distill.logit.temperature"
+    aps = {"ap50": 0.5, "aps": 0.1, "apm": 0.2, "apl": 0.3}
+    rows = [
+        {"run": "temperature=1", key: 1, "map": 0.30, **aps},
+        {"run": "temperature=4", key: 4, "map": 0.45, **aps},
+        {"run": "baseline", key: "", "map": 0.20, **aps},
+    ]
+    write_report(tmp_path / "sweep", rows, [key], teacher_map)
+    with open(tmp_path / "sweep" / "sweep.csv") as f:
+        got = {r["run"]: r for r in csv.DictReader(f)}
+    expected = {"temperature=1": (0.10, 0.25), "temperature=4": (0.25, 0.625), "baseline": (0, 0)}
+    for run, (gain, closed) in expected.items():
+        assert float(got[run]["gain"]) == pytest.approx(gain)
+        assert float(got[run]["gap_closed"]) == pytest.approx(closed)
+    assert [r["best"] for r in got.values()] == ["False", "True", "False"]
+    table = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "teacher mAP: 0.600; plain student mAP: 0.200" in table
+    assert (
+        "| temperature=4 | 4 | 0.450 | 0.500 | 0.100 | 0.200 | 0.300 | 0.250 | 0.625 | **(best)**"
+        in table
+    )
+    # with a teacher no better than the plain student there is no gap to close
+    write_report(tmp_path / "weak", rows, [key], 0.1)
+    with open(tmp_path / "weak" / "sweep.csv") as f:
+        assert all(r["gap_closed"] == "nan" for r in csv.DictReader(f))
 
 
 def test_parse_grid_values_and_errors() -> None:
@@ -74,21 +118,28 @@ def test_lockstep_sweep_equals_separate_runs(
     assert [r["run"] for r in rows] == ["temperature=1", "temperature=4", "baseline"]
     assert sum(r["best"] == "True" for r in rows) == 1
 
-    # separate runs with the same configs end with the same weights, bitwise (fp32, CPU)
-    separate = {
-        "temperature=4": ["distill.logit.temperature=4"],
-        "baseline": ["distill.feature.weight=0", "distill.logit.weight=0", "distill.box.weight=0"],
-    }
-    for name, extra in separate.items():
-        out = tmp_path / f"separate-{name}"
-        assert main(["run", str(SMOKE), *sets(*base, *extra, f"output.dir={out}")]) == 0
-        ours, theirs = (
-            load_state_dict_file(sweep_dir / name / "student.pt"),
-            load_state_dict_file(out / "student.pt"),
-        )
-        assert ours.keys() == theirs.keys()
-        for key in ours:
-            assert torch.equal(ours[key], theirs[key]), f"{name}: {key} differs"
+    # the same grid with --sequential: every point is a separate run of its config, one after
+    # another (each with its own checkpoints), and ends with the weights of its lockstep
+    # twin, bitwise (fp32, CPU)
+    sequential_dir = tmp_path / "sequential"
+    sequential = ["sweep", str(SMOKE), *sets(*base, f"output.dir={sequential_dir}"), "--grid",
+                  "distill.logit.temperature=1,4", "--with-baseline", "--sequential"]  # fmt: skip
+    assert main(sequential) == 0
+    assert not (sequential_dir / "checkpoints").exists()
+    for name in ("temperature=1", "temperature=4", "baseline"):
+        assert (sequential_dir / name / "checkpoints").is_dir()
+        assert_same_weights(sweep_dir / name / "student.pt", sequential_dir / name / "student.pt")
+    with open(sequential_dir / "sweep.csv") as f:
+        assert [r["map"] for r in csv.DictReader(f)] == [r["map"] for r in rows]
+
+    # a grid over a non-distill key cannot share one loop: it runs sequentially by necessity;
+    # its point at the config's own lr (0.005) is the baseline above
+    lr_dir = tmp_path / "lr"
+    plain = ["distill.feature.weight=0", "distill.logit.weight=0", "distill.box.weight=0"]
+    assert main(["sweep", str(SMOKE), *sets(*base, *plain, f"output.dir={lr_dir}"),
+                 "--grid", "train.lr=0.005"]) == 0  # fmt: skip
+    assert not (lr_dir / "checkpoints").exists() and (lr_dir / "lr=0.005" / "checkpoints").is_dir()
+    assert_same_weights(sweep_dir / "baseline" / "student.pt", lr_dir / "lr=0.005" / "student.pt")
     # the distilled points did change the weights relative to the plain student
     t4, plain = (
         load_state_dict_file(sweep_dir / "temperature=4" / "student.pt"),

@@ -1,0 +1,52 @@
+"""scripts/readme_tables.py renders what a results JSON records, and only that."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from types import ModuleType
+
+from tests.conftest import REPO
+
+
+def load_tables() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "readme_tables", REPO / "scripts" / "readme_tables.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["readme_tables"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_machine_line_names_each_recorded_field() -> None:
+    tables = load_tables()
+    full = {"cpu": "AMD EPYC", "cores": 4, "cores_usable": 2, "torch_threads": 2,
+            "device": "cpu", "torch": "2.14.1", "native_bf16": False}  # fmt: skip
+    assert tables.machine_text(full) == (
+        "AMD EPYC, 4 cores (2 usable), 2 torch threads, cpu, torch 2.14.1, native bf16: no"
+    )
+    # an older result that recorded torch's thread count only: no core count is made up
+    old = {"cpu": "Xeon", "torch_threads": 2, "device": "cpu", "torch": "2.14.1"}
+    assert tables.machine_text(old) == "Xeon, 2 torch threads, cpu, torch 2.14.1"
+
+
+def test_speed_notes_come_from_the_json() -> None:
+    tables = load_tables()
+    result = json.loads((REPO / "results" / "bench_speed.json").read_text())
+    notes = tables.bench_speed_notes(result)
+    native = result["machine"].get("native_bf16")
+    expected = {None: "not recorded in this JSON", True: "native", False: "emulated"}[native]
+    assert expected in notes
+    for p in ("fp32", "bf16"):
+        ms = result[p]["median_ms"]
+        assert f"{ms['teacher_forward']:.0f} ms in {p}" in notes
+        assert f"= {result[p]['sweep_speedup_bound']:.2f}× for K = {result['sweep_k']}" in notes
+    recorded = {**result, "machine": {**result["machine"], "native_bf16": True}}
+    assert "bf16 on this host: native;" in tables.bench_speed_notes(recorded)
+    only_fp32 = {k: v for k, v in result.items() if k != "bf16"}
+    assert "bf16 on this host" not in tables.bench_speed_notes(only_fp32)
+    # and the README holds exactly these lines
+    assert notes in (REPO / "README.md").read_text()

@@ -18,7 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from distill.config import Config, ConfigError, TrainConfig
 from distill.data import CocoDetection, build_dataset, collate, seed_worker
-from distill.dense import check_compatible
+from distill.dense import check_compatible, set_postprocess
 from distill.losses import build_adapters, build_global_blocks, needs_teacher
 from distill.module import StudentModule
 from students import build_student
@@ -232,8 +232,7 @@ def build_trainee(
     module, optimizer = accelerator.prepare(module, optimizer)
     scheduler = accelerator.prepare(build_scheduler(optimizer, cfg.train, total_steps))
     detector = accelerator.unwrap_model(module).detector
-    detector.score_thresh = cfg.eval.score_threshold
-    detector.detections_per_img = cfg.eval.detections_per_image
+    set_postprocess(detector, cfg.eval)
     run_dir = Path(cfg.output.dir)
     writer = SummaryWriter(str(run_dir / "tb")) if accelerator.is_main_process else None
     return Trainee(cfg, run_dir, module, optimizer, scheduler, detector, writer), teacher

@@ -41,7 +41,12 @@ class DataConfig:
     val: str = "val.json"
     images: str = "images"  # image folder, relative to root; file_name is relative to it
     val_images: str | None = None  # image folder of the val split; null: same as images
-    image_size: int = 128  # the shared transform resizes so that the longer side is this
+    image_size: int = 128  # without min_size/max_size: the longer side is resized to this
+    # torchvision's detector resize (GeneralizedRCNNTransform): the shorter side becomes
+    # min_size unless the longer side would then exceed max_size (COCO: 800, 1333). Give both
+    # or neither; null: min_size = max_size = image_size.
+    min_size: int | None = None
+    max_size: int | None = None
     batch_size: int = 8  # per process
     num_workers: int = 2
     hflip: float = 0.5  # probability of a horizontal flip (training only)
@@ -55,8 +60,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class AnchorConfig:
-    """One anchor set shared by teacher and student (P3-P7, strides 8..128)."""
+    """One anchor set shared by teacher and student (P3-P7, strides 8..128).
 
+    ``name: torchvision`` stands for torchvision's RetinaNet anchors (``TORCHVISION_ANCHORS``);
+    the numbers are then filled in when the config is read.
+    """
+
+    name: str | None = None  # torchvision | null (the numbers below)
     sizes: tuple[int, ...] = (16, 32, 64, 128, 256)  # base size per level, P3..P7
     scales: tuple[float, ...] = (1.0, 1.26, 1.587)  # octave scales per level
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
@@ -74,6 +84,10 @@ class TeacherConfig:
     # from random weights: start each residual block as the identity (last BN scale = 0), which
     # makes a from-scratch ResNet-50 learn faster (Goyal et al. 2017); ignored with weights
     zero_init_residual: bool = False
+    # check: refuse a resize or anchors other than those the weights were trained with (see
+    # distill.settings); torchvision: the weights are a card-less state dict of torchvision's
+    # COCO RetinaNet, check against its settings; ignore: a deliberate override, no check
+    weights_settings: str = "check"
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,7 @@ class StudentConfig:
     norm: str = "gn"  # normalisation in FPN extra levels and heads: gn | none
     backbone_weights: str | None = None
     weights: str | None = None  # full student checkpoint to start from
+    weights_settings: str = "check"  # as teacher.weights_settings
 
 
 @dataclass(frozen=True)
@@ -152,6 +167,7 @@ class TrainConfig:
 class EvalConfig:
     every_epochs: int = 1
     score_threshold: float = 0.05
+    nms_threshold: float = 0.5  # IoU above which the lower-scored box of a class is dropped
     detections_per_image: int = 100
     batch_size: int | None = None  # null: data.batch_size
     images_logged: int = 4  # validation images drawn in TensorBoard
@@ -174,6 +190,29 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
+# torchvision's RetinaNet anchors (retinanet_resnet50_fpn and _v2): base sizes 32..512 on
+# P3..P7, three octave scales 2^(0/3, 1/3, 2/3) rounded down to integers as torchvision rounds
+# them (32 -> 32, 40, 50), aspect ratios 0.5, 1, 2. tests/test_coco_parity.py checks them
+# against torchvision's builder.
+TORCHVISION_ANCHORS = AnchorConfig(
+    name="torchvision",
+    sizes=(32, 64, 128, 256, 512),
+    scales=(1.0, 2 ** (1 / 3), 2 ** (2 / 3)),
+    aspect_ratios=(0.5, 1.0, 2.0),
+)
+ANCHOR_PRESETS = {"torchvision": TORCHVISION_ANCHORS}
+WEIGHTS_SETTINGS = ("check", "torchvision", "ignore")
+
+
+def resize_bounds(data: DataConfig) -> tuple[int, int]:
+    """(min_size, max_size) of the shared resize: the shorter side goes to min_size unless the
+    longer side would exceed max_size. Without ``data.min_size`` both are ``data.image_size``
+    (the longer side becomes image_size)."""
+    if data.min_size is None or data.max_size is None:
+        return data.image_size, data.image_size
+    return data.min_size, data.max_size
+
+
 # --------------------------------------------------------------------------------------------
 # Reading, checking, overriding, writing
 # --------------------------------------------------------------------------------------------
@@ -187,13 +226,33 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Confi
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_yaml_mapping(Path(path))
-    cfg = from_dict(Config, raw, source)  # the file alone: its errors name the file
-    check_values(cfg, source)
+    cfg = _build(raw, source)  # the file alone: its errors name the file
     for item in overrides:
         _apply_override(raw, item)
-        cfg = from_dict(Config, raw, f"--set {item}")  # an override's errors name the override
-        check_values(cfg, f"--set {item}")
+        cfg = _build(raw, f"--set {item}")  # an override's errors name the override
     return cfg
+
+
+def _build(raw: dict[str, Any], source: str) -> Config:
+    cfg = from_dict(Config, raw, source)
+    check_values(cfg, source)
+    return _named_anchors(cfg, raw.get("anchors") or {}, source)
+
+
+def _named_anchors(cfg: Config, raw_anchors: Mapping[str, Any], source: str) -> Config:
+    """Fill in the numbers of ``anchors.name``; numbers given beside the name must be its own
+    (a resolved config.yaml holds both), anything else is an error naming the key."""
+    if cfg.anchors.name is None:
+        return cfg
+    preset = ANCHOR_PRESETS[cfg.anchors.name]
+    for key in ("sizes", "scales", "aspect_ratios"):
+        given, wanted = getattr(cfg.anchors, key), getattr(preset, key)
+        if key in raw_anchors and given != wanted:
+            raise ConfigError(
+                f"anchors.{key} in {source}: {list(given)} contradicts anchors.name "
+                f"{cfg.anchors.name} ({list(wanted)}); give the name or the numbers, not both"
+            )
+    return dataclasses.replace(cfg, anchors=preset)
 
 
 LEVEL_NAMES = ("p3", "p4", "p5", "p6", "p7")  # the FPN levels of every model here
@@ -203,7 +262,8 @@ LEVEL_NAMES = ("p3", "p4", "p5", "p6", "p7")  # the FPN levels of every model he
 POSITIVE = (
     "data.image_size", "data.batch_size", "train.lr", "train.grad_accum", "train.log_every",
     "train.max_nonfinite", "distill.logit.temperature", "distill.feature.tau",
-    "eval.detections_per_image", "eval.batch_size", "student.fpn_channels",
+    "eval.detections_per_image", "eval.batch_size", "student.fpn_channels", "data.min_size",
+    "data.max_size",
     "student.head_channels", "student.head_convs", "data.max_train_images", "data.max_val_images",
 )  # fmt: skip
 NON_NEGATIVE = (
@@ -227,6 +287,9 @@ def choices() -> dict[str, tuple[Any, ...]]:
     return {
         "teacher.arch": tuple(TEACHERS),
         "teacher.head_norm": (None, *HEAD_NORMS),
+        "teacher.weights_settings": WEIGHTS_SETTINGS,
+        "student.weights_settings": WEIGHTS_SETTINGS,
+        "anchors.name": (None, *ANCHOR_PRESETS),
         "student.arch": tuple(STUDENTS),
         "student.norm": tuple(NORMS),
         "distill.feature.kind": FEATURE_KINDS,
@@ -252,6 +315,18 @@ def check_values(cfg: Config, source: str) -> None:
                 raise ConfigError(f"{key} in {source}: {value!r} must be {words}")
     if not 0 <= cfg.data.hflip <= 1:  # also NaN
         raise ConfigError(f"data.hflip in {source}: {cfg.data.hflip!r} must be between 0 and 1")
+    if (cfg.data.min_size is None) != (cfg.data.max_size is None):
+        given, other = (
+            ("min_size", "max_size") if cfg.data.max_size is None else ("max_size", "min_size")
+        )
+        raise ConfigError(
+            f"data.{given} in {source}: give data.{other} too (torchvision's resize needs both; "
+            "neither: data.image_size)"
+        )
+    if not 0 < cfg.eval.nms_threshold <= 1:
+        raise ConfigError(
+            f"eval.nms_threshold in {source}: {cfg.eval.nms_threshold!r} must be in (0, 1]"
+        )
     levels = cfg.distill.feature.levels
     if not levels or any(level not in LEVEL_NAMES for level in levels):
         raise ConfigError(
@@ -426,7 +501,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 RESUME_MAY_CHANGE = (
     "output.", "eval.", "data.root", "data.train", "data.val", "data.images", "data.val_images",
     "data.num_workers", "teacher.weights", "teacher.backbone_weights", "student.weights",
-    "student.backbone_weights", "train.epochs", "train.max_steps", "train.log_every",
+    "student.backbone_weights", "teacher.weights_settings", "student.weights_settings",
+    "train.epochs", "train.max_steps", "train.log_every",
     "train.checkpoint_every_steps", "train.max_nonfinite", "train.trace_batches",
 )  # fmt: skip
 

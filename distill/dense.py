@@ -19,11 +19,11 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from distill.config import LEVEL_NAMES
+from distill.config import LEVEL_NAMES, resize_bounds
 from distill.weights import eval_mode
 
 if TYPE_CHECKING:
-    from distill.config import AnchorConfig, Config
+    from distill.config import AnchorConfig, Config, EvalConfig
 
 LEVELS = LEVEL_NAMES
 STRIDES = (8, 16, 32, 64, 128)
@@ -79,11 +79,23 @@ def build_anchor_generator(anchors: AnchorConfig) -> AnchorGenerator:
 def build_transform(cfg: Config) -> GeneralizedRCNNTransform:
     """The shared resize + normalise, applied once per batch for teacher and student.
 
-    The longer side becomes ``cfg.data.image_size`` (min_size = max_size); the batch is padded
-    to a multiple of 32. Images are (3, H, W) floats in [0, 1]; targets' boxes are resized along.
+    torchvision's detector transform with ``resize_bounds(cfg.data)``: the shorter side becomes
+    min_size unless the longer side would exceed max_size (without data.min_size/max_size: the
+    longer side becomes data.image_size); the batch is padded to a multiple of 32. Images are
+    (3, H, W) floats in [0, 1]; targets' boxes are resized along.
     """
-    size = cfg.data.image_size
-    return GeneralizedRCNNTransform(size, size, list(IMAGE_MEAN), list(IMAGE_STD))
+    min_size, max_size = resize_bounds(cfg.data)
+    return GeneralizedRCNNTransform(min_size, max_size, list(IMAGE_MEAN), list(IMAGE_STD))
+
+
+def set_postprocess(
+    model: RetinaNet, cfg: EvalConfig, score_threshold: float | None = None
+) -> None:
+    """The detection settings of ``cfg.eval`` on ``model`` (score threshold, NMS IoU,
+    detections per image); ``score_threshold`` overrides the config's."""
+    model.score_thresh = cfg.score_threshold if score_threshold is None else score_threshold
+    model.nms_thresh = cfg.nms_threshold
+    model.detections_per_img = cfg.detections_per_image
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from distill.config import Config, replace
 from distill.data import CocoDetection, build_dataset, collate, predictions_to_coco
-from distill.dense import build_transform, dense_forward, postprocess
+from distill.dense import build_transform, dense_forward, postprocess, set_postprocess
 from distill.files import write_text_atomic
 
 log = logging.getLogger("distill.evaluate")
@@ -184,8 +184,7 @@ def evaluate_checkpoints(
         else:
             student_cfg = replace(cfg, **{"student.weights": weights})
             detector = build_student(student_cfg, num_classes, strict_classes=True)
-        detector.score_thresh = cfg.eval.score_threshold
-        detector.detections_per_img = cfg.eval.detections_per_image
+        set_postprocess(detector, cfg.eval)
         detector.to(accelerator.device)
         metrics = evaluate(
             detector,

@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.image_list import ImageList
 
-from distill.config import Config
+from distill.config import Config, resize_bounds
 from distill.dense import dense_forward
 
 log = logging.getLogger("distill.models")
@@ -32,7 +32,8 @@ def summarize(cfg: Config, *, warmup: int = 2, iterations: int = 5) -> dict[str,
     """Params, GFLOPs and median CPU latency of teacher and student, and student / teacher.
 
     GFLOPs: backbone + FPN + head (no transform, no post-processing) on one
-    cfg.data.image_size square image, counted by FlopCounterMode (a multiply-add is 2 FLOPs).
+    square image of the side the shared resize gives a square (min of ``resize_bounds``),
+    counted by FlopCounterMode (a multiply-add is 2 FLOPs).
     latency_ms: median wall time of that forward on the CPU at batch 1, after ``warmup`` runs.
     Returns {"teacher": {params, gflops, latency_ms}, "student": {...}, "ratio": {...},
     "image_size": int, "num_classes": int}.
@@ -58,7 +59,7 @@ def summarize(cfg: Config, *, warmup: int = 2, iterations: int = 5) -> dict[str,
     teacher = build_teacher(cfg, num_classes, frozen=False).eval()
     student = build_student(cfg, num_classes).eval()
 
-    size = cfg.data.image_size
+    size = min(resize_bounds(cfg.data))  # a square image is resized to this side
     result: dict[str, Any] = {"image_size": size, "num_classes": num_classes}
     for name, model in (("teacher", teacher), ("student", student)):
         result[name] = {

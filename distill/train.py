@@ -38,6 +38,7 @@ from distill.build import (
     check_lockstep,
     check_not_optimized,
 )
+from distill.card import dataset_categories, write_card
 from distill.checkpoint import (
     CheckpointError,
     MismatchError,
@@ -324,12 +325,16 @@ def train_group(
         }
         if accelerator.is_main_process:
             weights_name = "teacher.pt" if job == "teacher" else "student.pt"
+            # the card first: a weights file on disk always has its card (teacher.json, ...)
+            write_card(
+                t.run_dir / weights_name, t.cfg, job, num_classes, dataset_categories(train_set)
+            )
             save_state_dict_file(
                 student_state_dict(accelerator.unwrap_model(t.module)), t.run_dir / weights_name
             )
             write_json(metrics, t.run_dir / "metrics.json")
             log.info(
-                "%s: mAP %.4f (AP50 %.4f); wrote %s and metrics.json",
+                "%s: mAP %.4f (AP50 %.4f); wrote %s, its card and metrics.json",
                 t.run_dir,
                 metrics["map"],
                 metrics["ap50"],

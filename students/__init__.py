@@ -25,7 +25,7 @@ from torchvision.models import (
     resnet34,
 )
 
-from distill.config import AnchorConfig, Config
+from distill.config import AnchorConfig, Config, resize_bounds
 from distill.dense import build_anchor_generator
 from distill.weights import (
     FreezableRetinaNet,
@@ -47,6 +47,7 @@ def _retinanet(
     *,
     anchors: AnchorConfig | None = None,
     image_size: int = 128,
+    max_size: int | None = None,
     fpn_channels: int = 128,
     head_channels: int | None = None,
     head_convs: int = 2,
@@ -56,7 +57,8 @@ def _retinanet(
     """RetinaNet on a P3-P7 FPN over ``classifier_fn``'s features; the builders' options.
 
     anchors:          the run's shared anchor config (default: ``AnchorConfig()``)
-    image_size:       longer image side of the model's own transform
+    image_size:       min_size of the model's own transform (torchvision's resize)
+    max_size:         its max_size (None: image_size, so the longer side becomes image_size)
     fpn_channels:     FPN width; head_channels: head width (None: fpn_channels)
     head_convs:       3x3 convs per head branch before the output conv
     norm:             "gn" | "none" in the FPN and head
@@ -91,7 +93,7 @@ def _retinanet(
         backbone,
         num_classes,
         min_size=image_size,
-        max_size=image_size,
+        max_size=max_size or image_size,
         anchor_generator=anchor_generator,
         head=head,
     )
@@ -143,10 +145,12 @@ def build_student(
         raise ValueError(f"unknown student.arch {s.arch!r}; known: {', '.join(STUDENTS)}")
     if s.weights and not Path(s.weights).is_file():
         raise FileNotFoundError(f"student weights file not found: {s.weights}")
+    min_size, max_size = resize_bounds(cfg.data)
     model = STUDENTS[s.arch](
         num_classes,
         anchors=cfg.anchors,
-        image_size=cfg.data.image_size,
+        image_size=min_size,
+        max_size=max_size,
         fpn_channels=s.fpn_channels,
         head_channels=s.head_channels,
         head_convs=s.head_convs,

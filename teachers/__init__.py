@@ -27,7 +27,7 @@ from torchvision.models.detection import (
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.resnet import Bottleneck
 
-from distill.config import Config
+from distill.config import Config, resize_bounds
 from distill.dense import build_anchor_generator
 from distill.weights import (
     FreezableRetinaNet,
@@ -57,7 +57,7 @@ def build_teacher(cfg: Config, num_classes: int, frozen: bool = True) -> Freezab
     frozen=True:  no gradients, eval mode pinned against a parent's ``.train()``.
     frozen=False: trainable; from pretrained weights, the backbone's BatchNorm layers are held
                   fixed and conv1/layer1 are not trained, as in torchvision's detectors.
-    The transform resizes to cfg.data.image_size; anchors come from cfg.anchors.
+    The transform resizes to ``resize_bounds(cfg.data)``; anchors come from cfg.anchors.
     """
     t = cfg.teacher
     if t.arch not in TEACHERS:
@@ -76,12 +76,12 @@ def build_teacher(cfg: Config, num_classes: int, frozen: bool = True) -> Freezab
     reference = TEACHERS[t.arch](weights=None, weights_backbone=None, num_classes=num_classes)
     num_anchors = anchor_generator.num_anchors_per_location()[0]
     head = _head(reference, num_anchors, num_classes, t.head_norm)
-    size = cfg.data.image_size
+    min_size, max_size = resize_bounds(cfg.data)
     model = FreezableRetinaNet(
         reference.backbone,
         num_classes,
-        min_size=size,
-        max_size=size,
+        min_size=min_size,
+        max_size=max_size,
         anchor_generator=anchor_generator,
         head=head,
     )

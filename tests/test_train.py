@@ -18,6 +18,7 @@ import torch
 from accelerate.utils import set_seed
 
 from distill.build import build_optimizer
+from distill.card import read_card
 from distill.cli import main
 from distill.config import ConfigError, load_config, replace
 from distill.data import build_dataset, collate
@@ -58,6 +59,13 @@ def test_train_teacher_outputs(teacher_run: Path) -> None:
     assert cfg.output.dir == str(teacher_run)
     assert list(teacher_run.glob("tb/**/events.out.tfevents*"))
     assert (teacher_run / "checkpoints" / "last").is_file()
+    # the card beside teacher.pt records what rebuilds it
+    card = read_card(teacher_run / "teacher.pt")
+    assert card is not None and (teacher_run / "teacher.json").is_file()
+    assert card["role"] == "teacher" and card["arch"] == cfg.teacher.arch
+    assert card["resize"] == {"min_size": 64, "max_size": 64}  # smoke.yaml's image_size
+    assert card["anchors"]["sizes"] == list(cfg.anchors.sizes)
+    assert card["num_classes"] == len(card["categories"]) + 1
 
 
 def test_distill_run_and_eval(teacher_run: Path, shapes_root: Path, tmp_path: Path) -> None:
@@ -70,6 +78,7 @@ def test_distill_run_and_eval(teacher_run: Path, shapes_root: Path, tmp_path: Pa
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["job"] == "student"
     student = load_state_dict_file(out / "student.pt")
+    assert read_card(out / "student.pt")["role"] == "student"  # type: ignore[index]
     assert not any(k.startswith("adapters") for k in student)  # student.pt is the detector alone
 
     # eval: teacher and student side by side, JSON written

@@ -5,6 +5,8 @@
     distill train-teacher CONFIG [--set key=value ...] [--resume RUN_DIR]
     distill run CONFIG [--set key=value ...] [--resume RUN_DIR]
     distill eval CONFIG --weights FILE [--model student|teacher] [--out FILE]
+    distill export RUN_DIR_OR_WEIGHTS [--model student|teacher] [--format onnx] [--out FILE]
+                   [--raw]
     distill summary CONFIG [--json]
     distill demo [--out DIR --data DIR --teacher FILE --minutes M]
 
@@ -86,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--out", type=Path, default=None, help="write the metrics as JSON")
 
+    exp = sub.add_parser(
+        "export", help="a trained model to ONNX, checked against PyTorch with ONNX Runtime"
+    )
+    exp.add_argument("path", type=Path, metavar="RUN_DIR_OR_WEIGHTS")
+    exp.add_argument("--model", choices=["student", "teacher"], default="student")
+    exp.add_argument("--format", dest="fmt", default="onnx", help="onnx (the only one)")
+    exp.add_argument("--out", type=Path, default=None, help="default: the weights' name, .onnx")
+    exp.add_argument(
+        "--raw",
+        action="store_true",
+        help="export class logits, box deltas and anchors instead of detections after NMS",
+    )
+
     summ = sub.add_parser("summary", help="params, GFLOPs and latency of teacher and student")
     _add_config_args(summ)
     summ.add_argument("--json", action="store_true")
@@ -119,6 +134,7 @@ def _last_line(err: Exception) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from distill.export import ExportError, MissingExtraError
     from distill.train import NonFiniteLoss, TrainingStopped
     from distill.weights import WeightsError
 
@@ -132,13 +148,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         WeightsError,
         FileNotFoundError,
         FileExistsError,
+        MissingExtraError,
     ) as err:
         print(f"distill: error: {_last_line(err)}", file=sys.stderr)
         return 2
     except TrainingStopped as err:  # a signal: the state is saved, --resume continues
         print(f"distill: {err}", file=sys.stderr)
         return 3
-    except NonFiniteLoss as err:
+    except (NonFiniteLoss, ExportError) as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return 1
 
@@ -189,6 +206,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         if len(models) != len(args.weights):
             raise UserError("give one --model per --weights (or none: all are students)")
         eval_command(cfg, list(zip(models, args.weights)), out=args.out)
+        return 0
+    if args.command == "export":
+        from distill.export import export_command
+
+        if args.fmt != "onnx":
+            raise UserError(f"--format {args.fmt}: unknown format; known: onnx")
+        export_command(args.path, args.model, args.fmt, args.out, args.raw)
         return 0
     if args.command == "sweep":
         from distill.sweep import sweep_command

@@ -7,7 +7,7 @@
     distill eval CONFIG --weights FILE [--model student|teacher] [--out FILE]
     distill export RUN_DIR_OR_WEIGHTS [--model student|teacher] [--format onnx] [--out FILE]
                    [--raw]
-    distill summary CONFIG [--json]
+    distill summary CONFIG [--json] [--no-deploy]
     distill demo [--out DIR --data DIR --teacher FILE --minutes M]
 
 Each sub-command is a thin layer over a library function; errors a user can fix (a missing
@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     summ = sub.add_parser("summary", help="params, GFLOPs and latency of teacher and student")
     _add_config_args(summ)
     summ.add_argument("--json", action="store_true")
+    summ.add_argument(
+        "--no-deploy",
+        action="store_true",
+        help="skip the ONNX export and the deployed-graph latencies (PyTorch, ONNX Runtime)",
+    )
 
     sweep = sub.add_parser("sweep", help="grid over config keys")
     _add_config_args(sweep)
@@ -183,7 +188,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from distill.summary import format_summary, summarize
 
         cfg = load_config(args.config, args.overrides)
-        result = summarize(cfg)
+        result = summarize(cfg, deploy=not args.no_deploy)
         if args.json:
             import json
 

@@ -4,8 +4,8 @@
 (N, 3, H, W) in [0, 1] already resized by the caller, normalises and pads it as torchvision's
 transform does, runs backbone + FPN + head, decodes the boxes with the anchors and applies
 per-class non-maximum suppression, all in tensors of the batch (no Python loop over images),
-so that ``torch.onnx.export`` gives one graph with dynamic N, H and W. ``RawDetector`` stops before decoding: class logits, box deltas and
-anchors, for runtimes that do their own NMS.
+so that ``torch.onnx.export`` gives one graph with dynamic N, H and W. ``RawDetector`` stops
+before decoding: class logits, box deltas and anchors, for runtimes that do their own NMS.
 
 Non-maximum suppression is the custom op ``distill::non_max_suppression``, whose semantics are
 ONNX's ``NonMaxSuppression``: eagerly it runs torchvision's ``batched_nms``, in the graph it
@@ -84,6 +84,9 @@ class RawDetector(nn.Module):
     multiple of 32 (the anchors of the padding included, as in PyTorch).
     """
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, detector: RetinaNet) -> None:
         super().__init__()
         self.detector = detector
@@ -102,7 +105,8 @@ class RawDetector(nn.Module):
         features_per_level = list(self.detector.backbone(x).values())
         head_outputs = self.detector.head(features_per_level)  # (N, A, K), (N, A, 4)
         # one image entry: the anchors depend on the padded size only, the same for every image
-        anchors = self.detector.anchor_generator(ImageList(x, [(height, width)]), features_per_level)
+        image_list = ImageList(x, [(height, width)])
+        anchors = self.detector.anchor_generator(image_list, features_per_level)
         per_location = self.detector.anchor_generator.num_anchors_per_location()[0]
         per_level = [f.shape[-2] * f.shape[-1] * per_location for f in features_per_level]
         return head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors[0], per_level
@@ -159,8 +163,8 @@ class DeployedDetector(RawDetector):
         selected = non_max_suppression(
             boxes, class_scores, det.detections_per_img, det.nms_thresh, det.score_thresh
         )  # (S, 3): image, class, candidate
-        kept = torch.zeros_like(scores)
-        kept = kept.index_put((selected[:, 0], selected[:, 2]), torch.ones_like(selected[:, 0], dtype=kept.dtype))
+        ones = torch.ones_like(selected[:, 0], dtype=scores.dtype)
+        kept = torch.zeros_like(scores).index_put((selected[:, 0], selected[:, 2]), ones)
         # the best detections_per_img of the kept ones, then without the background class
         d = _topk_min(scores, det.detections_per_img, 1)
         top_scores, top = torch.where(kept > 0, scores, -1.0).topk(d, dim=1)  # (N, D)
@@ -171,7 +175,8 @@ class DeployedDetector(RawDetector):
         _, order = (rank + (~valid).long() * top.shape[1]).topk(d, dim=1, largest=False)
         top = top.gather(1, order)
         valid = valid.gather(1, order)
-        out_boxes = torch.where(valid.unsqueeze(-1), boxes.gather(1, top.unsqueeze(-1).expand(-1, -1, 4)), 0.0)
+        top_boxes = boxes.gather(1, top.unsqueeze(-1).expand(-1, -1, 4))
+        out_boxes = torch.where(valid.unsqueeze(-1), top_boxes, 0.0)
         out_scores = torch.where(valid, scores.gather(1, top), 0.0)
         out_labels = torch.where(valid, labels.gather(1, top), -1)
         return out_boxes, out_scores, out_labels, valid.sum(dim=1)

@@ -135,9 +135,7 @@ def _compare_raw(session: Any, detector: RetinaNet, images: Tensor, parity: Pari
         parity.raw[name] = max(parity.raw.get(name, 0.0), diff)
 
 
-def _compare_detections(
-    session: Any, detector: RetinaNet, images: Tensor, parity: Parity
-) -> None:
+def _compare_detections(session: Any, detector: RetinaNet, images: Tensor, parity: Parity) -> None:
     got = run_detections(session, images)
     with torch.no_grad(), eval_mode(detector):
         want = detector(list(images))

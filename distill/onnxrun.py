@@ -183,3 +183,28 @@ def match_detections(got: dict[str, Tensor], want: dict[str, Tensor]) -> tuple[f
         if not (box[k] <= BOX_TOL and score[k] <= SCORE_TOL):
             unmatched += 1
     return box_max, score_max, unmatched
+
+
+def detect_onnx(session: Any, images: list[Tensor]) -> list[dict[str, Tensor]]:
+    """Detections of an exported detections graph on images (3, H, W) in [0, 1] of any size,
+    in each image's own pixels: what ``distill predict`` gets from PyTorch.
+
+    Each image is resized as the model's metadata says (torchvision's transform, the resize
+    that PyTorch applies before the model) and run at batch 1; the boxes are scaled back with
+    torchvision's ``resize_boxes``.
+    """
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+
+    meta = read_metadata(session)
+    if meta.get("graph") != "detections":
+        raise ExportError("this ONNX model is a --raw export: it has no detections to predict")
+    resize = meta["resize"]
+    transform = GeneralizedRCNNTransform(resize["min_size"], resize["max_size"], [0.0], [1.0])
+    transform.eval()
+    results = []
+    for image in images:
+        resized, _ = transform.resize(image)
+        det = run_detections(session, resized.unsqueeze(0).contiguous())[0]
+        det["boxes"] = resize_boxes(det["boxes"], resized.shape[-2:], image.shape[-2:])
+        results.append(det)
+    return results

@@ -5,6 +5,8 @@
     distill train-teacher CONFIG [--set key=value ...] [--resume RUN_DIR]
     distill run CONFIG [--set key=value ...] [--resume RUN_DIR]
     distill eval CONFIG --weights FILE [--model student|teacher] [--out FILE]
+    distill predict CONFIG --weights FILE [--model student|teacher] INPUT... --out DIR [--draw]
+                    [--score-thresh X] [--draw-thresh Y]
     distill export RUN_DIR_OR_WEIGHTS [--model student|teacher] [--format onnx] [--out FILE]
                    [--raw]
     distill summary CONFIG [--json] [--no-deploy]
@@ -87,6 +89,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="which architecture each --weights is (default student); repeat to compare",
     )
     ev.add_argument("--out", type=Path, default=None, help="write the metrics as JSON")
+
+    pred = sub.add_parser("predict", help="detections of a model on your own images")
+    _add_config_args(pred)
+    pred.add_argument(
+        "--weights",
+        required=True,
+        metavar="FILE",
+        help="weights file (a teacher's may also be a torchvision name)",
+    )
+    pred.add_argument("--model", choices=["student", "teacher"], default="student")
+    pred.add_argument(
+        "inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders (JPEG, PNG)"
+    )
+    pred.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="writes DIR/detections.json"
+    )
+    pred.add_argument(
+        "--draw", action="store_true", help="also write each image with its boxes to DIR/drawn/"
+    )
+    pred.add_argument(
+        "--score-thresh",
+        type=float,
+        default=None,
+        metavar="X",
+        help="lowest score kept (default: the config's eval.score_threshold)",
+    )
+    pred.add_argument(
+        "--draw-thresh",
+        type=float,
+        default=0.3,
+        metavar="Y",
+        help="lowest score drawn with --draw (default 0.3)",
+    )
 
     exp = sub.add_parser(
         "export", help="a trained model to ONNX, checked against PyTorch with ONNX Runtime"
@@ -211,6 +246,27 @@ def _dispatch(args: argparse.Namespace) -> int:
         if len(models) != len(args.weights):
             raise UserError("give one --model per --weights (or none: all are students)")
         eval_command(cfg, list(zip(models, args.weights)), out=args.out)
+        return 0
+    if args.command == "predict":
+        from distill.predict import predict_images
+
+        for flag, value in (
+            ("--score-thresh", args.score_thresh),
+            ("--draw-thresh", args.draw_thresh),
+        ):
+            if value is not None and not 0 <= value <= 1:  # also NaN
+                raise UserError(f"{flag} {value}: give a score between 0 and 1")
+        cfg = load_config(args.config, args.overrides)
+        predict_images(
+            cfg,
+            args.weights,
+            args.inputs,
+            args.out,
+            kind=args.model,
+            draw=args.draw,
+            score_threshold=args.score_thresh,
+            draw_threshold=args.draw_thresh,
+        )
         return 0
     if args.command == "export":
         from distill.export import export_command

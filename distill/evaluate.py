@@ -21,7 +21,9 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torch import Tensor
 from torch.utils.data import DataLoader, Subset
+from torchvision.models import get_model_weights
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
@@ -29,11 +31,46 @@ from distill.config import Config, replace
 from distill.data import CocoDetection, build_dataset, collate, predictions_to_coco
 from distill.dense import build_transform, dense_forward, postprocess, set_postprocess
 from distill.files import write_text_atomic
+from distill.weights import resolve_weights
 
 log = logging.getLogger("distill.evaluate")
 
 # COCOeval.stats indices: AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl
 METRIC_KEYS = {"map": 0, "ap50": 1, "ap75": 2, "aps": 3, "apm": 4, "apl": 5, "ar100": 8}
+
+
+@torch.no_grad()
+def detect(
+    detector: RetinaNet,
+    transform: GeneralizedRCNNTransform,
+    images: list[Tensor],
+    accelerator: Accelerator,
+) -> list[dict[str, Tensor]]:
+    """Detections of a batch of images, as ``distill eval`` scores them.
+
+    images: (3, H_i, W_i) float RGB in [0, 1], any sizes. The shared transform, the dense
+    forward under the accelerator's autocast, then torchvision's post-processing with the
+    detector's score_thresh / nms_thresh / detections_per_img.
+    Returns per image {"boxes": (D, 4) xyxy in the image's own pixels, "scores": (D,),
+    "labels": (D,) in 1..K-1}: float32 / int64 on the CPU, best score first.
+    """
+    images = [image.to(accelerator.device) for image in images]
+    original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    with accelerator.autocast():
+        image_list, _ = transform(images)
+        outputs = dense_forward(detector, image_list)
+    detections = postprocess(detector, transform, outputs, image_list, original_sizes)
+    results = []
+    for det in detections:
+        keep = det["labels"] > 0  # label 0 is the background column of torchvision's head
+        results.append(
+            {
+                "boxes": det["boxes"][keep].float().cpu(),
+                "scores": det["scores"][keep].float().cpu(),
+                "labels": det["labels"][keep].cpu(),
+            }
+        )
+    return results
 
 
 @torch.no_grad()
@@ -49,6 +86,8 @@ def predict(
 
     Each process takes a contiguous shard of the image indices (uneven shards allowed: no
     padding, so nothing is duplicated) and the shards are concatenated in process order.
+    Labels that are no category of the dataset are dropped: torchvision's COCO head has outputs
+    for the ids COCO leaves unused, and COCOeval would ignore them too.
     """
     was_training = detector.training
     detector.eval()
@@ -61,24 +100,18 @@ def predict(
         collate_fn=collate,
         num_workers=num_workers,
     )
+    known = torch.tensor(sorted(dataset.label_to_cat_id))
     results: list[dict[str, Any]] = []
     for images, targets in loader:
-        images = [image.to(accelerator.device) for image in images]
-        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        with accelerator.autocast():
-            image_list, _ = transform(images)
-            outputs = dense_forward(detector, image_list)
-        detections = postprocess(detector, transform, outputs, image_list, original_sizes)
-        for det, target in zip(detections, targets):
-            keep = det["labels"] > 0  # label 0 is the background column of torchvision's head
-            det = {k: v[keep] for k, v in det.items()}
+        for det, target in zip(detect(detector, transform, images, accelerator), targets):
+            keep = torch.isin(det["labels"], known)
             results.extend(
                 predictions_to_coco(
                     dataset,
                     int(target["image_id"]),
-                    det["boxes"].float().cpu(),
-                    det["scores"].float().cpu(),
-                    det["labels"].cpu(),
+                    det["boxes"][keep],
+                    det["scores"][keep],
+                    det["labels"][keep],
                 )
             )
     detector.train(was_training)
@@ -168,8 +201,6 @@ def evaluate_checkpoints(
 ) -> tuple[Accelerator, list[tuple[str, dict[str, Any]]]]:
     """COCO metrics of each (``teacher`` | ``student``, weights file) on the validation set."""
     from distill.build import make_accelerator
-    from students import build_student
-    from teachers import build_teacher
 
     accelerator = make_accelerator(cfg)
     dataset = build_dataset(cfg.data, "val")
@@ -177,14 +208,7 @@ def evaluate_checkpoints(
     transform = build_transform(cfg).to(accelerator.device)
     rows = []
     for kind, weights in models:
-        if not Path(weights).is_file():
-            raise FileNotFoundError(f"weights file not found: {weights}")
-        if kind == "teacher":
-            detector = build_teacher(replace(cfg, **{"teacher.weights": weights}), num_classes)
-        else:
-            student_cfg = replace(cfg, **{"student.weights": weights})
-            detector = build_student(student_cfg, num_classes, strict_classes=True)
-        set_postprocess(detector, cfg.eval)
+        detector = load_detector(cfg, kind, weights, num_classes)
         detector.to(accelerator.device)
         metrics = evaluate(
             detector,
@@ -196,6 +220,37 @@ def evaluate_checkpoints(
         )
         rows.append((f"{kind} ({weights})", metrics))
     return accelerator, rows
+
+
+def load_detector(
+    cfg: Config,
+    kind: str,
+    weights: str,
+    num_classes: int,
+    score_threshold: float | None = None,
+) -> RetinaNet:
+    """The frozen ``kind`` (teacher | student) with ``weights`` and ``cfg.eval``'s detection
+    settings, in eval mode. A teacher's weights may be a torchvision name (COCO_V1, DEFAULT);
+    a student's are a file. The weights' training settings are checked (``distill.settings``)."""
+    from students import build_student
+    from teachers import TEACHERS, build_teacher
+
+    if kind == "teacher":
+        arch = cfg.teacher.arch
+        if arch in TEACHERS:  # a name or a file: one error naming both if neither
+            resolve_weights(weights, get_model_weights(arch), "teacher")
+        detector: RetinaNet = build_teacher(
+            replace(cfg, **{"teacher.weights": weights}), num_classes
+        )
+    elif kind == "student":
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"weights file not found: {weights}")
+        student_cfg = replace(cfg, **{"student.weights": weights})
+        detector = build_student(student_cfg, num_classes, strict_classes=True).freeze()
+    else:
+        raise ValueError(f"unknown model kind {kind!r}: teacher | student")
+    set_postprocess(detector, cfg.eval, score_threshold)
+    return detector.eval()
 
 
 def run_metrics(weights: Path) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""Detections drawn on validation images for TensorBoard."""
+"""Detections drawn on images: validation grids for TensorBoard, and ``distill predict --draw``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ def draw_detections(
     min_score: float = 0.3,
 ) -> torch.Tensor:
     """A (3, H, W) uint8 grid: one row per image, columns ground truth, then each detector."""
+    label_names = {i + 1: name for i, name in enumerate(dataset.class_names)}
     tiles = []
     for index in range(min(num_images, len(dataset))):
         image, target = dataset[index]
@@ -41,14 +42,27 @@ def draw_detections(
                     detector, transform, outputs, image_list, [tuple(image.shape[-2:])]
                 )[0]
             detector.train(was_training)
-            keep = (det["scores"] >= min_score) & (det["labels"] > 0)
-            boxes = det["boxes"][keep].float().cpu()
-            labels = [
-                f"{dataset.class_names[int(lab) - 1]} {float(s):.2f}"
-                for lab, s in zip(det["labels"][keep], det["scores"][keep])
-            ]
-            tiles.append(draw_bounding_boxes(canvas, boxes, labels, colors=COLORS.get(name, "red")))
+            tiles.append(draw_boxes(canvas, det, label_names, min_score, COLORS.get(name, "red")))
     return make_grid(tiles, nrow=1 + len(detectors), padding=2)
+
+
+def draw_boxes(
+    canvas: torch.Tensor,
+    detections: dict[str, torch.Tensor],
+    names: dict[int, str],
+    min_score: float,
+    color: str = "red",
+) -> torch.Tensor:
+    """Detections with score >= ``min_score`` drawn on ``canvas`` ((3, H, W) uint8), each
+    labelled "name score"; labels without a name are drawn as their number. Returns a new
+    (3, H, W) uint8 image."""
+    keep = (detections["scores"] >= min_score) & (detections["labels"] > 0)
+    boxes = detections["boxes"][keep].float().cpu()
+    labels = [
+        f"{names.get(int(lab), str(int(lab)))} {float(s):.2f}"
+        for lab, s in zip(detections["labels"][keep], detections["scores"][keep])
+    ]
+    return draw_bounding_boxes(canvas, boxes, labels, colors=color)
 
 
 def log_detections(

@@ -27,6 +27,7 @@ from torchvision.models import (
 
 from distill.config import AnchorConfig, Config, resize_bounds
 from distill.dense import build_anchor_generator
+from distill.settings import check_trained_settings
 from distill.weights import (
     FreezableRetinaNet,
     load_detector_weights,
@@ -145,6 +146,10 @@ def build_student(
         raise ValueError(f"unknown student.arch {s.arch!r}; known: {', '.join(STUDENTS)}")
     if s.weights and not Path(s.weights).is_file():
         raise FileNotFoundError(f"student weights file not found: {s.weights}")
+    state = None
+    if s.weights:
+        state = load_state_dict_file(s.weights)
+        check_trained_settings(cfg, "student", Path(s.weights), state)
     min_size, max_size = resize_bounds(cfg.data)
     model = STUDENTS[s.arch](
         num_classes,
@@ -157,8 +162,7 @@ def build_student(
         norm=s.norm,
         backbone_weights=None if s.weights else s.backbone_weights,
     )
-    if s.weights:
-        state = load_state_dict_file(s.weights)
+    if s.weights and state is not None:
         load_detector_weights(model, state, s.weights, strict_classes=strict_classes)
         model.freeze_backbone_norm()
         log.info("student %s: loaded %s", s.arch, s.weights)

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from torch import nn
-from torchvision.models import get_model_weights
+from torch import Tensor, nn
+from torchvision.models import WeightsEnum, get_model_weights
 from torchvision.models.detection import (
     RetinaNet,
     RetinaNet_ResNet50_FPN_Weights,
@@ -29,9 +29,11 @@ from torchvision.models.resnet import Bottleneck
 
 from distill.config import Config, resize_bounds
 from distill.dense import build_anchor_generator
+from distill.settings import check_trained_settings, torchvision_file_names
 from distill.weights import (
     FreezableRetinaNet,
     load_detector_weights,
+    load_state_dict_file,
     load_weights,
     read_weights,
     resolve_weights,
@@ -66,6 +68,12 @@ def build_teacher(cfg: Config, num_classes: int, frozen: bool = True) -> Freezab
     weights = (
         resolve_weights(t.weights, get_model_weights(t.arch), "teacher") if t.weights else None
     )
+    # What the weights were trained with must be what this config runs them with.
+    state: dict[str, Tensor] | None = None
+    if isinstance(weights, Path):
+        state = load_state_dict_file(weights)
+    if weights is not None:
+        check_trained_settings(cfg, "teacher", weights, state)
     backbone_weights = None
     if t.backbone_weights and weights is None:
         backbone_weights = resolve_weights(
@@ -87,9 +95,12 @@ def build_teacher(cfg: Config, num_classes: int, frozen: bool = True) -> Freezab
     )
 
     if weights is not None:
-        state, source = read_weights(weights)
+        if state is None:
+            state, source = read_weights(weights)
+        else:
+            source = str(weights)
         load_detector_weights(model, state, source, strict_classes=frozen)
-        if weights == RetinaNet_ResNet50_FPN_Weights.COCO_V1:
+        if _is_coco_v1(weights):
             # These weights were trained with FrozenBatchNorm2d(eps=0); torchvision's builder
             # restores that with overwrite_eps, the same here for the BatchNorm2d layers.
             for m in model.backbone.body.modules():
@@ -116,6 +127,14 @@ def build_teacher(cfg: Config, num_classes: int, frozen: bool = True) -> Freezab
             if not name.startswith(_TRAINABLE_PRETRAINED_LAYERS):
                 param.requires_grad_(False)
     return model
+
+
+def _is_coco_v1(weights: WeightsEnum | Path) -> bool:
+    """torchvision's v1 COCO weights, by name or as torch's cache file."""
+    if isinstance(weights, Path):
+        name = torchvision_file_names().get(weights.name)
+        return name == f"{RetinaNet_ResNet50_FPN_Weights.__name__}.COCO_V1"
+    return weights == RetinaNet_ResNet50_FPN_Weights.COCO_V1
 
 
 def _head(

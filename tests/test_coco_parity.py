@@ -1,0 +1,244 @@
+"""torchvision's COCO RetinaNets run here exactly as torchvision runs them.
+
+For retinanet_resnet50_fpn and _v2, torchvision's own builder makes a seeded random model
+(no network: weights=None), its state dict is saved to a file and loaded through the project's
+COCO config, and the project's detections (the path ``distill eval`` scores) and training
+losses are compared with ``model.eval()(images)`` and ``model(images, targets)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import nn
+from torchvision.models.detection import (
+    RetinaNet,
+    RetinaNet_ResNet50_FPN_Weights,
+    retinanet_resnet50_fpn,
+    retinanet_resnet50_fpn_v2,
+)
+
+from distill.build import build_models, make_accelerator
+from distill.cli import main
+from distill.config import TORCHVISION_ANCHORS, Config, load_config
+from distill.data import load_image
+from distill.dense import build_anchor_generator, build_transform, detection_loss
+from distill.evaluate import detect, load_detector
+from tests.conftest import REPO
+
+ARCHS = {
+    "retinanet_resnet50_fpn": (retinanet_resnet50_fpn, "teacher_eval.yaml"),
+    "retinanet_resnet50_fpn_v2": (retinanet_resnet50_fpn_v2, "teacher_eval_v2.yaml"),
+}
+# The COCO configs resize to 800 / 1333. An R50-FPN forward at that size costs ~150 GFLOPs an
+# image, and torchvision upsamples small images to min_size, so small images save nothing:
+# these tests would take minutes on 2 CPU cores. Both sides get the same smaller bounds with
+# the COCO ratio (1333 / 800) instead; the resize rule, the anchors (the COCO config's), the
+# heads and the post-processing are the ones under test, and they do not depend on the scale.
+MIN_SIZE, MAX_SIZE = 96, 160
+# (H, W): a landscape capped by max_size (200 * 96 / 60 > 160), a portrait, and one smaller
+# than min_size (upsampled).
+IMAGE_SIZES = [(60, 200), (150, 100), (40, 50)]
+NUM_CLASSES = 91  # torchvision's COCO label space: label = COCO category id, 0 background
+
+
+def reference_model(arch: str) -> RetinaNet:
+    """torchvision's builder, seeded random weights, the classification bias raised so that
+    detections pass the 0.05 score threshold (background column kept silent, as trained)."""
+    builder, _ = ARCHS[arch]
+    torch.manual_seed(0)
+    model = builder(
+        weights=None,
+        weights_backbone=None,
+        num_classes=NUM_CLASSES,
+        min_size=MIN_SIZE,
+        max_size=MAX_SIZE,
+    )
+    head = model.head.classification_head
+    with torch.no_grad():
+        # spread the scores (std 0.01 weights make them all alike) and lift them over 0.05
+        head.cls_logits.weight.normal_(0, 0.05)
+        bias = head.cls_logits.bias.view(head.num_anchors, NUM_CLASSES)
+        bias.fill_(-1.5)
+        bias[:, 0] = -20.0
+    return model.eval()
+
+
+def images_as_files(root: Path) -> list[Path]:
+    """Seeded random RGB images saved as PNG (what ``distill eval`` reads back exactly)."""
+    gen = torch.Generator().manual_seed(1)
+    paths = []
+    for i, (h, w) in enumerate(IMAGE_SIZES):
+        pixels = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy()
+        path = root / f"{i:03d}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+def overrides(weights: Path, root: Path) -> list[str]:
+    """--set overrides of the COCO config: the weights file, the test's resize and data."""
+    return [
+        f"teacher.weights={weights}",
+        f"data.min_size={MIN_SIZE}",
+        f"data.max_size={MAX_SIZE}",
+        "data.num_workers=0",
+        f"data.root={root}",
+        "data.val=val.json",
+        "data.val_images=images",
+    ]
+
+
+def project_config(arch: str, weights: Path) -> Config:
+    """The project's COCO config for ``arch``, read with --set style overrides."""
+    return load_config(
+        REPO / "configs" / "coco" / ARCHS[arch][1], overrides(weights, weights.parent)
+    )
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    arch = request.param
+    root = tmp_path_factory.mktemp(arch)
+    (root / "images").mkdir()
+    paths = images_as_files(root / "images")
+    images = [load_image(p) for p in paths]
+    model = reference_model(arch)
+    weights = root / "torchvision_state_dict.pt"
+    torch.save(model.state_dict(), weights)
+    with torch.no_grad():
+        expected = model(images)
+    return arch, root, paths, images, model, weights, expected
+
+
+def test_anchors_are_torchvisions() -> None:
+    ours = build_anchor_generator(TORCHVISION_ANCHORS)
+    for builder, _ in ARCHS.values():
+        theirs = builder(weights=None, weights_backbone=None).anchor_generator
+        assert ours.sizes == theirs.sizes and ours.aspect_ratios == theirs.aspect_ratios
+    for name in ("teacher_eval.yaml", "teacher_eval_v2.yaml", "distill.yaml", "student.yaml"):
+        cfg = load_config(REPO / "configs" / "coco" / name)
+        assert cfg.anchors == TORCHVISION_ANCHORS
+        assert (cfg.data.min_size, cfg.data.max_size) == (800, 1333)
+
+
+def test_eval_detections_equal_torchvisions(setup: Any) -> None:
+    arch, _, _, images, _, weights, expected = setup
+    cfg = project_config(arch, weights)
+    detector = load_detector(cfg, "teacher", str(weights), NUM_CLASSES)
+    accelerator = make_accelerator(cfg)
+    ours = detect(detector, build_transform(cfg), images, accelerator)  # what eval scores
+    worst_box = worst_score = 0.0
+    for got, want in zip(ours, expected, strict=True):
+        assert len(want["boxes"]) > 10  # there is something to compare
+        assert torch.equal(got["labels"], want["labels"])
+        worst_box = max(worst_box, float((got["boxes"] - want["boxes"]).abs().max()))
+        worst_score = max(worst_score, float((got["scores"] - want["scores"]).abs().max()))
+    print(f"{arch}: largest box difference {worst_box:.3g} px, score {worst_score:.3g}")
+    assert worst_box <= 1e-3 and worst_score <= 1e-4
+    # the detections are those of the whole resize: the capped landscape's boxes reach its
+    # right edge in original pixels, beyond what a 266 px frame would hold
+    assert float(ours[0]["boxes"][:, 2].max()) > MAX_SIZE
+
+
+def test_train_losses_equal_torchvisions(setup: Any) -> None:
+    arch, _, _, images, model, weights, _ = setup
+    gen = torch.Generator().manual_seed(2)
+    targets = []
+    for h, w in IMAGE_SIZES:
+        xy = torch.rand(3, 2, generator=gen) * torch.tensor([w * 0.6, h * 0.6])
+        wh = (torch.rand(3, 2, generator=gen) * 0.35 + 0.05) * torch.tensor([w, h])
+        labels = torch.randint(1, NUM_CLASSES, (3,), generator=gen)
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": labels})
+
+    # torchvision trains from pretrained weights with FrozenBatchNorm2d in the ResNet; its
+    # builder without weights uses BatchNorm2d, so hold those in eval mode: the same function.
+    model.train()
+    for m in model.backbone.body.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    with torch.no_grad():
+        want = model(images, [dict(t) for t in targets])
+    model.eval()
+
+    # the project's train-teacher step: shared transform, the prepared module, detection loss
+    cfg = project_config(arch, weights)
+    module, _ = build_models(cfg, "teacher", NUM_CLASSES)
+    module.train()
+    transform = build_transform(cfg)
+    with torch.no_grad():
+        image_list, moved = transform(images, [dict(t) for t in targets])
+        outputs = module(image_list.tensors, image_list.image_sizes)
+        got = detection_loss(module.detector, outputs, moved)
+    assert set(got) == set(want) == {"classification", "bbox_regression"}
+    for key in want:
+        assert abs(float(got[key]) - float(want[key])) <= 1e-5, (key, got[key], want[key])
+
+
+def test_distill_eval_ap_equals_pycocotools(setup: Any, tmp_path: Path) -> None:
+    """Ground truth = torchvision's own best detections; the AP of ``distill eval`` is the AP
+    pycocotools gives torchvision's predictions."""
+    arch, root, paths, images, _, weights, expected = setup
+    names = RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"]  # index = COCO id
+    categories = [{"id": i, "name": n} for i, n in enumerate(names) if i > 0 and n != "N/A"]
+    gt_images, annotations, results = [], [], []
+    for i, (path, image, det) in enumerate(zip(paths, images, expected), start=1):
+        h, w = (int(v) for v in image.shape[-2:])
+        gt_images.append({"id": i, "file_name": path.name, "width": w, "height": h})
+        for box, score, label in zip(det["boxes"], det["scores"], det["labels"]):
+            x1, y1, x2, y2 = box.tolist()
+            xywh = [x1, y1, x2 - x1, y2 - y1]
+            results.append(
+                {"image_id": i, "category_id": int(label), "bbox": xywh, "score": float(score)}
+            )
+        # ground truth: the 8 best detections of a COCO category at least 2 px wide, kept inside
+        # the image (the dataset would clip them) and shrunk by factors whose IoUs stay clear of
+        # COCO's thresholds 0.5:0.05:0.95 (at a threshold, float rounding would decide a match)
+        sides = (det["boxes"][:, 2:] - det["boxes"][:, :2]).min(dim=1).values
+        best = [
+            k
+            for k in range(len(det["labels"]))
+            if names[int(det["labels"][k])] != "N/A" and float(sides[k]) >= 2
+        ]
+        for k in best[:8]:
+            x1, y1, x2, y2 = det["boxes"][k].clamp(min=0).tolist()
+            x2, y2 = min(x2, w), min(y2, h)
+            bw, bh = (x2 - x1) * (1, 0.93, 0.86)[k % 3], (y2 - y1) * (1, 0.97, 0.89, 0.81)[k % 4]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i,
+                    "category_id": int(det["labels"][k]),
+                    "bbox": [x1, y1, bw, bh],
+                    "area": bw * bh,
+                    "iscrowd": 0,
+                }
+            )
+    gt = {"images": gt_images, "annotations": annotations, "categories": categories}
+    (root / "val.json").write_text(json.dumps(gt))
+
+    coco = COCO(str(root / "val.json"))
+    evaluator = COCOeval(coco, coco.loadRes(results), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    want = evaluator.stats
+
+    out = tmp_path / "metrics.json"
+    cfg_path = REPO / "configs" / "coco" / ARCHS[arch][1]
+    sets = [a for o in overrides(weights, root) for a in ("--set", o)]
+    args = ["eval", str(cfg_path), *sets, "--model", "teacher", "--weights", str(weights)]
+    assert main([*args, "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert 0.2 < want[0] < 1.0  # neither trivial nor perfect
+    for key, index in (("map", 0), ("ap50", 1), ("ap75", 2), ("ar100", 8)):
+        assert metrics[key] == pytest.approx(float(want[index]), abs=1e-9), key
+    assert np.isfinite(want).all()

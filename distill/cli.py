@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from distill.checkpoint import CheckpointError
-from distill.config import ConfigError, load_config
+from distill.config import Config, ConfigError, load_config
 from distill.data.coco import DatasetError
 from distill.data.shapes import BENCHMARK_TRAIN, BENCHMARK_VAL, generate_shapes
 
@@ -94,13 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(pred)
     pred.add_argument(
         "--weights",
-        required=True,
+        default=None,
         metavar="FILE",
-        help="weights file (a teacher's may also be a torchvision name)",
+        help="weights file (a teacher's may also be a torchvision name); not needed when CONFIG "
+        "is a run directory or a weights file with its card",
+    )
+    pred.add_argument(
+        "--onnx",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="run a model written by distill export with ONNX Runtime (no CONFIG: every "
+        "positional argument is an input)",
     )
     pred.add_argument("--model", choices=["student", "teacher"], default="student")
     pred.add_argument(
-        "inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders (JPEG, PNG)"
+        "inputs", nargs="*", type=Path, metavar="INPUT", help="image files or folders (JPEG, PNG)"
     )
     pred.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="writes DIR/detections.json"
@@ -256,16 +265,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         ):
             if value is not None and not 0 <= value <= 1:  # also NaN
                 raise UserError(f"{flag} {value}: give a score between 0 and 1")
-        cfg = load_config(args.config, args.overrides)
+        cfg, weights, inputs = _predict_source(args)
         predict_images(
             cfg,
-            args.weights,
-            args.inputs,
+            weights,
+            inputs,
             args.out,
             kind=args.model,
             draw=args.draw,
             score_threshold=args.score_thresh,
             draw_threshold=args.draw_thresh,
+            onnx=args.onnx,
         )
         return 0
     if args.command == "export":
@@ -298,6 +308,27 @@ def _dispatch(args: argparse.Namespace) -> int:
         demo(out=args.out, data_root=args.data, teacher=args.teacher, minutes=args.minutes)
         return 0
     raise AssertionError(args)
+
+
+def _predict_source(args: argparse.Namespace) -> tuple[Config, str, list[Path]]:
+    """(config, weights, inputs) of ``distill predict``: CONFIG is a YAML config (with
+    --weights), a run directory or a weights file with its card; with --onnx there is none."""
+    from distill.deploy import card_config
+
+    if args.onnx is not None:
+        return Config(), "", [args.config, *args.inputs]
+    if not args.inputs:
+        raise UserError("give at least one INPUT: an image file or folder")
+    if args.config.is_dir() or args.config.suffix not in (".yaml", ".yml"):
+        if args.weights is not None:
+            raise UserError(f"--weights: {args.config} already names the weights; drop one")
+        if args.overrides:
+            raise UserError("--set changes a YAML config; give one instead of a run directory")
+        cfg, weights = card_config(args.config, args.model)
+        return cfg, str(weights), args.inputs
+    if args.weights is None:
+        raise UserError("--weights FILE: required with a config (or give a run directory)")
+    return load_config(args.config, args.overrides), args.weights, args.inputs
 
 
 if __name__ == "__main__":

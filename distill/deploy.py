@@ -76,15 +76,9 @@ def config_from_card(card: dict[str, Any], weights: str | os.PathLike[str]) -> C
     return from_dict(Config, raw, source)
 
 
-def load_from_card(
-    path: str | os.PathLike[str], model: str = "student"
-) -> tuple[RetinaNet, dict[str, Any], Path]:
-    """(detector in eval mode with the card's detection settings, card, weights file) of a run
-    directory or a weights file. A file without a card is an error naming the missing card."""
-    from distill.dense import set_postprocess
-    from students import build_student
-    from teachers import build_teacher
-
+def card_config(path: str | os.PathLike[str], model: str = "student") -> tuple[Config, Path]:
+    """(the config rebuilt from the card, the weights file) of a run directory or weights file.
+    A file without a card is an error naming the missing card."""
     weights = find_weights(path, model)
     card = read_card(weights)
     if card is None:
@@ -93,15 +87,21 @@ def load_from_card(
             "and resize are unknown; pass the training config instead, or re-save the weights "
             "with a current distill"
         )
-    cfg = config_from_card(card, weights)
-    num_classes = int(card["num_classes"])
-    if card["role"] == "teacher":
-        detector = build_teacher(cfg, num_classes, frozen=True)
-    else:
-        detector = build_student(cfg, num_classes, strict_classes=True)
-    set_postprocess(detector, cfg.eval)
-    detector.topk_candidates = int(card["postprocess"]["topk_candidates"])
-    return detector.eval(), card, weights
+    return config_from_card(card, weights), weights
 
 
-__all__ = ["config_from_card", "find_weights", "load_from_card"]
+def load_from_card(
+    path: str | os.PathLike[str], model: str = "student"
+) -> tuple[RetinaNet, dict[str, Any], Path]:
+    """(detector in eval mode with the card's detection settings, card, weights file) of a run
+    directory or a weights file. A file without a card is an error naming the missing card."""
+    from distill.evaluate import load_detector
+
+    cfg, weights = card_config(path, model)
+    card = read_card(weights)
+    assert card is not None  # card_config read it
+    detector = load_detector(cfg, card["role"], str(weights), int(card["num_classes"]))
+    return detector, card, weights
+
+
+__all__ = ["card_config", "config_from_card", "find_weights", "load_from_card"]

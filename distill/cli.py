@@ -80,7 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="COCO mAP of a student and/or teacher checkpoint")
     _add_config_args(ev)
-    ev.add_argument("--weights", action="append", required=True, metavar="FILE")
+    ev.add_argument(
+        "--weights",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="weights to evaluate with CONFIG (not needed when CONFIG is a run directory or a "
+        "weights file: the run's config.yaml beside it names the validation set)",
+    )
     ev.add_argument(
         "--model",
         action="append",
@@ -250,7 +257,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from distill.evaluate import eval_command
 
-        cfg = load_config(args.config, args.overrides)
+        if args.config.is_dir() or args.config.suffix not in (".yaml", ".yml"):
+            cfg, args.weights = _run_config(args)
+        elif not args.weights:
+            raise UserError("--weights FILE: required with a config (or give a run directory)")
+        else:
+            cfg = load_config(args.config, args.overrides)
         models = args.model or ["student"] * len(args.weights)
         if len(models) != len(args.weights):
             raise UserError("give one --model per --weights (or none: all are students)")
@@ -308,6 +320,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         demo(out=args.out, data_root=args.data, teacher=args.teacher, minutes=args.minutes)
         return 0
     raise AssertionError(args)
+
+
+def _run_config(args: argparse.Namespace) -> tuple[Config, list[str]]:
+    """``distill eval RUN_DIR_OR_WEIGHTS``: the run's config.yaml (it names the validation set)
+    and the weights file."""
+    from distill.deploy import find_weights
+
+    if args.weights:
+        raise UserError(f"--weights: {args.config} already names the weights; drop one")
+    kind = (args.model or ["student"])[0]
+    weights = find_weights(args.config, kind)
+    config = weights.parent / "config.yaml"
+    if not config.is_file():
+        raise UserError(
+            f"{weights}: evaluation needs the validation set, and there is no config.yaml beside "
+            f"it; give a config: distill eval CONFIG --weights {weights}"
+        )
+    return load_config(config, args.overrides), [str(weights)]
 
 
 def _predict_source(args: argparse.Namespace) -> tuple[Config, str, list[Path]]:

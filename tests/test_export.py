@@ -163,6 +163,19 @@ def test_predict_onnx_equals_pytorch(exported: Path, run_dir: Path, shapes_root:
         assert max(abs(p - q) for p, q in zip(a["bbox"], b["bbox"])) <= 1e-2
 
 
+def test_eval_a_run_directory(run_dir: Path, shapes_root: Path, tmp_path: Path) -> None:
+    """``distill eval RUN_DIR``: the run's config.yaml names the validation set."""
+    from distill.config import dump_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("student.pt", "student.json"):
+        (run / name).write_bytes((run_dir / name).read_bytes())
+    dump_config(load_config(SMOKE, smoke_overrides(shapes_root, run)), run / "config.yaml")
+    assert main(["eval", str(run), "--out", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["num_images"] == 6
+
+
 def test_onnx_map_equals_pytorch_on_shapes_val(
     exported: Path, run_dir: Path, shapes_root: Path
 ) -> None:
@@ -202,6 +215,9 @@ def test_bad_inputs_are_one_line_errors(
         assert main(["export", path]) == 2
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1, err
+    assert main(["eval", str(run_dir)]) == 2  # no config.yaml: no validation set
+    err = capsys.readouterr().err.strip()
+    assert "no config.yaml beside it" in err and "\n" not in err
     assert main(["export", str(run_dir), "--format", "tflite"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--format tflite: unknown format; known: onnx" in err and "\n" not in err

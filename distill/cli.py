@@ -257,7 +257,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from distill.evaluate import eval_command
 
-        if args.config.is_dir() or args.config.suffix not in (".yaml", ".yml"):
+        if _names_weights(args):
             cfg, args.weights = _run_config(args)
         elif not args.weights:
             raise UserError("--weights FILE: required with a config (or give a run directory)")
@@ -322,13 +322,21 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args)
 
 
+def _names_weights(args: argparse.Namespace) -> bool:
+    """Whether CONFIG is a run directory or a weights file rather than a YAML config; then
+    --weights must not name the weights a second time."""
+    if not (args.config.is_dir() or args.config.suffix not in (".yaml", ".yml")):
+        return False
+    if args.weights:
+        raise UserError(f"--weights: {args.config} already names the weights; drop one")
+    return True
+
+
 def _run_config(args: argparse.Namespace) -> tuple[Config, list[str]]:
     """``distill eval RUN_DIR_OR_WEIGHTS``: the run's config.yaml (it names the validation set)
     and the weights file."""
     from distill.deploy import find_weights
 
-    if args.weights:
-        raise UserError(f"--weights: {args.config} already names the weights; drop one")
     kind = (args.model or ["student"])[0]
     weights = find_weights(args.config, kind)
     config = weights.parent / "config.yaml"
@@ -349,9 +357,7 @@ def _predict_source(args: argparse.Namespace) -> tuple[Config, str, list[Path]]:
         return Config(), "", [args.config, *args.inputs]
     if not args.inputs:
         raise UserError("give at least one INPUT: an image file or folder")
-    if args.config.is_dir() or args.config.suffix not in (".yaml", ".yml"):
-        if args.weights is not None:
-            raise UserError(f"--weights: {args.config} already names the weights; drop one")
+    if _names_weights(args):
         if args.overrides:
             raise UserError("--set changes a YAML config; give one instead of a run directory")
         cfg, weights = card_config(args.config, args.model)

@@ -258,8 +258,9 @@ def export_onnx(
     else:
         dynamic |= {name: {0: "batch", 1: "detections"} for name in outputs[:3]}
         dynamic["num_detections"] = {0: "batch"}
-    # An example big enough that no level's grid is 1x1: shapes do not specialise on it.
-    example = torch.rand(2, 3, 320, 352)
+    # An example whose batch and grids are all larger than 1 (P7 2x2), so that nothing in the
+    # trace can take a size of 1 for a constant, and small: tracing runs it.
+    example = torch.rand(2, 3, 160, 192)
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # the legacy exporter's deprecation notice, and tracer notes on shape arithmetic that

@@ -30,12 +30,20 @@ BOX_TOL = 1e-2
 SCORE_TOL = 1e-4
 
 
-def open_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session of ``path`` (``threads``: intra-op threads, None: ORT's)."""
+def open_session(
+    path: str | os.PathLike[str], threads: int | None = None, spinning: bool = False
+) -> Any:
+    """An ONNX Runtime CPU session of ``path`` (``threads``: intra-op threads, None: ORT's).
+
+    spinning: ORT's default, threads busy-wait between operators: lowest latency, but on a
+    shared CPU the spinning burns the cores other work needs, so it is off unless timed.
+    """
     ort = require_onnx()[1]
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ONNX model not found: {path}")
     try:

@@ -234,7 +234,7 @@ def deploy_latency(
     save_state_dict_file(detector.state_dict(), weights)
     export_onnx(detector, onnx_file, card)
     threads = torch.get_num_threads()
-    session = open_session(onnx_file, threads=threads)
+    session = open_session(onnx_file, threads=threads, spinning=True)  # ORT's default
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     module = DeployedDetector(detector).eval()
     with torch.inference_mode():

@@ -16,7 +16,7 @@ from distill.card import dataset_categories, write_card
 from distill.cli import main
 from distill.config import Config, load_config
 from distill.data import build_dataset
-from distill.evaluate import coco_metrics, load_detector
+from distill.evaluate import coco_metrics
 from distill.export import DeployedDetector, ExportError, export_command, require_onnx
 from distill.weights import save_state_dict_file
 from students import STUDENTS, build_student
@@ -52,6 +52,16 @@ def save_model(cfg: Config, role: str, folder: Path, bias: float = -1.5) -> Path
     write_card(weights, cfg, role, num_classes, dataset_categories(dataset))
     save_state_dict_file(model.state_dict(), weights)
     return weights
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():  # type: ignore[no-untyped-def]
+    """One torch thread: these models are tiny, and on a shared 2-core machine a second
+    thread spins more than it computes (an export took 5.6 s of CPU with 2, 2.4 s with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -245,8 +255,8 @@ def test_summary_deployment_numbers(shapes_root: Path, tmp_path: Path) -> None:
     from distill.summary import deploy_latency, format_deploy
 
     cfg = load_config(SMOKE, smoke_overrides(shapes_root, tmp_path))
-    detector = load_detector(cfg, "student", str(save_model(cfg, "student", tmp_path)), 7)
-    card = json.loads((tmp_path / "student.json").read_text())
+    save_model(cfg, "student", tmp_path)
+    detector, card, _ = _load(tmp_path)
     numbers = deploy_latency(detector, card, 64, tmp_path / "work", "student", 1, 2)
     assert numbers["pytorch_ms"] > 0 and numbers["onnxruntime_ms"] > 0
     assert numbers["onnx_mb"] == pytest.approx(

@@ -33,8 +33,8 @@ class UserError(Exception):
     """An error caused by the user's input; printed without a traceback."""
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", type=Path, help="YAML config file")
+def _add_config_args(p: argparse.ArgumentParser, help: str = "YAML config file") -> None:
+    p.add_argument("config", type=Path, help=help)
     p.add_argument(
         "--set",
         dest="overrides",
@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=None, help="write the metrics as JSON")
 
     pred = sub.add_parser("predict", help="detections of a model on your own images")
-    _add_config_args(pred)
+    _add_config_args(
+        pred, help="YAML config (with --weights), a run directory, a weights file or an .onnx"
+    )
     pred.add_argument(
         "--weights",
         default=None,
@@ -111,12 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="FILE",
-        help="run a model written by distill export with ONNX Runtime (no CONFIG: every "
-        "positional argument is an input)",
+        help="run a model written by distill export with ONNX Runtime, in place of CONFIG",
     )
     pred.add_argument("--model", choices=["student", "teacher"], default="student")
     pred.add_argument(
-        "inputs", nargs="*", type=Path, metavar="INPUT", help="image files or folders (JPEG, PNG)"
+        "inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders (JPEG, PNG)"
     )
     pred.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="writes DIR/detections.json"
@@ -189,7 +190,7 @@ def _last_line(err: Exception) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_onnx_first(list(sys.argv[1:] if argv is None else argv)))
     from distill.export import ExportError, MissingExtraError
     from distill.train import NonFiniteLoss, TrainingStopped
     from distill.weights import WeightsError
@@ -322,6 +323,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args)
 
 
+def _onnx_first(argv: list[str]) -> list[str]:
+    """``predict --onnx FILE INPUT...``: FILE takes CONFIG's place (argparse cannot leave a
+    positional out in the middle of options), ``predict FILE.onnx INPUT...`` is the same."""
+    if argv[:1] == ["predict"] and "--onnx" in argv[:-1]:
+        i = argv.index("--onnx")
+        return ["predict", argv[i + 1], *argv[1:i], *argv[i + 2 :]]
+    return argv
+
+
 def _names_weights(args: argparse.Namespace) -> bool:
     """Whether CONFIG is a run directory or a weights file rather than a YAML config; then
     --weights must not name the weights a second time."""
@@ -353,10 +363,9 @@ def _predict_source(args: argparse.Namespace) -> tuple[Config, str, list[Path]]:
     --weights), a run directory or a weights file with its card; with --onnx there is none."""
     from distill.deploy import card_config
 
-    if args.onnx is not None:
-        return Config(), "", [args.config, *args.inputs]
-    if not args.inputs:
-        raise UserError("give at least one INPUT: an image file or folder")
+    if args.config.suffix == ".onnx":
+        args.onnx = args.config
+        return Config(), "", args.inputs
     if _names_weights(args):
         if args.overrides:
             raise UserError("--set changes a YAML config; give one instead of a run directory")

@@ -35,6 +35,8 @@ from distill.onnxrun import (
 )
 
 SMOKE = REPO / "configs" / "shapes" / "smoke.yaml"
+# tiny models: one torch thread (an export took 5.6 s of CPU with 2 under load, 2.4 s with 1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_model(cfg: Config, role: str, folder: Path, bias: float = -1.5) -> Path:
@@ -52,16 +54,6 @@ def save_model(cfg: Config, role: str, folder: Path, bias: float = -1.5) -> Path
     write_card(weights, cfg, role, num_classes, dataset_categories(dataset))
     save_state_dict_file(model.state_dict(), weights)
     return weights
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    """One torch thread: these models are tiny, and on a shared 2-core machine a second
-    thread spins more than it computes (an export took 5.6 s of CPU with 2, 2.4 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -149,8 +149,8 @@ def format_deploy(result: dict[str, Any]) -> str:
     size, threads = result["image_size"], result["student"]["deploy"]["threads"]
     note = (
         f"deployed graph (normalise, backbone + FPN + head, box decoding, NMS), CPU, batch 1, "
-        f"{size}x{size}, {threads} thread{'s' * (threads != 1)}; median after warm-up; weights: the "
-        ".pt state dict"
+        f"{size}x{size}, {threads} thread{'s' * (threads != 1)}; median after warm-up; "
+        "weights: the .pt state dict"
     )
     return "\n".join([*_align(rows), note])
 

@@ -227,9 +227,20 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Confi
     if path is not None:
         raw = read_yaml_mapping(Path(path))
     cfg = _build(raw, source)  # the file alone: its errors name the file
+    sources = [source]
     for item in overrides:
         _apply_override(raw, item)
         cfg = _build(raw, f"--set {item}")  # an override's errors name the override
+        sources.append(f"--set {item}")
+    # a pair of keys, checked once all overrides are in (they may set one key each)
+    if (cfg.data.min_size is None) != (cfg.data.max_size is None):
+        given, other = (
+            ("min_size", "max_size") if cfg.data.max_size is None else ("max_size", "min_size")
+        )
+        raise ConfigError(
+            f"data.{given} in {' / '.join(sources)}: give data.{other} too (torchvision's resize "
+            "needs both; neither: data.image_size)"
+        )
     return cfg
 
 
@@ -315,14 +326,6 @@ def check_values(cfg: Config, source: str) -> None:
                 raise ConfigError(f"{key} in {source}: {value!r} must be {words}")
     if not 0 <= cfg.data.hflip <= 1:  # also NaN
         raise ConfigError(f"data.hflip in {source}: {cfg.data.hflip!r} must be between 0 and 1")
-    if (cfg.data.min_size is None) != (cfg.data.max_size is None):
-        given, other = (
-            ("min_size", "max_size") if cfg.data.max_size is None else ("max_size", "min_size")
-        )
-        raise ConfigError(
-            f"data.{given} in {source}: give data.{other} too (torchvision's resize needs both; "
-            "neither: data.image_size)"
-        )
     if not 0 < cfg.eval.nms_threshold <= 1:
         raise ConfigError(
             f"eval.nms_threshold in {source}: {cfg.eval.nms_threshold!r} must be in (0, 1]"

@@ -23,7 +23,6 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
-from torchvision.models import get_model_weights
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
@@ -31,7 +30,6 @@ from distill.config import Config, replace
 from distill.data import CocoDetection, build_dataset, collate, predictions_to_coco
 from distill.dense import build_transform, dense_forward, postprocess, set_postprocess
 from distill.files import write_text_atomic
-from distill.weights import resolve_weights
 
 log = logging.getLogger("distill.evaluate")
 
@@ -233,12 +231,9 @@ def load_detector(
     settings, in eval mode. A teacher's weights may be a torchvision name (COCO_V1, DEFAULT);
     a student's are a file. The weights' training settings are checked (``distill.settings``)."""
     from students import build_student
-    from teachers import TEACHERS, build_teacher
+    from teachers import build_teacher
 
-    if kind == "teacher":
-        arch = cfg.teacher.arch
-        if arch in TEACHERS:  # a name or a file: one error naming both if neither
-            resolve_weights(weights, get_model_weights(arch), "teacher")
+    if kind == "teacher":  # a missing file that is no torchvision name: build_teacher says so
         detector: RetinaNet = build_teacher(
             replace(cfg, **{"teacher.weights": weights}), num_classes
         )

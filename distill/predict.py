@@ -32,7 +32,7 @@ from torchvision.models import get_model_weights
 from torchvision.ops import box_convert
 from tqdm import tqdm
 
-from distill.card import read_card
+from distill.card import CardError, read_card
 from distill.config import Config
 from distill.data import DatasetError, build_dataset, load_image
 from distill.dense import build_transform
@@ -78,6 +78,11 @@ def find_categories(cfg: Config, kind: str, weights: str) -> Categories:
     path = Path(weights)
     card = read_card(path) if path.is_file() else None
     if card is not None:
+        if card["role"] != kind:
+            raise CardError(
+                f"{path} holds a {card['role']}'s weights (its card {path.with_suffix('.json')}):"
+                f" use --model {card['role']}"
+            )
         by_label = {int(c["label"]): (int(c["id"]), str(c["name"])) for c in card["categories"]}
         return Categories(int(card["num_classes"]), by_label, f"the card of {path}")
     ann = Path(cfg.data.root) / cfg.data.val
@@ -100,15 +105,24 @@ def find_categories(cfg: Config, kind: str, weights: str) -> Categories:
     )
 
 
+def _torchvision_name(cfg: Config, weights: str) -> bool:
+    """Whether ``weights`` is a torchvision weights name of the teacher's arch (COCO_V1, ...)."""
+    enum = get_model_weights(cfg.teacher.arch)
+    return weights.removeprefix(f"{enum.__name__}.") in [w.name for w in enum] + ["DEFAULT"]
+
+
 def _torchvision_categories(cfg: Config, weights: str) -> list[str] | None:
+    """torchvision's COCO names (index = category id) if ``weights`` are its COCO weights: a
+    weights name, its published file, or a file the config says is torchvision's."""
     from distill.settings import torchvision_file_names
 
     enum = get_model_weights(cfg.teacher.arch)
-    name = weights.removeprefix(f"{enum.__name__}.")
     published = torchvision_file_names().get(Path(weights).name, "")
-    if name in [w.name for w in enum] + ["DEFAULT"] or published.startswith(enum.__name__):
-        return list(enum.DEFAULT.meta["categories"])
-    if cfg.teacher.weights_settings == "torchvision":
+    if (
+        _torchvision_name(cfg, weights)
+        or published.startswith(enum.__name__)
+        or cfg.teacher.weights_settings == "torchvision"
+    ):
         return list(enum.DEFAULT.meta["categories"])
     return None
 
@@ -163,6 +177,11 @@ def predict_images(
     if onnx is not None:
         categories, run, used_threshold = _onnx_model(onnx, score_threshold)
     else:
+        if not Path(weights).is_file() and not (
+            kind == "teacher" and _torchvision_name(cfg, weights)
+        ):
+            names = " nor a torchvision weights name" if kind == "teacher" else ""
+            raise FileNotFoundError(f"weights file not found{names}: {weights}")
         categories = find_categories(cfg, kind, weights)
         accelerator = make_accelerator(cfg)
         detector = load_detector(cfg, kind, weights, categories.num_classes, score_threshold)
@@ -182,6 +201,7 @@ def predict_images(
         collate_fn=_keep_all,
     )
     known = torch.tensor(sorted(categories.by_label))
+    label_names = {label: name for label, (_, name) in categories.by_label.items()}
     results: list[dict[str, Any]] = []
     unreadable: list[str] = []
     drawn_names: set[str] = set()
@@ -202,8 +222,7 @@ def predict_images(
             results.extend(_coco_results(index + 1, name, det, categories))
             if draw:
                 canvas = (image.clamp(0, 1) * 255).to(torch.uint8)
-                names = {label: n for label, (_, n) in categories.by_label.items()}
-                picture = draw_boxes(canvas, det, names, draw_threshold)
+                picture = draw_boxes(canvas, det, label_names, draw_threshold)
                 target = _unique(out / "drawn" / Path(name).with_suffix(".png"), drawn_names)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(picture.permute(1, 2, 0).numpy()).save(target)

@@ -189,12 +189,17 @@ def _differences(cfg: Config, found: TrainedSettings) -> list[str]:
                 problems.append(f"anchors.{key} {list(got)} (expected {list(want)})")
     got_min, got_max = resize_bounds(cfg.data)
     want_min, want_max = found.resize
-    if (got_min, got_max) != (want_min, want_max):
-        if cfg.data.min_size is None and want_min == want_max:
-            problems.append(f"data.image_size {cfg.data.image_size} (expected {want_min})")
-        else:
-            problems.append(
-                f"data.min_size {got_min} (expected {want_min}), "
-                f"data.max_size {got_max} (expected {want_max})"
-            )
+    if (got_min, got_max) == (want_min, want_max):
+        return problems
+    if cfg.data.min_size is None and want_min == want_max:
+        problems.append(f"data.image_size {cfg.data.image_size} (expected {want_min})")
+    elif cfg.data.min_size is None:
+        problems.append(
+            f"data.image_size {cfg.data.image_size} (expected data.min_size {want_min} and "
+            f"data.max_size {want_max} instead)"
+        )
+    else:
+        for key, got, want in (("min_size", got_min, want_min), ("max_size", got_max, want_max)):
+            if got != want:
+                problems.append(f"data.{key} {got} (expected {want})")
     return problems

@@ -104,7 +104,10 @@ def test_categories_from_card_then_dataset(student: tuple[Path, list[str]], tmp_
 
 
 def test_predict_errors_are_one_line(
-    student: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    student: tuple[Path, list[str]],
+    shapes_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     weights, overrides = student
     base = ["predict", str(SMOKE), *sets(overrides), "--weights", str(weights)]
@@ -113,3 +116,10 @@ def test_predict_errors_are_one_line(
     assert str(missing) in capsys.readouterr().err
     assert main([*base, str(tmp_path), "--out", str(tmp_path / "o"), "--score-thresh", "2"]) == 2
     assert "--score-thresh" in capsys.readouterr().err
+    shutil.copy(shapes_root / "images" / "val" / "000000.png", tmp_path)
+    nothing = tmp_path / "nothing.pt"
+    assert main([*base[:-1], str(nothing), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert f"weights file not found: {nothing}" in capsys.readouterr().err
+    teacher = ["predict", str(SMOKE), *sets(overrides), "--weights", str(weights), "--model"]
+    assert main([*teacher, "teacher", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "use --model student" in capsys.readouterr().err

@@ -5,9 +5,14 @@
     distill train-teacher CONFIG [--set key=value ...] [--resume RUN_DIR]
     distill run CONFIG [--set key=value ...] [--resume RUN_DIR]
     distill eval CONFIG --weights FILE [--model student|teacher] [--out FILE]
+    distill eval RUN_DIR_OR_WEIGHTS [--model student|teacher] [--out FILE]
     distill predict CONFIG --weights FILE [--model student|teacher] INPUT... --out DIR [--draw]
                     [--score-thresh X] [--draw-thresh Y]
-    distill summary CONFIG [--json]
+    distill predict RUN_DIR_OR_WEIGHTS [--model student|teacher] INPUT... --out DIR [...]
+    distill predict --onnx FILE INPUT... --out DIR [...]
+    distill export RUN_DIR_OR_WEIGHTS [--model student|teacher] [--format onnx] [--out FILE]
+                   [--raw]
+    distill summary CONFIG [--json] [--no-deploy]
     distill demo [--out DIR --data DIR --teacher FILE --minutes M]
     distill report RUN_DIR... [--teacher RUN_DIR_OR_WEIGHTS] [--baseline RUN_DIR] --out DIR
 
@@ -23,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from distill.checkpoint import CheckpointError
-from distill.config import ConfigError, load_config
+from distill.config import Config, ConfigError, load_config
 from distill.data.coco import DatasetError
 from distill.data.shapes import BENCHMARK_TRAIN, BENCHMARK_VAL, generate_shapes
 
@@ -32,8 +37,8 @@ class UserError(Exception):
     """An error caused by the user's input; printed without a traceback."""
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", type=Path, help="YAML config file")
+def _add_config_args(p: argparse.ArgumentParser, help: str = "YAML config file") -> None:
+    p.add_argument("config", type=Path, help=help)
     p.add_argument(
         "--set",
         dest="overrides",
@@ -79,7 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="COCO mAP of a student and/or teacher checkpoint")
     _add_config_args(ev)
-    ev.add_argument("--weights", action="append", required=True, metavar="FILE")
+    ev.add_argument(
+        "--weights",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="weights to evaluate with CONFIG (not needed when CONFIG is a run directory or a "
+        "weights file: the run's config.yaml beside it names the validation set)",
+    )
     ev.add_argument(
         "--model",
         action="append",
@@ -90,12 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=None, help="write the metrics as JSON")
 
     pred = sub.add_parser("predict", help="detections of a model on your own images")
-    _add_config_args(pred)
+    _add_config_args(
+        pred, help="YAML config (with --weights), a run directory, a weights file or an .onnx"
+    )
     pred.add_argument(
         "--weights",
-        required=True,
+        default=None,
         metavar="FILE",
-        help="weights file (a teacher's may also be a torchvision name)",
+        help="weights file (a teacher's may also be a torchvision name); not needed when CONFIG "
+        "is a run directory or a weights file with its card",
+    )
+    pred.add_argument(
+        "--onnx",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="run a model written by distill export with ONNX Runtime, in place of CONFIG",
     )
     pred.add_argument("--model", choices=["student", "teacher"], default="student")
     pred.add_argument(
@@ -122,9 +144,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="lowest score drawn with --draw (default 0.3)",
     )
 
+    exp = sub.add_parser(
+        "export", help="a trained model to ONNX, checked against PyTorch with ONNX Runtime"
+    )
+    exp.add_argument("path", type=Path, metavar="RUN_DIR_OR_WEIGHTS")
+    exp.add_argument("--model", choices=["student", "teacher"], default="student")
+    exp.add_argument("--format", dest="fmt", default="onnx", help="onnx (the only one)")
+    exp.add_argument("--out", type=Path, default=None, help="default: the weights' name, .onnx")
+    exp.add_argument(
+        "--raw",
+        action="store_true",
+        help="export class logits, box deltas and anchors instead of detections after NMS",
+    )
+
     summ = sub.add_parser("summary", help="params, GFLOPs and latency of teacher and student")
     _add_config_args(summ)
     summ.add_argument("--json", action="store_true")
+    summ.add_argument(
+        "--no-deploy",
+        action="store_true",
+        help="skip the ONNX export and the deployed-graph latencies (PyTorch, ONNX Runtime)",
+    )
 
     sweep = sub.add_parser("sweep", help="grid over config keys")
     _add_config_args(sweep)
@@ -168,7 +208,8 @@ def _last_line(err: Exception) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_onnx_first(list(sys.argv[1:] if argv is None else argv)))
+    from distill.export import ExportError, MissingExtraError
     from distill.train import NonFiniteLoss, TrainingStopped
     from distill.weights import WeightsError
 
@@ -182,13 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         WeightsError,
         FileNotFoundError,
         FileExistsError,
+        MissingExtraError,
     ) as err:
         print(f"distill: error: {_last_line(err)}", file=sys.stderr)
         return 2
     except TrainingStopped as err:  # a signal: the state is saved, --resume continues
         print(f"distill: {err}", file=sys.stderr)
         return 3
-    except NonFiniteLoss as err:
+    except (NonFiniteLoss, ExportError) as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return 1
 
@@ -216,7 +258,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from distill.summary import format_summary, summarize
 
         cfg = load_config(args.config, args.overrides)
-        result = summarize(cfg)
+        result = summarize(cfg, deploy=not args.no_deploy)
         if args.json:
             import json
 
@@ -234,7 +276,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from distill.evaluate import eval_command
 
-        cfg = load_config(args.config, args.overrides)
+        if _names_weights(args):
+            cfg, args.weights = _run_config(args)
+        elif not args.weights:
+            raise UserError("--weights FILE: required with a config (or give a run directory)")
+        else:
+            cfg = load_config(args.config, args.overrides)
         models = args.model or ["student"] * len(args.weights)
         if len(models) != len(args.weights):
             raise UserError("give one --model per --weights (or none: all are students)")
@@ -249,17 +296,25 @@ def _dispatch(args: argparse.Namespace) -> int:
         ):
             if value is not None and not 0 <= value <= 1:  # also NaN
                 raise UserError(f"{flag} {value}: give a score between 0 and 1")
-        cfg = load_config(args.config, args.overrides)
+        cfg, weights, inputs = _predict_source(args)
         predict_images(
             cfg,
-            args.weights,
-            args.inputs,
+            weights,
+            inputs,
             args.out,
             kind=args.model,
             draw=args.draw,
             score_threshold=args.score_thresh,
             draw_threshold=args.draw_thresh,
+            onnx=args.onnx,
         )
+        return 0
+    if args.command == "export":
+        from distill.export import export_command
+
+        if args.fmt != "onnx":
+            raise UserError(f"--format {args.fmt}: unknown format; known: onnx")
+        export_command(args.path, args.model, args.fmt, args.out, args.raw)
         return 0
     if args.command == "sweep":
         from distill.sweep import sweep_command
@@ -295,6 +350,59 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise UserError(str(err)) from None
         return 0
     raise AssertionError(args)
+
+
+def _onnx_first(argv: list[str]) -> list[str]:
+    """``predict --onnx FILE INPUT...``: FILE takes CONFIG's place (argparse cannot leave a
+    positional out in the middle of options), ``predict FILE.onnx INPUT...`` is the same."""
+    if argv[:1] == ["predict"] and "--onnx" in argv[:-1]:
+        i = argv.index("--onnx")
+        return ["predict", argv[i + 1], *argv[1:i], *argv[i + 2 :]]
+    return argv
+
+
+def _names_weights(args: argparse.Namespace) -> bool:
+    """Whether CONFIG is a run directory or a weights file rather than a YAML config; then
+    --weights must not name the weights a second time."""
+    if not (args.config.is_dir() or args.config.suffix not in (".yaml", ".yml")):
+        return False
+    if args.weights:
+        raise UserError(f"--weights: {args.config} already names the weights; drop one")
+    return True
+
+
+def _run_config(args: argparse.Namespace) -> tuple[Config, list[str]]:
+    """``distill eval RUN_DIR_OR_WEIGHTS``: the run's config.yaml (it names the validation set)
+    and the weights file."""
+    from distill.deploy import find_weights
+
+    kind = (args.model or ["student"])[0]
+    weights = find_weights(args.config, kind)
+    config = weights.parent / "config.yaml"
+    if not config.is_file():
+        raise UserError(
+            f"{weights}: evaluation needs the validation set, and there is no config.yaml beside "
+            f"it; give a config: distill eval CONFIG --weights {weights}"
+        )
+    return load_config(config, args.overrides), [str(weights)]
+
+
+def _predict_source(args: argparse.Namespace) -> tuple[Config, str, list[Path]]:
+    """(config, weights, inputs) of ``distill predict``: CONFIG is a YAML config (with
+    --weights), a run directory or a weights file with its card; with --onnx there is none."""
+    from distill.deploy import card_config
+
+    if args.config.suffix == ".onnx":
+        args.onnx = args.config
+        return Config(), "", args.inputs
+    if _names_weights(args):
+        if args.overrides:
+            raise UserError("--set changes a YAML config; give one instead of a run directory")
+        cfg, weights = card_config(args.config, args.model)
+        return cfg, str(weights), args.inputs
+    if args.weights is None:
+        raise UserError("--weights FILE: required with a config (or give a run directory)")
+    return load_config(args.config, args.overrides), args.weights, args.inputs
 
 
 if __name__ == "__main__":

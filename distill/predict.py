@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,11 +158,14 @@ def predict_images(
     draw: bool = False,
     score_threshold: float | None = None,
     draw_threshold: float = 0.3,
+    onnx: Path | None = None,
 ) -> dict[str, Any]:
     """Detections of ``kind`` with ``weights`` on the images of ``inputs``, written to ``out``.
 
     score_threshold: None: ``eval.score_threshold`` (the detections ``distill eval`` scores).
     draw_threshold:  the lowest score drawn with ``draw``.
+    onnx:            a model written by ``distill export``, run with ONNX Runtime instead of
+                     ``weights`` (categories and settings from its metadata; cfg: batching).
     Returns the summary also written to ``out/summary.json``: images, predicted, unreadable
     (names), detections.
     """
@@ -171,14 +174,24 @@ def predict_images(
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; give a folder")
     images = find_images(inputs)  # before any model is built: a typo fails at once
-    if not Path(weights).is_file() and not (kind == "teacher" and _torchvision_name(cfg, weights)):
-        names = " nor a torchvision weights name" if kind == "teacher" else ""
-        raise FileNotFoundError(f"weights file not found{names}: {weights}")
-    categories = find_categories(cfg, kind, weights)
-    accelerator = make_accelerator(cfg)
-    detector = load_detector(cfg, kind, weights, categories.num_classes, score_threshold)
-    detector.to(accelerator.device)
-    transform = build_transform(cfg).to(accelerator.device)
+    if onnx is not None:
+        categories, run, used_threshold = _onnx_model(onnx, score_threshold)
+    else:
+        if not Path(weights).is_file() and not (
+            kind == "teacher" and _torchvision_name(cfg, weights)
+        ):
+            names = " nor a torchvision weights name" if kind == "teacher" else ""
+            raise FileNotFoundError(f"weights file not found{names}: {weights}")
+        categories = find_categories(cfg, kind, weights)
+        accelerator = make_accelerator(cfg)
+        detector = load_detector(cfg, kind, weights, categories.num_classes, score_threshold)
+        detector.to(accelerator.device)
+        transform = build_transform(cfg).to(accelerator.device)
+        used_threshold = float(detector.score_thresh)
+
+        def run(images: list[Tensor]) -> list[dict[str, Tensor]]:
+            return detect(detector, transform, images, accelerator)
+
     log.info("%d images; categories from %s", len(images), categories.source)
 
     loader = DataLoader(
@@ -200,7 +213,7 @@ def predict_images(
                 log.warning("skipped: %s", info["error"])
         if not readable:
             continue
-        detections = detect(detector, transform, [im for im, _ in readable], accelerator)
+        detections = run([im for im, _ in readable])
         for (image, info), det in zip(readable, detections):
             index = info["index"]
             name = images[index][1]
@@ -220,9 +233,9 @@ def predict_images(
         "predicted": len(images) - len(unreadable),
         "unreadable": unreadable,
         "detections": len(results),
-        "weights": weights,
+        "weights": str(onnx) if onnx is not None else weights,
         "model": kind,
-        "score_threshold": float(detector.score_thresh),
+        "score_threshold": used_threshold,
     }
     write_json(summary, out / "summary.json")
     print(
@@ -232,6 +245,33 @@ def predict_images(
         + (f"; drawn in {out / 'drawn'}" if draw else "")
     )
     return summary
+
+
+def _onnx_model(
+    path: Path, score_threshold: float | None
+) -> tuple[Categories, Callable[[list[Tensor]], list[dict[str, Tensor]]], float]:
+    """(categories, detect function, score threshold) of an exported ONNX model. The graph's
+    own threshold is the lowest it can give; a higher ``score_threshold`` filters after it."""
+    from distill.export import ExportError
+    from distill.onnxrun import detect_onnx, open_session, read_metadata
+
+    session = open_session(path)
+    meta = read_metadata(session)
+    exported = float(meta["postprocess"]["score_threshold"])
+    if score_threshold is not None and score_threshold < exported:
+        raise ExportError(
+            f"--score-thresh {score_threshold}: {path} was exported with score threshold "
+            f"{exported}, in the graph; export again to keep lower scores"
+        )
+    threshold = exported if score_threshold is None else score_threshold
+    by_label = {int(c["label"]): (int(c["id"]), str(c["name"])) for c in meta["categories"]}
+    categories = Categories(int(meta["num_classes"]), by_label, f"the metadata of {path}")
+
+    def run(images: list[Tensor]) -> list[dict[str, Tensor]]:
+        detections = detect_onnx(session, images)
+        return [{k: v[d["scores"] > threshold] for k, v in d.items()} for d in detections]
+
+    return categories, run, threshold
 
 
 def _coco_results(

@@ -607,6 +607,9 @@ def parse_args(argv: Sequence[str]) -> Settings:
     parser.add_argument(
         "--quick", action="store_true", help="64 px, 2 iterations, batch 2, K=2: a smoke run"
     )
+    parser.add_argument(
+        "--no-deploy", action="store_true", help="skip the deployment latencies (also --quick)"
+    )
     args = parser.parse_args(argv)
 
     def pick(value: int | None, full: int, quick: int) -> int:
@@ -644,12 +647,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     result = run(settings, argv)
+    if "--quick" not in argv and "--no-deploy" not in argv:
+        result["deployment"] = deployment(settings)
     out = settings.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(format_table(result))
     print(f"\nwrote {out}")
     return result
+
+
+def deployment(settings: Settings) -> dict[str, Any]:
+    """``distill summary``'s deployment numbers for the benchmark's config and size: per model
+    {pytorch_ms, onnxruntime_ms, weights_mb, onnx_mb, threads} and student / teacher ratios
+    (the deployed graph at batch 1 on the CPU, median of ``iters`` runs after ``warmup``)."""
+    from distill.summary import summarize
+
+    cfg = load_config(settings.config, [*settings.overrides, f"data.image_size={settings.size}"])
+    result = summarize(cfg, warmup=settings.warmup, iterations=settings.iters, deploy=True)
+    if "deploy" not in result["student"]:  # no onnx/onnxruntime: summarize warned
+        return {}
+    return {
+        "image_size": result["image_size"],
+        "teacher": result["teacher"]["deploy"],
+        "student": result["student"]["deploy"],
+        "ratio": result["ratio"]["deploy"],
+    }
 
 
 if __name__ == "__main__":

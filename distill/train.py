@@ -251,11 +251,11 @@ def train_group(
                     else None
                 )
                 for t in trainees:
-                    bad, logs = train_step(
+                    outcome, logs = train_step(
                         accelerator, t, image_list, targets, teacher_out, progress.step, epoch
                     )
-                    if accelerator.sync_gradients:
-                        _after_step(t, bad, progress, logs)
+                    if outcome is not None:
+                        _after_step(t, outcome, progress, logs)
                 progress.batch += 1
                 if not accelerator.sync_gradients:
                     continue
@@ -319,6 +319,7 @@ def train_group(
             "num_processes": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision,  # what train.mixed_precision became
             "nonfinite_skipped": progress.nonfinite.get(str(t.run_dir), 0),
+            "scaler_skipped": progress.scaler_skipped.get(str(t.run_dir), 0),  # fp16 overflows
             "teacher_digest": teacher_digest,
             "train_minutes": progress.seconds / 60,  # of the whole lockstep group
         }
@@ -363,13 +364,17 @@ def train_step(
     teacher_out: DenseOutputs | None,
     step: int,
     epoch: int,
-) -> tuple[bool, dict[str, float]]:
+) -> tuple[str | None, dict[str, float]]:
     """Forward and backward of trainee ``t`` on a transformed batch and, at the end of an
     accumulation window, the optimizer step.
 
-    Returns ``(skipped, logs)``. ``skipped``: the loss or the gradient norm of the window was
-    not finite on some process; every process then drops the gradients, puts the BatchNorm
-    statistics back and leaves weights, optimizer and LR schedule untouched.
+    Returns ``(outcome, logs)``; outcome is None inside an accumulation window, else
+      ``STEPPED``:  the optimizer and the LR schedule stepped;
+      ``OVERFLOW``: fp16's grad scaler found inf/NaN gradients of a finite loss (its scale was
+                    too large): no step, the scale shrinks, the LR schedule waits;
+      ``SKIPPED``:  the loss (or, without a scaler, the gradient norm) of the window was not
+                    finite on some process: every process drops the gradients, puts the
+                    BatchNorm statistics back and leaves weights, optimizer and LR untouched.
     """
     if t.saved_buffers is None:  # first micro-batch of the window
         t.saved_buffers = [b.detach().clone() for b in t.module.buffers()]
@@ -386,26 +391,51 @@ def train_step(
             else {}
         )
         total, logs = combine(det_losses, kd_terms, t.cfg.distill, step, epoch)
-        t.window_bad |= not bool(torch.isfinite(total.detach()))
-        accelerator.backward(total)
-        skipped = False
-        if accelerator.sync_gradients:
-            max_norm = t.cfg.train.grad_clip or math.inf
-            grad_norm = float(accelerator.clip_grad_norm_(t.module.parameters(), max_norm))
-            # gradients are averaged over processes already, the loss flag is not: one all-reduce
-            skipped = _any_process(accelerator, t.window_bad or not math.isfinite(grad_norm))
-            t.metrics["grad_norm"] = None if skipped else grad_norm
-            if skipped:
+        bad = ~torch.isfinite(total.detach())  # on the device: no host sync per micro-batch
+        t.window_bad = bad if t.window_bad is None else t.window_bad | bad
+        accelerator.backward(total)  # fp16: of the loss times the grad scaler's scale
+        if not accelerator.sync_gradients:
+            return None, logs
+        max_norm = t.cfg.train.grad_clip or math.inf
+        # fp16: unscales the gradients first (once per step); an overflow makes the norm inf
+        grad_norm = accelerator.clip_grad_norm_(t.module.parameters(), max_norm)
+        outcome = _window_outcome(accelerator, t.window_bad, grad_norm, accelerator.scaler)
+        if outcome == STEPPED:
+            t.optimizer.step()  # fp16: the prepared optimizer's step also updates the scaler
+            t.scheduler.step()
+        else:
+            if outcome == SKIPPED:
                 with torch.no_grad():
                     for buffer, saved in zip(t.module.buffers(), t.saved_buffers):
                         buffer.copy_(saved)
-            else:
-                t.optimizer.step()
-                if not t.optimizer.step_was_skipped:  # fp16 scaler overflow: no LR step
-                    t.scheduler.step()
-            t.optimizer.zero_grad(set_to_none=True)
-            t.saved_buffers, t.window_bad = None, False
-    return skipped, logs
+            if accelerator.scaler is not None:
+                # Close the step that unscale_ opened (the next unscale_ would fail) and shrink
+                # the scale. The optimizer is not called: torch's fused SGD, told to skip its
+                # first step, keeps an uninitialised momentum buffer (torch 2.14).
+                accelerator.scaler.update()
+        t.metrics["grad_norm"] = grad_norm.detach() if outcome == STEPPED else None
+        t.optimizer.zero_grad(set_to_none=True)
+        t.saved_buffers, t.window_bad = None, None
+    return outcome, logs
+
+
+STEPPED, OVERFLOW, SKIPPED = "stepped", "overflow", "skipped"
+
+
+def _window_outcome(
+    accelerator: Accelerator, loss_bad: torch.Tensor, grad_norm: torch.Tensor, scaler: Any
+) -> str:
+    """What to do at the end of a window, the same on every process: one all-reduce of two
+    flags and one host sync. A non-finite gradient of a finite loss is the grad scaler's
+    overflow under fp16 (``OVERFLOW``), an error (``SKIPPED``) without one."""
+    # gradients are averaged over processes already (so is the norm), the loss flags are not
+    flags = torch.stack([loss_bad, ~torch.isfinite(grad_norm)]).float()  # (2,)
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, "sum")
+    verdict = int((2 * (flags[0] > 0) + (flags[1] > 0)).item())  # the host sync
+    if verdict == 0:
+        return STEPPED
+    return OVERFLOW if verdict == 1 and scaler is not None else SKIPPED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,10 +443,11 @@ def train_step(
 # ---------------------------------------------------------------------------------------------
 
 
-def _after_step(t: Trainee, bad: bool, progress: Progress, logs: dict[str, float]) -> None:
-    """Count non-finite steps (stop after ``train.max_nonfinite`` in a row) and keep the logs."""
+def _after_step(t: Trainee, outcome: str, progress: Progress, logs: dict[str, float]) -> None:
+    """Count non-finite steps (stop after ``train.max_nonfinite`` in a row) and fp16 overflow
+    steps, and keep the logs."""
     key = str(t.run_dir)
-    if bad:
+    if outcome == SKIPPED:
         t.nonfinite_in_a_row += 1
         progress.nonfinite[key] = progress.nonfinite.get(key, 0) + 1
         log.warning(
@@ -433,7 +464,7 @@ def _after_step(t: Trainee, bad: bool, progress: Progress, logs: dict[str, float
             )
         return
     t.nonfinite_in_a_row = 0
-    if t.optimizer.step_was_skipped:  # the fp16 grad scaler's own overflow skip: not an error
+    if outcome == OVERFLOW:  # the fp16 grad scaler's own skip: not an error
         progress.scaler_skipped[key] = progress.scaler_skipped.get(key, 0) + 1
     t.metrics["logs"] = logs
 

@@ -76,7 +76,7 @@ from distill.build import (
 )
 from distill.config import Config, load_config, replace
 from distill.dense import DenseOutputs, build_transform
-from distill.train import teacher_forward, train_step
+from distill.train import SKIPPED, teacher_forward, train_step
 
 log = logging.getLogger("bench_speed")
 
@@ -128,8 +128,8 @@ class Health:
 
     skipped: dict[str, int] = field(default_factory=dict)
 
-    def count(self, t: Trainee, skipped: bool, logs: dict[str, float]) -> None:
-        if skipped:
+    def count(self, t: Trainee, outcome: str | None, logs: Mapping[str, Any]) -> None:
+        if outcome == SKIPPED:
             name = t.run_dir.name
             self.skipped[name] = self.skipped.get(name, 0) + 1
             log.warning("%s: non-finite loss or gradient norm, step skipped: %s", name, logs)
@@ -161,8 +161,8 @@ def student_step(
 ) -> None:
     """One trainee's step, exactly the loop's ``train_step`` (at step 0 of epoch 0), without
     its bookkeeping (``_after_step`` would stop the benchmark after a few skipped steps)."""
-    skipped, logs = train_step(accelerator, t, image_list, targets, teacher_out, 0, 0)
-    health.count(t, skipped, logs)
+    outcome, logs = train_step(accelerator, t, image_list, targets, teacher_out, 0, 0)
+    health.count(t, outcome, logs)
 
 
 def build_bench_trainee(

@@ -276,6 +276,12 @@ def check_lockstep(cfgs: list[Config]) -> None:
                     f"lockstep training needs the same {section} section for every model "
                     f"({first.output.dir} vs {other.output.dir}); use sequential mode"
                 )
+    if len(cfgs) > 1 and first.train.mixed_precision == "fp16":
+        raise ConfigError(
+            "lockstep training with train.mixed_precision=fp16 is not supported: the models "
+            "would share one grad scaler (one's overflow shrinks the others' loss scale); use "
+            "sequential mode"
+        )
     dirs = [c.output.dir for c in cfgs]
     if len(set(dirs)) != len(dirs):
         raise ConfigError(f"two models share an output.dir: {dirs}")

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from distill.checkpoint import has_checkpoint
-from distill.config import Config, ConfigError, load_config, parse_value
+from distill.config import Config, ConfigError, TrainConfig, load_config, parse_value
 
 log = logging.getLogger("distill.sweep")
 
@@ -123,9 +123,11 @@ def make_points(
     return points
 
 
-def is_lockstep(grid: list[tuple[str, list[Any]]]) -> bool:
-    """Lockstep is possible when only distillation settings change between points."""
-    return all(key.startswith("distill.") for key, _ in grid)
+def is_lockstep(grid: list[tuple[str, list[Any]]], train: TrainConfig | None = None) -> bool:
+    """Lockstep is possible when only distillation settings change between points, and not
+    with fp16 (Accelerate keeps one grad scaler, which the students would share)."""
+    fp16 = train is not None and train.mixed_precision == "fp16"
+    return not fp16 and all(key.startswith("distill.") for key, _ in grid)
 
 
 def sweep_command(
@@ -154,7 +156,7 @@ def sweep_command(
             len(points),
         )
     hint = "resume by running the same distill sweep command again"
-    if todo and is_lockstep(grid) and not sequential:
+    if todo and is_lockstep(grid, cfg.train) and not sequential:
         resume = has_checkpoint(sweep_dir)
         log.info(
             "lockstep: %d students on one teacher forward%s",

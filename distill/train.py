@@ -250,12 +250,15 @@ def train_group(
                     if teacher is not None
                     else None
                 )
-                for t in trainees:
-                    outcome, logs = train_step(
-                        accelerator, t, image_list, targets, teacher_out, progress.step, epoch
-                    )
-                    if outcome is not None:
-                        _after_step(t, outcome, progress, logs)
+                # One accumulation window for all: each trainee's own accumulate() would advance
+                # the one shared counter K times a batch (optimizers stepping off the window).
+                with accelerator.accumulate(*(t.module for t in trainees)):
+                    for t in trainees:
+                        outcome, logs = train_step(
+                            accelerator, t, image_list, targets, teacher_out, progress.step, epoch
+                        )
+                        if outcome is not None:
+                            _after_step(t, outcome, progress, logs)
                 progress.batch += 1
                 if not accelerator.sync_gradients:
                     continue
@@ -366,7 +369,8 @@ def train_step(
     epoch: int,
 ) -> tuple[str | None, dict[str, float]]:
     """Forward and backward of trainee ``t`` on a transformed batch and, at the end of an
-    accumulation window, the optimizer step.
+    accumulation window, the optimizer step. Runs inside ``accelerator.accumulate`` of every
+    trainee's module (one window for all of them).
 
     Returns ``(outcome, logs)``; outcome is None inside an accumulation window, else
       ``STEPPED``:  the optimizer and the LR schedule stepped;
@@ -378,44 +382,43 @@ def train_step(
     """
     if t.saved_buffers is None:  # first micro-batch of the window
         t.saved_buffers = [b.detach().clone() for b in t.module.buffers()]
-    with accelerator.accumulate(t.module):
-        student_out = t.module(
-            image_list.tensors,
-            image_list.image_sizes,
-            teacher_out.features if teacher_out is not None else None,
-        )
-        det_losses = detection_loss(t.detector, student_out, targets)
-        kd_terms = (
-            distill_terms(student_out, teacher_out, targets, _hw(image_list.tensors), t.cfg.distill)
-            if teacher_out is not None
-            else {}
-        )
-        total, logs = combine(det_losses, kd_terms, t.cfg.distill, step, epoch)
-        bad = ~torch.isfinite(total.detach())  # on the device: no host sync per micro-batch
-        t.window_bad = bad if t.window_bad is None else t.window_bad | bad
-        accelerator.backward(total)  # fp16: of the loss times the grad scaler's scale
-        if not accelerator.sync_gradients:
-            return None, logs
-        max_norm = t.cfg.train.grad_clip or math.inf
-        # fp16: unscales the gradients first (once per step); an overflow makes the norm inf
-        grad_norm = accelerator.clip_grad_norm_(t.module.parameters(), max_norm)
-        outcome = _window_outcome(accelerator, t.window_bad, grad_norm, accelerator.scaler)
-        if outcome == STEPPED:
-            t.optimizer.step()  # fp16: the prepared optimizer's step also updates the scaler
-            t.scheduler.step()
-        else:
-            if outcome == SKIPPED:
-                with torch.no_grad():
-                    for buffer, saved in zip(t.module.buffers(), t.saved_buffers):
-                        buffer.copy_(saved)
-            if accelerator.scaler is not None:
-                # Close the step that unscale_ opened (the next unscale_ would fail) and shrink
-                # the scale. The optimizer is not called: torch's fused SGD, told to skip its
-                # first step, keeps an uninitialised momentum buffer (torch 2.14).
-                accelerator.scaler.update()
-        t.metrics["grad_norm"] = grad_norm.detach() if outcome == STEPPED else None
-        t.optimizer.zero_grad(set_to_none=True)
-        t.saved_buffers, t.window_bad = None, None
+    student_out = t.module(
+        image_list.tensors,
+        image_list.image_sizes,
+        teacher_out.features if teacher_out is not None else None,
+    )
+    det_losses = detection_loss(t.detector, student_out, targets)
+    kd_terms = (
+        distill_terms(student_out, teacher_out, targets, _hw(image_list.tensors), t.cfg.distill)
+        if teacher_out is not None
+        else {}
+    )
+    total, logs = combine(det_losses, kd_terms, t.cfg.distill, step, epoch)
+    bad = ~torch.isfinite(total.detach())  # on the device: no host sync per micro-batch
+    t.window_bad = bad if t.window_bad is None else t.window_bad | bad
+    accelerator.backward(total)  # fp16: of the loss times the grad scaler's scale
+    if not accelerator.sync_gradients:
+        return None, logs
+    max_norm = t.cfg.train.grad_clip or math.inf
+    # fp16: unscales the gradients first (once per step); an overflow makes the norm inf
+    grad_norm = accelerator.clip_grad_norm_(t.module.parameters(), max_norm)
+    outcome = _window_outcome(accelerator, t.window_bad, grad_norm, accelerator.scaler)
+    if outcome == STEPPED:
+        t.optimizer.step()  # fp16: the prepared optimizer's step also updates the scaler
+        t.scheduler.step()
+    else:
+        if outcome == SKIPPED:
+            with torch.no_grad():
+                for buffer, saved in zip(t.module.buffers(), t.saved_buffers):
+                    buffer.copy_(saved)
+        if accelerator.scaler is not None:
+            # Close the step that unscale_ opened (the next unscale_ would fail) and shrink
+            # the scale. The optimizer is not called: torch's fused SGD, told to skip its
+            # first step, keeps an uninitialised momentum buffer (torch 2.14).
+            accelerator.scaler.update()
+    t.metrics["grad_norm"] = grad_norm.detach() if outcome == STEPPED else None
+    t.optimizer.zero_grad(set_to_none=True)
+    t.saved_buffers, t.window_bad = None, None
     return outcome, logs
 
 

@@ -10,8 +10,10 @@ import torch
 from accelerate.utils import GradScalerKwargs
 
 import distill.build
-from distill.config import Config, load_config
-from distill.train import TrainingStopped, train
+from distill.build import check_lockstep
+from distill.config import Config, ConfigError, load_config
+from distill.sweep import is_lockstep, parse_grid
+from distill.train import TrainingStopped, train, train_group
 from distill.weights import load_state_dict_file
 from tests.conftest import REPO, smoke_overrides
 
@@ -66,3 +68,38 @@ def test_fp16_overflows_shrink_the_scale_and_a_resume_keeps_it(
     resumed = train(config(stopped), resume=stopped)
     assert resumed["scaler_skipped"] == 2 and resumed["nonfinite_skipped"] == 0
     assert_same_weights(whole / "student.pt", stopped / "student.pt")
+
+
+def test_lockstep_with_gradient_accumulation_equals_separate_runs(
+    shapes_root: Path, tmp_path: Path
+) -> None:
+    """Two students, 2 micro-batches a step: each ends with a separate run's weights, bitwise
+    (fp32, CPU). Each trainee's own accumulate() advanced one shared counter twice a batch."""
+    base = [f"data.root={shapes_root}", "train.grad_accum=2", "train.max_steps=2",
+            "train.epochs=1", "data.max_val_images=2", *QUIET_EVAL]  # fmt: skip
+    points = {"plain": list(NO_KD), "logit": ["distill.feature.weight=0", "distill.box.weight=0"]}
+    cfgs = [
+        load_config(SMOKE, [*base, *extra, f"output.dir={tmp_path / 'group' / name}"])
+        for name, extra in points.items()
+    ]
+    train_group(cfgs, "student", tmp_path / "group")
+    for name, extra in points.items():
+        alone = tmp_path / "alone" / name
+        metrics = train(load_config(SMOKE, [*base, *extra, f"output.dir={alone}"]))
+        assert metrics["step"] == 2
+        assert_same_weights(tmp_path / "group" / name / "student.pt", alone / "student.pt")
+
+
+def test_lockstep_refuses_fp16_and_the_sweep_runs_it_in_sequence() -> None:
+    """fp16 trainees in lockstep would share Accelerate's one grad scaler (one trainee's
+    overflow shrinks the other's scale)."""
+    cfgs = [
+        load_config(SMOKE, ["train.mixed_precision=fp16", f"output.dir=runs/{name}"])
+        for name in ("a", "b")
+    ]
+    with pytest.raises(ConfigError, match=r"lockstep .*train\.mixed_precision=fp16"):
+        check_lockstep(cfgs)
+    check_lockstep(cfgs[:1])  # one model alone is not lockstep
+    grid = parse_grid(["distill.logit.temperature=1,2"])
+    assert is_lockstep(grid, cfgs[0].train) is False
+    assert is_lockstep(grid, load_config(SMOKE).train) is True

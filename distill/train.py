@@ -266,11 +266,11 @@ def train_group(
                 toc = time.perf_counter()
                 images_per_s = images_per_step / max(toc - tic, 1e-9)
                 tic = toc
-                # refresh=False: the bar redraws at its mininterval, not once per step (log files)
-                bar.set_postfix(
-                    loss=f"{logs['loss/total']:.3f}", img_s=f"{images_per_s:.1f}", refresh=False
-                )
                 if progress.step % cfg.train.log_every == 0 or progress.step == 1:
+                    # reading the losses waits for the device: only at the steps that log
+                    loss = float(logs["loss/total"])
+                    # refresh=False: the bar redraws at its mininterval (log files)
+                    bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_per_s:.1f}", refresh=False)
                     for t in trainees:
                         _log_scalars(t, progress.step, epoch, images_per_s)
                 if progress.step >= total_steps:
@@ -367,7 +367,7 @@ def train_step(
     teacher_out: DenseOutputs | None,
     step: int,
     epoch: int,
-) -> tuple[str | None, dict[str, float]]:
+) -> tuple[str | None, dict[str, torch.Tensor | float]]:
     """Forward and backward of trainee ``t`` on a transformed batch and, at the end of an
     accumulation window, the optimizer step. Runs inside ``accelerator.accumulate`` of every
     trainee's module (one window for all of them).
@@ -446,7 +446,9 @@ def _window_outcome(
 # ---------------------------------------------------------------------------------------------
 
 
-def _after_step(t: Trainee, outcome: str, progress: Progress, logs: dict[str, float]) -> None:
+def _after_step(
+    t: Trainee, outcome: str, progress: Progress, logs: dict[str, torch.Tensor | float]
+) -> None:
     """Count non-finite steps (stop after ``train.max_nonfinite`` in a row) and fp16 overflow
     steps, and keep the logs."""
     key = str(t.run_dir)
@@ -455,15 +457,15 @@ def _after_step(t: Trainee, outcome: str, progress: Progress, logs: dict[str, fl
         progress.nonfinite[key] = progress.nonfinite.get(key, 0) + 1
         log.warning(
             "%s: non-finite loss at step %d, step skipped (%d in a row): %s",
-            t.run_dir, progress.step, t.nonfinite_in_a_row, logs,
+            t.run_dir, progress.step, t.nonfinite_in_a_row, _floats(logs),
         )  # fmt: skip
         if t.writer is not None:
             t.writer.add_scalar("train/nonfinite_skipped", progress.nonfinite[key], progress.step)
         if t.nonfinite_in_a_row >= t.cfg.train.max_nonfinite:
             raise NonFiniteLoss(
                 f"{t.nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite="
-                f"{t.cfg.train.max_nonfinite}) in {t.run_dir}; last terms {logs}. Lower train.lr, "
-                "set train.grad_clip, or resume from the last checkpoint with --resume"
+                f"{t.cfg.train.max_nonfinite}) in {t.run_dir}; last terms {_floats(logs)}. Lower "
+                "train.lr, set train.grad_clip, or resume from the last checkpoint with --resume"
             )
         return
     t.nonfinite_in_a_row = 0
@@ -482,8 +484,13 @@ def _log_scalars(t: Trainee, step: int, epoch: int, images_per_s: float) -> None
         logs["train/grad_norm"] = float(grad_norm)
     logs["train/images_per_s"] = images_per_s
     logs["train/epoch"] = epoch
-    for key, value in logs.items():
+    for key, value in _floats(logs).items():
         t.writer.add_scalar(key, value, step)
+
+
+def _floats(logs: dict[str, Any]) -> dict[str, float]:
+    """Logged values as python floats (each device tensor read is a host sync)."""
+    return {key: float(value) for key, value in logs.items()}
 
 
 def _evaluate_and_log(

@@ -3,15 +3,22 @@ in lockstep, KD normalisers across processes, the sweep's report, host syncs in 
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from accelerate.utils import GradScalerKwargs
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import distill.build
+import distill.train
 from distill.build import check_lockstep
 from distill.config import Config, ConfigError, load_config
+from distill.dense import build_transform
 from distill.sweep import is_lockstep, parse_grid
 from distill.train import TrainingStopped, train, train_group
 from distill.weights import load_state_dict_file
@@ -103,3 +110,70 @@ def test_lockstep_refuses_fp16_and_the_sweep_runs_it_in_sequence() -> None:
     grid = parse_grid(["distill.logit.temperature=1,2"])
     assert is_lockstep(grid, cfgs[0].train) is False
     assert is_lockstep(grid, load_config(SMOKE).train) is True
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts ``aten::_local_scalar_dense``, the op behind ``.item()``, ``float()`` and
+    ``bool()`` of a tensor (on a GPU each one waits for the device), per ``bucket``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bucket = "ours"
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.counts[self.bucket] += 1
+        return func(*args, **(kwargs or {}))
+
+    def counting_as(self, bucket: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.bucket = bucket
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.bucket = "ours"
+
+        return counted
+
+
+def test_a_kd_step_that_does_not_log_syncs_with_the_host_at_most_twice(
+    shapes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted over whole loop iterations (batch to batch: transform, teacher, student step,
+    bookkeeping) of a distillation run with every KD term, at steps 2 and 3 (step 1 logs).
+
+    Two parts of torchvision count apart: the training transform draws each image's size from
+    a CPU tensor (``torch_choice``, no device sync on a GPU either), and RetinaNet's focal loss
+    divides by ``max(1, num_foreground)`` of each image (a device sync on a GPU, torchvision's
+    code, in the plain student's step too). The loader runs in a worker, as in real runs."""
+    counter, at_batch = HostSyncs(), []
+    trace_batch = distill.train._trace_batch
+
+    def traced(*args: Any) -> None:
+        at_batch.append(dict(counter.counts))
+        trace_batch(*args)
+
+    def transform(cfg: Config) -> Any:
+        module = build_transform(cfg)
+        module.forward = counter.counting_as("transform", module.forward)  # type: ignore[method-assign]
+        return module
+
+    monkeypatch.setattr(distill.train, "_trace_batch", traced)
+    monkeypatch.setattr(distill.train, "build_transform", transform)
+    monkeypatch.setattr(
+        distill.train, "detection_loss", counter.counting_as("focal", distill.train.detection_loss)
+    )
+    out = tmp_path / "kd"
+    overrides = [*smoke_overrides(shapes_root, out), "train.log_every=100", "train.epochs=1",
+                 "data.num_workers=1", "data.max_val_images=2", *QUIET_EVAL]  # fmt: skip
+    cfg = load_config(SMOKE, overrides)
+    assert cfg.distill.feature.weight and cfg.distill.logit.weight and cfg.distill.box.weight
+    with counter:
+        train(cfg)
+    assert len(at_batch) == 4  # 16 images, batch 4
+    per_step = [Counter(b) - Counter(a) for a, b in itertools.pairwise(at_batch)]
+    assert per_step[0]["ours"] > per_step[1]["ours"]  # step 1 logs: the counter sees the reads
+    for counts in per_step[1:]:
+        assert counts["ours"] <= 2, per_step
+        assert counts["transform"] == counts["focal"] == 4, per_step  # one per image

@@ -610,7 +610,7 @@ def test_distill_terms_and_combine() -> None:
     assert log["kd/box"] == pytest.approx(box.item())
     assert log["kd_weighted/box"] == pytest.approx(0.5 * 3.0 * box.item())
     parts = [v for key, v in log.items() if key.startswith(("loss/c", "loss/b", "kd_weighted/"))]
-    assert log["loss/total"] == pytest.approx(sum(parts), rel=1e-6)
+    assert log["loss/total"] == pytest.approx(float(sum(parts)), rel=1e-6)  # device tensors
 
 
 def test_anchor_weighting_none_and_box_threshold() -> None:

@@ -137,15 +137,17 @@ def combine(
     cfg: DistillConfig,
     step: int,
     epoch: int,
-) -> tuple[Tensor, dict[str, float]]:
-    """Total loss and its parts as python floats for logging.
+) -> tuple[Tensor, dict[str, Tensor | float]]:
+    """Total loss and its parts for logging.
 
     det_losses: {"classification": T, "bbox_regression": T} from ``detection_loss``
     kd: the output of ``distill_terms``
     returns: ``total = sum_i det_i + kd_scale * sum_j weight_j * kd_j`` and a log dict with
         ``loss/<name>`` (each detection term), ``kd/<name>`` (each unweighted KD term),
         ``kd_weighted/<name>`` (``kd_scale * weight * term``, what enters the total),
-        ``kd/scale`` and ``loss/total``.
+        ``kd/scale`` (a float) and ``loss/total``. The terms are detached scalar tensors, left
+        on the device: reading one (``float(v)``) waits for the device, so the loop reads them
+        only at the steps it logs.
 
     With ``kd`` empty the total is the sum of the detection terms, bit for bit (nothing, not
     even 0 * x, is added). When ``kd`` is non-empty its terms are added even at scale 0
@@ -159,20 +161,20 @@ def combine(
     if unknown:
         raise KeyError(f"unknown KD terms {sorted(unknown)}; expected a subset of {list(weights)}")
     scale = kd_scale(cfg, step, epoch)
-    log: dict[str, float] = {}
+    log: dict[str, Tensor | float] = {}
     total: Tensor | None = None
     for name, value in det_losses.items():
-        log[f"loss/{name}"] = value.detach().item()
+        log[f"loss/{name}"] = value.detach()
         total = value if total is None else total + value
     assert total is not None
     weighted_sum: Tensor | None = None
     for name, value in kd.items():
         weighted = value * weights[name]
-        log[f"kd/{name}"] = value.detach().item()
-        log[f"kd_weighted/{name}"] = scale * weighted.detach().item()
+        log[f"kd/{name}"] = value.detach()
+        log[f"kd_weighted/{name}"] = scale * weighted.detach()
         weighted_sum = weighted if weighted_sum is None else weighted_sum + weighted
     if weighted_sum is not None:
         total = total + scale * weighted_sum
     log["kd/scale"] = scale
-    log["loss/total"] = total.detach().item()
+    log["loss/total"] = total.detach()
     return total, log

@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -389,7 +390,14 @@ def train_step(
     )
     det_losses = detection_loss(t.detector, student_out, targets)
     kd_terms = (
-        distill_terms(student_out, teacher_out, targets, _hw(image_list.tensors), t.cfg.distill)
+        distill_terms(
+            student_out,
+            teacher_out,
+            targets,
+            _hw(image_list.tensors),
+            t.cfg.distill,
+            mean_over_processes(accelerator),
+        )
         if teacher_out is not None
         else {}
     )
@@ -548,6 +556,13 @@ def _any_process(accelerator: Accelerator, flag: bool) -> bool:
         return flag
     value = torch.tensor(1.0 if flag else 0.0, device=accelerator.device)
     return bool(accelerator.reduce(value, "sum").item() > 0)
+
+
+def mean_over_processes(accelerator: Accelerator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The mean of a scalar over all processes (an all-reduce, no host sync); None for one."""
+    if accelerator.num_processes == 1:
+        return None
+    return lambda value: accelerator.reduce(value, "mean")
 
 
 def _hw(tensors: torch.Tensor) -> tuple[int, int]:

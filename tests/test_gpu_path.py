@@ -4,6 +4,11 @@ in lockstep, KD normalisers across processes, the sweep's report, host syncs in 
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -11,16 +16,25 @@ from typing import Any
 
 import pytest
 import torch
-from accelerate.utils import GradScalerKwargs
+from accelerate import PartialState
+from accelerate.utils import GradScalerKwargs, set_seed
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import distill.build
 import distill.train
-from distill.build import check_lockstep
+from distill.build import build_models, check_lockstep, make_accelerator
 from distill.config import Config, ConfigError, load_config
-from distill.dense import build_transform
-from distill.sweep import is_lockstep, parse_grid
-from distill.train import TrainingStopped, train, train_group
+from distill.data import build_dataset, collate
+from distill.dense import build_transform, detection_loss
+from distill.losses import combine, distill_terms
+from distill.sweep import is_lockstep, parse_grid, sweep_command
+from distill.train import (
+    TrainingStopped,
+    mean_over_processes,
+    teacher_forward,
+    train,
+    train_group,
+)
 from distill.weights import load_state_dict_file
 from tests.conftest import REPO, smoke_overrides
 
@@ -177,3 +191,120 @@ def test_a_kd_step_that_does_not_log_syncs_with_the_host_at_most_twice(
     for counts in per_step[1:]:
         assert counts["ours"] <= 2, per_step
         assert counts["transform"] == counts["focal"] == 4, per_step  # one per image
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes: run as ``torchrun --nproc_per_node 2 -m tests.test_gpu_path OUT SHAPES``
+# ---------------------------------------------------------------------------------------------
+
+IMAGES = 4  # one batch of 4 on one process, or 2 on each of two
+
+
+def kd_gradient(shapes_root: Path, out: Path) -> None:
+    """The KD terms (averaged over processes) and the student's gradient (averaged by DDP) of
+    the first ``IMAGES`` training images, split over the processes; rank 0 saves them to
+    ``out/grad.world{W}.pt``."""
+    cfg = load_config(SMOKE, [*smoke_overrides(shapes_root, out), "data.hflip=0"])
+    accelerator = make_accelerator(cfg)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    dataset = build_dataset(cfg.data, "train")
+    per_process = IMAGES // world
+    images, targets = collate(
+        [dataset[i] for i in range(rank * per_process, (rank + 1) * per_process)]
+    )
+    set_seed(cfg.train.seed)
+    module, teacher = build_models(cfg, "student", dataset.num_categories + 1)
+    assert teacher is not None
+    module.detector.freeze_backbone_norm()  # BatchNorm on batch statistics would differ by design
+    module = accelerator.prepare(module)
+    teacher.to(accelerator.device)
+    transform = build_transform(cfg).to(accelerator.device)
+    image_list, targets = transform([i.to(accelerator.device) for i in images], targets)
+    teacher_out = teacher_forward(accelerator, teacher, image_list)
+    student_out = module(image_list.tensors, image_list.image_sizes, teacher_out.features)
+    size = (int(image_list.tensors.shape[-2]), int(image_list.tensors.shape[-1]))
+    kd = distill_terms(
+        student_out, teacher_out, targets, size, cfg.distill, mean_over_processes(accelerator)
+    )
+    det = detection_loss(accelerator.unwrap_model(module).detector, student_out, targets)
+    total, _ = combine(det, kd, cfg.distill, step=10, epoch=0)
+    accelerator.backward(total)
+    terms = {name: accelerator.reduce(value.detach(), "mean") for name, value in kd.items()}
+    params = accelerator.unwrap_model(module).named_parameters()
+    grads = {name: p.grad.clone() for name, p in params if p.grad is not None}
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"world": world, "terms": terms, "grads": grads}, out / f"grad.world{world}.pt")
+
+
+def sweep_report(shapes_root: Path, out: Path) -> None:
+    """A sweep into ``out/sweep.rank{R}`` with its training replaced (each point just writes a
+    metrics.json): only the main process may write the report."""
+    rank = PartialState().process_index
+
+    def fake_train(cfg: Config, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        write_metrics(cfg)
+        return {}
+
+    def fake_group(cfgs: list[Config], *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        return [fake_train(c) for c in cfgs]
+
+    distill.train.train, distill.train.train_group = fake_train, fake_group
+    sweep_args = [f"data.root={shapes_root}", f"output.dir={out / f'sweep.rank{rank}'}"]
+    sweep_cfg = load_config(SMOKE, sweep_args)
+    grid = ["distill.logit.temperature=1,2"]
+    sweep_command(sweep_cfg, grid, config_path=SMOKE, overrides=sweep_args)
+    PartialState().wait_for_everyone()
+
+
+def write_metrics(cfg: Config) -> None:
+    run_dir = Path(cfg.output.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {"map": 0.1, "ap50": 0.2, "aps": 0.0, "apm": 0.0, "apl": 0.0}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_two_processes_with_batch_b_give_the_kd_terms_and_gradient_of_one_with_2b(
+    shapes_root: Path, tmp_path: Path
+) -> None:
+    """1 process with batch 4 against 2 gloo processes with batch 2 on the same images: the
+    KD terms (the soft-label and box terms divide by anchor-weight sums reduced across the
+    processes) and the gradient of the total agree within 1e-5. And only the main process
+    writes the sweep's report."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), "-m", "tests.test_gpu_path", str(tmp_path),
+           str(shapes_root)]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    kd_gradient(shapes_root, tmp_path / "one")  # meanwhile, the same in this process
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output.decode()[-3000:]
+    one = torch.load(tmp_path / "one" / "grad.world1.pt", weights_only=True)
+    two = torch.load(tmp_path / "grad.world2.pt", weights_only=True)
+    assert (one["world"], two["world"]) == (1, 2)
+    assert one["terms"].keys() == two["terms"].keys() == {"feature", "logit", "box"}
+    for name, value in one["terms"].items():
+        torch.testing.assert_close(two["terms"][name], value, rtol=1e-5, atol=1e-5, msg=name)
+    assert one["grads"].keys() == two["grads"].keys()
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-5, atol=1e-5, msg=name)
+    for output_file in ("sweep.csv", "sweep.md", "sweep.png"):
+        assert (tmp_path / "sweep.rank0" / output_file).is_file()
+        assert not (tmp_path / "sweep.rank1" / output_file).exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+if __name__ == "__main__":
+    kd_gradient(Path(sys.argv[2]), Path(sys.argv[1]))
+    sweep_report(Path(sys.argv[2]), Path(sys.argv[1]))
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -10,7 +10,7 @@ detection loss.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor
 
@@ -53,6 +53,7 @@ def distill_terms(
     targets: Sequence[Mapping[str, Tensor]],
     image_size: tuple[int, int],
     cfg: DistillConfig,
+    mean_over_processes: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """The unweighted KD terms whose weight is > 0, keyed "feature", "logit", "box".
 
@@ -60,6 +61,10 @@ def distill_terms(
         None when no weight is > 0, and is then never looked at
     targets: per image {"boxes": (B_i, 4) xyxy in the transformed frame, ...} (FGD's masks)
     image_size: (H, W) of the padded batch (FGD's masks)
+    mean_over_processes: with several processes, the mean of a scalar over all of them (an
+        all-reduce; every process must call ``distill_terms``). The anchor-weighted terms divide
+        by it of their local weight sums, so that 2 processes with batch B give the gradient of
+        1 process with batch 2B; None: one process
     returns: {name: scalar float32}
 
     - feature: ``feature_kd_loss`` of ``student.adapted`` vs ``teacher.features`` over
@@ -110,7 +115,12 @@ def distill_terms(
             )
         anchor_weights = confidence if logit.anchor_weighting == "teacher_max" else None
         terms["logit"] = soft_label_loss(
-            student.cls_logits, teacher.cls_logits, logit.temperature, logit.kind, anchor_weights
+            student.cls_logits,
+            teacher.cls_logits,
+            logit.temperature,
+            logit.kind,
+            anchor_weights,
+            _normaliser(anchor_weights, mean_over_processes),
         )
     if weights["box"] > 0:
         assert confidence is not None  # computed above whenever the box weight is > 0
@@ -121,8 +131,18 @@ def distill_terms(
             student.anchors,
             selected,
             cfg.box.kind,
+            _normaliser(selected, mean_over_processes),
         )
     return terms
+
+
+def _normaliser(
+    weights: Tensor | None, mean_over_processes: Callable[[Tensor], Tensor] | None
+) -> Tensor | None:
+    """The sum of the anchor weights, averaged over processes (None: the local sum is used)."""
+    if weights is None or mean_over_processes is None:
+        return None
+    return mean_over_processes(weights.detach().float().sum())
 
 
 def _extras_per_level(

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate import PartialState
 
 from distill.checkpoint import has_checkpoint
 from distill.config import Config, ConfigError, TrainConfig, load_config, parse_value
@@ -170,8 +171,8 @@ def sweep_command(
             resume_dir = run_dir if has_checkpoint(run_dir) else None
             train(point.cfg, job="student", resume=resume_dir, resume_hint=hint)
     rows = collect_rows(points, grid)
-    teacher_map = teacher_reference(cfg)
-    write_report(sweep_dir, rows, [k for k, _ in grid], teacher_map)
+    if PartialState().is_main_process:  # under accelerate launch: one report, not one each
+        write_report(sweep_dir, rows, [k for k, _ in grid], teacher_reference(cfg))
     return rows
 
 

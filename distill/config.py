@@ -93,6 +93,8 @@ class FeatureKDConfig:
     weight: float = 0.0
     tau: float = 1.0  # temperature of cwd / fgd attention
     levels: tuple[str, ...] = ("p3", "p4", "p5", "p6", "p7")
+    # sum | mean of the per-level losses; sum, as the papers (a weight from one means the same)
+    level_reduction: str = "sum"
     # FGD (Yang et al. 2022) weights; defaults are the paper's RetinaNet settings.
     fgd_alpha: float = 0.001
     fgd_beta: float = 0.0005
@@ -218,7 +220,7 @@ def choices() -> dict[str, tuple[Any, ...]]:
     """The names a key accepts, from the registries that use them (imported here, late: they
     import this module)."""
     from distill.losses.combine import ANCHOR_WEIGHTINGS
-    from distill.losses.features import FEATURE_KINDS
+    from distill.losses.features import FEATURE_KINDS, LEVEL_REDUCTIONS
     from distill.losses.logits import BOX_KINDS, LOGIT_KINDS
     from students import STUDENTS
     from students.parts import NORMS
@@ -230,6 +232,7 @@ def choices() -> dict[str, tuple[Any, ...]]:
         "student.arch": tuple(STUDENTS),
         "student.norm": tuple(NORMS),
         "distill.feature.kind": FEATURE_KINDS,
+        "distill.feature.level_reduction": LEVEL_REDUCTIONS,
         "distill.logit.kind": LOGIT_KINDS,
         "distill.logit.anchor_weighting": ANCHOR_WEIGHTINGS,
         "distill.box.kind": BOX_KINDS,

@@ -26,7 +26,7 @@ from distill.build import build_models, check_lockstep, make_accelerator
 from distill.config import Config, ConfigError, load_config
 from distill.data import build_dataset, collate
 from distill.dense import build_transform, detection_loss
-from distill.losses import combine, distill_terms
+from distill.losses import combine, distill_terms, feature_kd_loss
 from distill.sweep import is_lockstep, parse_grid, sweep_command
 from distill.train import (
     TrainingStopped,
@@ -124,6 +124,27 @@ def test_lockstep_refuses_fp16_and_the_sweep_runs_it_in_sequence() -> None:
     grid = parse_grid(["distill.logit.temperature=1,2"])
     assert is_lockstep(grid, cfgs[0].train) is False
     assert is_lockstep(grid, load_config(SMOKE).train) is True
+
+
+def test_feature_kd_sums_levels_and_the_shapes_recipe_keeps_its_loss() -> None:
+    """The levels' losses are summed by default (a paper's weight means the same here); the
+    shapes recipe's weight was divided by its 5 levels, so its weighted loss is the one that
+    30 x the mean over the levels gave before."""
+    assert load_config(None).distill.feature.level_reduction == "sum"
+    recipe = load_config(REPO / "configs" / "shapes" / "distill.yaml").distill.feature
+    assert recipe.level_reduction == "sum" and len(recipe.levels) == 5
+    gen = torch.Generator().manual_seed(0)
+    s = {
+        lv: torch.randn(2, 8, 32 >> i, 32 >> i, generator=gen) for i, lv in enumerate(recipe.levels)
+    }
+    t = {lv: torch.randn(x.shape, generator=gen) for lv, x in s.items()}
+    now = recipe.weight * feature_kd_loss(recipe.kind, s, t, recipe.levels, tau=recipe.tau)
+    before = 30.0 * feature_kd_loss(
+        recipe.kind, s, t, recipe.levels, tau=recipe.tau, reduction="mean"
+    )
+    torch.testing.assert_close(now, before)
+    with pytest.raises(ConfigError, match=r"distill\.feature\.level_reduction in --set .*'max'"):
+        load_config(None, ["distill.feature.level_reduction=max"])
 
 
 class HostSyncs(TorchDispatchMode):

@@ -10,6 +10,7 @@ The plain detection loss (focal + box vs ground truth) is torchvision's, in ``di
 from distill.losses.combine import combine, distill_terms, kd_scale, kd_weights, needs_teacher
 from distill.losses.features import (
     FEATURE_KINDS,
+    LEVEL_REDUCTIONS,
     GlobalContextBlock,
     build_adapters,
     build_global_blocks,
@@ -32,6 +33,7 @@ from distill.losses.logits import (
 __all__ = [
     "BOX_KINDS",
     "FEATURE_KINDS",
+    "LEVEL_REDUCTIONS",
     "LOGIT_KINDS",
     "GlobalContextBlock",
     "box_distill_loss",

@@ -68,8 +68,8 @@ def distill_terms(
     returns: {name: scalar float32}
 
     - feature: ``feature_kd_loss`` of ``student.adapted`` vs ``teacher.features`` over
-      ``cfg.feature.levels``; FGD also uses ``student.extras["global_s/<level>"]`` and
-      ``["global_t/<level>"]`` where present.
+      ``cfg.feature.levels``, summed or averaged (``cfg.feature.level_reduction``); FGD also
+      uses ``student.extras["global_s/<level>"]`` and ``["global_t/<level>"]`` where present.
     - logit: ``soft_label_loss`` at ``cfg.logit.temperature``, anchors weighted by the teacher's
       max class probability (``anchor_weighting: teacher_max``) or uniformly (``none``).
     - box: ``box_distill_loss`` on the anchors whose teacher max class probability is
@@ -102,6 +102,7 @@ def distill_terms(
             fgd_lambda=feature.fgd_lambda,
             global_s=global_s or None,
             global_t=global_t or None,
+            reduction=feature.level_reduction,
         )
     confidence = None
     if weights["logit"] > 0 or weights["box"] > 0:

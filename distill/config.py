@@ -216,29 +216,24 @@ NON_NEGATIVE = (
 )  # fmt: skip
 
 
-def choices() -> dict[str, tuple[Any, ...]]:
-    """The names a key accepts, from the registries that use them (imported here, late: they
-    import this module)."""
-    from distill.losses.combine import ANCHOR_WEIGHTINGS
-    from distill.losses.features import FEATURE_KINDS, LEVEL_REDUCTIONS
-    from distill.losses.logits import BOX_KINDS, LOGIT_KINDS
-    from students import STUDENTS
-    from students.parts import NORMS
-    from teachers import HEAD_NORMS, TEACHERS
+# The names a key accepts. A registry (students, teachers, distill.losses) declares the names of
+# its keys when it is imported (``register_choices``): this module imports none of them, and
+# ``import distill`` imports them all, so every config read checks every name.
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "train.optimizer": ("sgd", "adamw"),
+    "train.schedule": ("cosine", "step", "constant"),
+}
 
-    return {
-        "teacher.arch": tuple(TEACHERS),
-        "teacher.head_norm": (None, *HEAD_NORMS),
-        "student.arch": tuple(STUDENTS),
-        "student.norm": tuple(NORMS),
-        "distill.feature.kind": FEATURE_KINDS,
-        "distill.feature.level_reduction": LEVEL_REDUCTIONS,
-        "distill.logit.kind": LOGIT_KINDS,
-        "distill.logit.anchor_weighting": ANCHOR_WEIGHTINGS,
-        "distill.box.kind": BOX_KINDS,
-        "train.optimizer": ("sgd", "adamw"),
-        "train.schedule": ("cosine", "step", "constant"),
-    }
+
+def register_choices(names: Mapping[str, Iterable[Any]]) -> None:
+    """For a registry: ``{"student.arch": STUDENTS, ...}``, the names each key accepts."""
+    for key, allowed in names.items():
+        _CHOICES[key] = tuple(allowed)
+
+
+def choices() -> dict[str, tuple[Any, ...]]:
+    """The names a key accepts, as the registries declared them."""
+    return dict(_CHOICES)
 
 
 def check_values(cfg: Config, source: str) -> None:

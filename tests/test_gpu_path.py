@@ -3,6 +3,7 @@ in lockstep, KD normalisers across processes, the sweep's report, host syncs in 
 
 from __future__ import annotations
 
+import ast
 import itertools
 import json
 import os
@@ -145,6 +146,31 @@ def test_feature_kd_sums_levels_and_the_shapes_recipe_keeps_its_loss() -> None:
     torch.testing.assert_close(now, before)
     with pytest.raises(ConfigError, match=r"distill\.feature\.level_reduction in --set .*'max'"):
         load_config(None, ["distill.feature.level_reduction=max"])
+
+
+def project_imports(path: Path) -> set[str]:
+    """The modules of this project that a source file imports (at any depth of its code)."""
+    tree = ast.parse(path.read_text())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+             for alias in node.names}  # fmt: skip
+    names |= {node.module for node in ast.walk(tree)
+              if isinstance(node, ast.ImportFrom) and node.module}  # fmt: skip
+    return {n for n in names if n.split(".")[0] in ("distill", "students", "teachers")}
+
+
+def test_the_config_is_a_leaf_and_the_registries_declare_their_names() -> None:
+    """distill.config imports no registry (only distill.files, which imports nothing of the
+    project); the names it checks come from the registries, which declare them."""
+    assert project_imports(REPO / "distill" / "config.py") <= {"distill.files"}
+    assert project_imports(REPO / "distill" / "files.py") == set()
+    import students
+    import teachers
+    from distill.config import choices
+    from distill.losses import LEVEL_REDUCTIONS
+
+    assert choices()["student.arch"] == tuple(students.STUDENTS)
+    assert choices()["teacher.arch"] == tuple(teachers.TEACHERS)
+    assert choices()["distill.feature.level_reduction"] == LEVEL_REDUCTIONS
 
 
 class HostSyncs(TorchDispatchMode):

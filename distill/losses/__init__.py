@@ -7,7 +7,15 @@
 The plain detection loss (focal + box vs ground truth) is torchvision's, in ``distill.dense``.
 """
 
-from distill.losses.combine import combine, distill_terms, kd_scale, kd_weights, needs_teacher
+from distill.config import register_choices
+from distill.losses.combine import (
+    ANCHOR_WEIGHTINGS,
+    combine,
+    distill_terms,
+    kd_scale,
+    kd_weights,
+    needs_teacher,
+)
 from distill.losses.features import (
     FEATURE_KINDS,
     LEVEL_REDUCTIONS,
@@ -28,6 +36,17 @@ from distill.losses.logits import (
     soft_label_loss,
     teacher_confidence,
     weighted_anchor_mean,
+)
+
+# the names of the distill.* keys, checked as a config is read
+register_choices(
+    {
+        "distill.feature.kind": FEATURE_KINDS,
+        "distill.feature.level_reduction": LEVEL_REDUCTIONS,
+        "distill.logit.kind": LOGIT_KINDS,
+        "distill.logit.anchor_weighting": ANCHOR_WEIGHTINGS,
+        "distill.box.kind": BOX_KINDS,
+    }
 )
 
 __all__ = [

@@ -7,9 +7,10 @@ One loop serves three jobs:
 
 ``train_group`` trains several students in lockstep on one stream of batches (``distill sweep``):
 the data, the shared transform and the teacher forward happen once per batch for all of them.
-``train`` is the group of one. Read the loop in ``train_group`` top to bottom: the batch goes
-through the shared transform once, into the frozen teacher (no_grad, autocast, never prepared)
-and each prepared student module, and the detection and KD terms are summed in ``combine``.
+``train`` is the group of one. ``train_group`` is setup, resume, the loop and the finish; read
+``train_batch`` and ``train_step`` top to bottom for one batch: it goes through the shared
+transform once, into the frozen teacher (no_grad, autocast, never prepared) and each prepared
+student module, and the detection and KD terms are summed in ``combine``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,28 +131,71 @@ def train_group(
     overwrite: a fresh start may replace runs already in these directories; otherwise it is
     refused before anything is written.
     """
-    resume_hint = resume_hint or f"resume with --resume {checkpoint_dir}"
-    cfg = cfgs[0]
+    checkpoint = check_start(cfgs, checkpoint_dir, resume, fallback, overwrite)
+    run = setup(cfgs, job, checkpoint_dir)
+    if checkpoint is not None:
+        resume_from(run, checkpoint, fallback)
+    if run.accelerator.is_main_process:
+        for t in run.trainees:
+            dump_config(t.cfg, t.run_dir / "config.yaml")
+    train_loop(run, stop_after, resume_hint or f"resume with --resume {checkpoint_dir}")
+    return finish(run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup and resume
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """A training session of one lockstep group: what ``setup`` builds and the loop uses."""
+
+    job: str
+    cfg: Config  # the group's shared sections (data, train, eval, ...): its first config
+    accelerator: Accelerator
+    train_set: CocoDetection
+    train_loader: Any  # prepared DataLoader
+    val_set: CocoDetection
+    transform: nn.Module  # the shared resize + normalise
+    teacher: nn.Module | None  # frozen, not prepared; None for a teacher job or a plain student
+    trainees: list[Trainee]
+    total_steps: int
+    checkpoint_dir: Path
+    progress: Progress
+
+
+def check_start(
+    cfgs: list[Config], checkpoint_dir: Path, resume: bool, fallback: bool, overwrite: bool
+) -> Path | None:
+    """Refusals before anything is built or written; returns the checkpoint to resume from."""
     check_lockstep(cfgs)
-    checkpoint = find_checkpoint(checkpoint_dir, fallback) if resume else None  # fail early
+    checkpoint = find_checkpoint(checkpoint_dir, fallback) if resume else None
     if not resume and not overwrite:
         for run_dir in {checkpoint_dir, *(Path(c.output.dir) for c in cfgs)}:
             check_fresh(run_dir)
-    # the models trained together, as the checkpoint records them ("." for a single run)
-    models = [os.path.relpath(c.output.dir, checkpoint_dir) for c in cfgs]
-    if checkpoint is not None:  # another run's or grid's checkpoint: refused before any build
+    if checkpoint is not None:  # another run's or grid's checkpoint
         try:
             stored = read_progress(checkpoint)
         except CheckpointError:
             stored = None  # unreadable: load_checkpoint reports it (or falls back)
         if stored is not None:
-            check_models(checkpoint, stored, models)
+            check_models(checkpoint, stored, _model_names(cfgs, checkpoint_dir))
         for c in cfgs:
             check_resume_config(c, Path(c.output.dir))
+    return checkpoint
+
+
+def _model_names(cfgs: list[Config], checkpoint_dir: Path) -> list[str]:
+    """The models trained together, as the checkpoint records them ("." for a single run)."""
+    return [os.path.relpath(c.output.dir, checkpoint_dir) for c in cfgs]
+
+
+def setup(cfgs: list[Config], job: str, checkpoint_dir: Path) -> Run:
+    """The accelerator, the data, the shared transform, the frozen teacher and the trainees."""
+    cfg = cfgs[0]
     accelerator = build_accelerator(cfg)
     _setup_logging(accelerator)
-
-    # ---- data ---------------------------------------------------------------------------
     train_set, train_loader = build_train_loader(accelerator, cfg)
     val_set = build_dataset(cfg.data, "val")
     num_classes = train_set.num_categories + 1  # + background (label 0), torchvision's convention
@@ -165,7 +210,6 @@ def train_group(
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
 
-    # ---- models -------------------------------------------------------------------------
     transform = build_transform(cfg).to(accelerator.device)  # ONE resize + normalise for all
     teacher: nn.Module | None = None
     trainees = []
@@ -179,43 +223,54 @@ def train_group(
         teacher.to(accelerator.device)  # frozen: not prepared, not in an optimizer, not in DDP
         check_not_optimized(teacher, trainees)
         teacher_digest = state_digest(teacher)
-
-    progress = Progress(teacher_digest=teacher_digest, models=models)
-    if checkpoint is not None:
-        try:
-            progress = load_checkpoint(accelerator, checkpoint, teacher_digest, models)
-        except CheckpointError as err:
-            previous = previous_checkpoint(checkpoint) if fallback else None
-            if previous is None or isinstance(err, MismatchError):
-                raise
-            log.warning("%s; falling back to %s", err, previous)
-            checkpoint = previous
-            progress = load_checkpoint(accelerator, checkpoint, teacher_digest, models)
-        progress.models = models
-        if progress.teacher_digest is None:
-            log.warning(
-                "%s records no teacher fingerprint (an older checkpoint): resuming without "
-                "checking that the teacher is the one it was trained against",
-                checkpoint,
-            )
-            progress.teacher_digest = teacher_digest
-        log.info(
-            "resumed from %s at epoch %d, batch %d, step %d",
-            checkpoint,
-            progress.epoch,
-            progress.batch,
-            progress.step,
-        )
-    if accelerator.is_main_process:
-        for t in trainees:
-            dump_config(t.cfg, t.run_dir / "config.yaml")
     log.info(
         "job=%s models=%d processes=%d device=%s mixed_precision=%s steps=%d (%d per epoch)",
         job, len(trainees), accelerator.num_processes, accelerator.device,
         accelerator.mixed_precision, total_steps, steps_per_epoch,
     )  # fmt: skip
+    progress = Progress(teacher_digest=teacher_digest, models=_model_names(cfgs, checkpoint_dir))
+    return Run(
+        job, cfg, accelerator, train_set, train_loader, val_set, transform, teacher, trainees,
+        total_steps, checkpoint_dir, progress,
+    )  # fmt: skip
 
-    # ---- loop ---------------------------------------------------------------------------
+
+def resume_from(run: Run, checkpoint: Path, fallback: bool) -> None:
+    """Load models, optimizers, schedulers, grad scaler, RNG and progress from ``checkpoint``
+    (with ``fallback``, from the previous whole one if it is corrupt)."""
+    teacher_digest, models = run.progress.teacher_digest or "", run.progress.models
+    try:
+        progress = load_checkpoint(run.accelerator, checkpoint, teacher_digest, models)
+    except CheckpointError as err:
+        previous = previous_checkpoint(checkpoint) if fallback else None
+        if previous is None or isinstance(err, MismatchError):
+            raise
+        log.warning("%s; falling back to %s", err, previous)
+        checkpoint = previous
+        progress = load_checkpoint(run.accelerator, checkpoint, teacher_digest, models)
+    progress.models = models
+    if progress.teacher_digest is None:
+        log.warning(
+            "%s records no teacher fingerprint (an older checkpoint): resuming without "
+            "checking that the teacher is the one it was trained against",
+            checkpoint,
+        )
+        progress.teacher_digest = teacher_digest
+    log.info(
+        "resumed from %s at epoch %d, batch %d, step %d",
+        checkpoint, progress.epoch, progress.batch, progress.step,
+    )  # fmt: skip
+    run.progress = progress
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def train_loop(run: Run, stop_after: int | None, resume_hint: str) -> None:
+    """Epochs of batches until ``run.total_steps`` optimizer steps; logs, checkpoints, stops."""
+    cfg, accelerator, progress = run.cfg, run.accelerator, run.progress
     stop = StopFlag.install()
     loop_start, seconds_before = time.perf_counter(), progress.seconds
 
@@ -225,62 +280,33 @@ def train_group(
     images_per_step = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum
     try:
         for epoch in range(progress.epoch, cfg.train.epochs):
-            if progress.step >= total_steps:
+            if progress.step >= run.total_steps:
                 break
-            train_set.set_epoch(epoch)  # flips of this epoch
-            train_loader.set_epoch(epoch)  # shuffle order of this epoch
-            loader = train_loader
-            if progress.batch > 0:  # resuming mid-epoch: same order, skip what was consumed
-                loader = accelerator.skip_first_batches(train_loader, progress.batch)
-            for t in trainees:
-                t.module.train()
-            bar = tqdm(
-                loader,
-                desc=f"epoch {epoch}",
-                disable=not accelerator.is_main_process,
-                leave=False,
-                mininterval=0.5 if sys.stderr.isatty() else 30.0,  # log files: a line per 30 s
-            )
+            bar = _epoch_batches(run, epoch)
             tic = time.perf_counter()
             for images, targets in bar:
-                _trace_batch(trainees[0], accelerator, progress, targets)
-                # Shared transform, once: teacher and students see one ImageList, one anchor set.
-                image_list, targets = transform(images, targets)
-                teacher_out = (
-                    teacher_forward(accelerator, teacher, image_list)
-                    if teacher is not None
-                    else None
-                )
-                # One accumulation window for all: each trainee's own accumulate() would advance
-                # the one shared counter K times a batch (optimizers stepping off the window).
-                with accelerator.accumulate(*(t.module for t in trainees)):
-                    for t in trainees:
-                        outcome, logs = train_step(
-                            accelerator, t, image_list, targets, teacher_out, progress.step, epoch
-                        )
-                        if outcome is not None:
-                            _after_step(t, outcome, progress, logs)
+                _trace_batch(run.trainees[0], accelerator, progress, targets)
+                logs = train_batch(run, images, targets, epoch)
                 progress.batch += 1
                 if not accelerator.sync_gradients:
                     continue
                 progress.step += 1
                 toc = time.perf_counter()
-                images_per_s = images_per_step / max(toc - tic, 1e-9)
-                tic = toc
+                images_per_s, tic = images_per_step / max(toc - tic, 1e-9), toc
                 if progress.step % cfg.train.log_every == 0 or progress.step == 1:
                     # reading the losses waits for the device: only at the steps that log
                     loss = float(logs["loss/total"])
                     # refresh=False: the bar redraws at its mininterval (log files)
                     bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_per_s:.1f}", refresh=False)
-                    for t in trainees:
+                    for t in run.trainees:
                         _log_scalars(t, progress.step, epoch, images_per_s)
-                if progress.step >= total_steps:
+                if progress.step >= run.total_steps:
                     break
                 every = cfg.train.checkpoint_every_steps
                 stop_now = _any_process(accelerator, stop.requested or progress.step == stop_after)
                 if stop_now or (every > 0 and progress.step % every == 0):
                     clock()
-                    save_checkpoint(accelerator, checkpoint_dir, progress)
+                    save_checkpoint(accelerator, run.checkpoint_dir, progress)
                 if stop_now:
                     raise TrainingStopped(
                         f"stopped at epoch {epoch}, step {progress.step} "
@@ -288,36 +314,85 @@ def train_group(
                     )
             bar.close()
             progress.epoch, progress.batch = epoch + 1, 0
-            last = epoch + 1 == cfg.train.epochs or progress.step >= total_steps
+            last = epoch + 1 == cfg.train.epochs or progress.step >= run.total_steps
             every = cfg.eval.every_epochs
             if last or (every > 0 and (epoch + 1) % every == 0):
-                for t in trainees:
-                    t.metrics["eval"] = _evaluate_and_log(
-                        t, accelerator, teacher, transform, val_set, progress.step
-                    )
+                for t in run.trainees:
+                    t.metrics["eval"] = _evaluate_and_log(t, run)
             clock()
-            save_checkpoint(accelerator, checkpoint_dir, progress)
+            save_checkpoint(accelerator, run.checkpoint_dir, progress)
             if _any_process(accelerator, stop.requested) and not last:
                 raise TrainingStopped(f"stopped after epoch {epoch} ({stop.reason}); {resume_hint}")
     finally:
         stop.uninstall()
-        for t in trainees:
+        for t in run.trainees:
             if t.writer is not None:
                 t.writer.flush()
 
-    # ---- outputs ------------------------------------------------------------------------
-    if teacher is not None and state_digest(teacher) != teacher_digest:
+
+def train_batch(
+    run: Run, images: list[torch.Tensor], targets: list[dict[str, Any]], epoch: int
+) -> dict[str, torch.Tensor | float]:
+    """One batch for every trainee; returns the last trainee's logs (device scalars).
+
+    images: (3, H_i, W_i) each, on the device; targets: per image {"boxes", "labels", ...}
+    """
+    accelerator, step = run.accelerator, run.progress.step
+    # Shared transform, once: teacher and students see one ImageList, one anchor set.
+    image_list, targets = run.transform(images, targets)
+    teacher_out = None
+    if run.teacher is not None:
+        teacher_out = teacher_forward(accelerator, run.teacher, image_list)
+    # One accumulation window for all: each trainee's own accumulate() would advance the one
+    # shared counter K times a batch (optimizers stepping off the window).
+    with accelerator.accumulate(*(t.module for t in run.trainees)):
+        for t in run.trainees:
+            # student forward, detection + KD terms summed in combine(), backward, step
+            outcome, logs = train_step(
+                accelerator, t, image_list, targets, teacher_out, step, epoch
+            )
+            if outcome is not None:
+                _after_step(t, outcome, run.progress, logs)
+    return logs
+
+
+def _epoch_batches(run: Run, epoch: int) -> tqdm:
+    """The epoch's batches (resuming mid-epoch: the same order, without those consumed)."""
+    run.train_set.set_epoch(epoch)  # flips of this epoch
+    run.train_loader.set_epoch(epoch)  # shuffle order of this epoch
+    loader = run.train_loader
+    if run.progress.batch > 0:
+        loader = run.accelerator.skip_first_batches(run.train_loader, run.progress.batch)
+    for t in run.trainees:
+        t.module.train()
+    return tqdm(
+        loader,
+        desc=f"epoch {epoch}",
+        disable=not run.accelerator.is_main_process,
+        leave=False,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,  # log files: a line per 30 s
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The finish
+# ---------------------------------------------------------------------------------------------
+
+
+def finish(run: Run) -> list[dict[str, Any]]:
+    """Check the frozen teacher, evaluate where the loop did not, write weights and metrics."""
+    accelerator, progress = run.accelerator, run.progress
+    teacher_digest = progress.teacher_digest or ""
+    if run.teacher is not None and state_digest(run.teacher) != teacher_digest:
         raise RuntimeError(
             "the frozen teacher's weights or BatchNorm statistics changed during training"
         )
     results = []
-    for t in trainees:
-        metrics = t.metrics.get("eval") or _evaluate_and_log(
-            t, accelerator, teacher, transform, val_set, progress.step
-        )
+    for t in run.trainees:
+        metrics = t.metrics.get("eval") or _evaluate_and_log(t, run)
         metrics = {
             **metrics,
-            "job": job,
+            "job": run.job,
             "step": progress.step,
             "epoch": progress.epoch,
             "num_processes": accelerator.num_processes,
@@ -328,18 +403,15 @@ def train_group(
             "train_minutes": progress.seconds / 60,  # of the whole lockstep group
         }
         if accelerator.is_main_process:
-            weights_name = "teacher.pt" if job == "teacher" else "student.pt"
+            weights_name = "teacher.pt" if run.job == "teacher" else "student.pt"
             save_state_dict_file(
                 student_state_dict(accelerator.unwrap_model(t.module)), t.run_dir / weights_name
             )
             write_json(metrics, t.run_dir / "metrics.json")
             log.info(
                 "%s: mAP %.4f (AP50 %.4f); wrote %s and metrics.json",
-                t.run_dir,
-                metrics["map"],
-                metrics["ap50"],
-                weights_name,
-            )
+                t.run_dir, metrics["map"], metrics["ap50"], weights_name,
+            )  # fmt: skip
             if t.writer is not None:
                 t.writer.close()
         results.append(metrics)
@@ -388,28 +460,26 @@ def train_step(
         image_list.image_sizes,
         teacher_out.features if teacher_out is not None else None,
     )
-    det_losses = detection_loss(t.detector, student_out, targets)
-    kd_terms = (
-        distill_terms(
-            student_out,
-            teacher_out,
-            targets,
-            _hw(image_list.tensors),
-            t.cfg.distill,
-            mean_over_processes(accelerator),
-        )
-        if teacher_out is not None
-        else {}
-    )
+    det_losses = detection_loss(t.detector, student_out, targets)  # vs the ground truth
+    kd_terms: dict[str, torch.Tensor] = {}
+    if teacher_out is not None:  # vs the teacher, anchor by anchor and level by level
+        size, reduce = _hw(image_list.tensors), mean_over_processes(accelerator)
+        kd_terms = distill_terms(student_out, teacher_out, targets, size, t.cfg.distill, reduce)
     total, logs = combine(det_losses, kd_terms, t.cfg.distill, step, epoch)
     bad = ~torch.isfinite(total.detach())  # on the device: no host sync per micro-batch
     t.window_bad = bad if t.window_bad is None else t.window_bad | bad
     accelerator.backward(total)  # fp16: of the loss times the grad scaler's scale
     if not accelerator.sync_gradients:
         return None, logs
+    return end_window(accelerator, t), logs
+
+
+def end_window(accelerator: Accelerator, t: Trainee) -> str:
+    """Clip, then step the optimizer and the LR schedule, or skip (see ``train_step``)."""
     max_norm = t.cfg.train.grad_clip or math.inf
     # fp16: unscales the gradients first (once per step); an overflow makes the norm inf
     grad_norm = accelerator.clip_grad_norm_(t.module.parameters(), max_norm)
+    assert t.window_bad is not None and t.saved_buffers is not None  # set by train_step
     outcome = _window_outcome(accelerator, t.window_bad, grad_norm, accelerator.scaler)
     if outcome == STEPPED:
         t.optimizer.step()  # fp16: the prepared optimizer's step also updates the scaler
@@ -427,7 +497,7 @@ def train_step(
     t.metrics["grad_norm"] = grad_norm.detach() if outcome == STEPPED else None
     t.optimizer.zero_grad(set_to_none=True)
     t.saved_buffers, t.window_bad = None, None
-    return outcome, logs
+    return outcome
 
 
 STEPPED, OVERFLOW, SKIPPED = "stepped", "overflow", "skipped"
@@ -501,14 +571,14 @@ def _floats(logs: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in logs.items()}
 
 
-def _evaluate_and_log(
-    t: Trainee,
-    accelerator: Accelerator,
-    teacher: nn.Module | None,
-    transform: nn.Module,
-    val_set: CocoDetection,
-    step: int,
-) -> dict[str, Any]:
+def _evaluate_and_log(t: Trainee, run: Run) -> dict[str, Any]:
+    accelerator, teacher, transform, val_set = (
+        run.accelerator,
+        run.teacher,
+        run.transform,
+        run.val_set,
+    )
+    step = run.progress.step
     cfg = t.cfg
     batch_size = cfg.eval.batch_size or cfg.data.batch_size
     if accelerator.num_processes > 1:

@@ -39,6 +39,12 @@ Ratios and goals (``GOALS``):
 
 The transform is in the sweep's denominator because the sweep runs it once as well; it is a
 fraction of a percent of a step.
+
+Host syncs per step (``host_syncs_per_step``): one more, untimed call of each variant counts
+``aten::_local_scalar_dense`` (``.item()``, ``float()``, ``bool()`` of a tensor), split into
+this project's and torchvision's. torchvision's are, per image, the training transform's size
+draw (a CPU tensor: no device sync on a GPU) and the focal loss's ``max(1, num_foreground)``.
+Paths in the JSON are relative to the repository.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ import torch
 import torchvision
 from accelerate import Accelerator
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection.image_list import ImageList
 
 from distill.build import (
@@ -188,6 +195,39 @@ def build_bench_trainee(
 # ---------------------------------------------------------------------------------------------
 # Measuring
 # ---------------------------------------------------------------------------------------------
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts ``aten::_local_scalar_dense`` (``.item()``, ``float()``, ``bool()`` of a tensor:
+    on a GPU each waits for the device), as "torchvision" when torchvision's code asked for it
+    and "distill" otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts = {"distill": 0, "torchvision": 0}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            frame, owner = sys._getframe(1), "distill"
+            while frame is not None:
+                if f"{os.sep}torchvision{os.sep}" in frame.f_code.co_filename:
+                    owner = "torchvision"
+                    break
+                frame = frame.f_back  # type: ignore[assignment]
+            self.counts[owner] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_host_syncs(
+    variants: Mapping[str, Callable[[int], None]], i: int
+) -> dict[str, dict[str, int]]:
+    """Host syncs of one untimed call of each variant, split by whose code asked for them."""
+    counts = {}
+    for name, variant in variants.items():
+        with HostSyncs() as counter:
+            variant(i)
+        counts[name] = dict(counter.counts)
+    return counts
 
 
 def synchronize(device: torch.device) -> None:
@@ -351,11 +391,13 @@ def measure_precision(
     assert tuple(variants) == VARIANTS
     log.info("%s: %d warm-up + %d timed iterations", precision, settings.warmup, settings.iters)
     samples = round_robin(variants, settings.iters, settings.warmup, device)
+    host_syncs = count_host_syncs(variants, settings.warmup + settings.iters)
     log.info("%s: timing the data loader over %d epoch(s)", precision, settings.loader_epochs)
     loader_records = time_loader(train_set, loader, settings.loader_epochs)
     shutil.rmtree(scratch, ignore_errors=True)
     result = summarize(samples, loader_records, settings)
     result["skipped_steps"] = health.skipped
+    result["host_syncs_per_step"] = host_syncs
     result["mixed_precision"] = accelerator.mixed_precision
     result["loader_epoch_images"] = len(loader) * cfg.data.batch_size
     return result, teacher
@@ -452,6 +494,13 @@ def ensure_data(settings: Settings) -> None:
     generate_shapes(settings.data, num_train=settings.data_images, num_val=0, size=settings.size)
 
 
+def repo_path(path: Path) -> str:
+    """``path`` relative to the repository when inside it (results are committed: no machine's
+    absolute paths), else as given."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -536,6 +585,15 @@ def format_table(result: dict[str, Any]) -> str:
     for name in VARIANTS:
         values = [f"{result[p]['median_ms'][name]:.1f}" for p in precisions]
         lines.append(f"| median ms: {name} | " + " | ".join(values) + " |  |  |")
+    if all("host_syncs_per_step" in result[p] for p in precisions):  # runs since 2026-12-03
+        for name in ("plain_step", "kd_step", "sweep_step"):
+            values = [
+                "{distill} + {torchvision} torchvision".format(
+                    **result[p]["host_syncs_per_step"][name]
+                )
+                for p in precisions
+            ]
+            lines.append(f"| host syncs: {name} | " + " | ".join(values) + " |  |  |")
     for p, why in result.get("not_measured", {}).items():
         lines.append(f"\n{p}: not measured ({why}).")
     for p in precisions:
@@ -554,9 +612,9 @@ def run(settings: Settings, argv: Sequence[str]) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "scripts/bench_speed.py", *argv]),
         "machine": machine(),
-        "config": str(settings.config),
+        "config": repo_path(settings.config),
         "overrides": list(settings.overrides),
-        "data": str(settings.data),
+        "data": repo_path(settings.data),
         "image_size": settings.size,
         "batch_size": settings.batch,
         "iterations": settings.iters,

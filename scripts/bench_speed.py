@@ -40,9 +40,9 @@ Ratios and goals (``GOALS``):
 The transform is in the sweep's denominator because the sweep runs it once as well; it is a
 fraction of a percent of a step.
 
-Host syncs per step (``host_syncs_per_step``): one more, untimed call of each variant counts
-``aten::_local_scalar_dense`` (``.item()``, ``float()``, ``bool()`` of a tensor), split into
-this project's and torchvision's. torchvision's are, per image, the training transform's size
+Host syncs per step (``host_syncs_per_step``): one more, untimed call of the plain, KD and
+sweep steps counts ``aten::_local_scalar_dense`` (``.item()``, ``float()``, ``bool()`` of a
+tensor), split into this project's and torchvision's. torchvision's are, per image, the training transform's size
 draw (a CPU tensor: no device sync on a GPU) and the focal loss's ``max(1, num_foreground)``.
 Paths in the JSON are relative to the repository.
 """
@@ -108,6 +108,7 @@ GOALS: dict[str, tuple[str, float]] = {
 }
 NOT_NATIVE = "no native bf16 on this device; pass --precisions fp32,bf16 to time the emulation"
 BATCH_POOL = 4  # distinct batches cycled through the iterations
+SYNC_VARIANTS = ("plain_step", "kd_step", "sweep_step")  # whose host syncs are counted
 
 
 @dataclass(frozen=True)
@@ -391,7 +392,8 @@ def measure_precision(
     assert tuple(variants) == VARIANTS
     log.info("%s: %d warm-up + %d timed iterations", precision, settings.warmup, settings.iters)
     samples = round_robin(variants, settings.iters, settings.warmup, device)
-    host_syncs = count_host_syncs(variants, settings.warmup + settings.iters)
+    counted = {name: variants[name] for name in SYNC_VARIANTS}
+    host_syncs = count_host_syncs(counted, settings.warmup + settings.iters)
     log.info("%s: timing the data loader over %d epoch(s)", precision, settings.loader_epochs)
     loader_records = time_loader(train_set, loader, settings.loader_epochs)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -586,7 +588,7 @@ def format_table(result: dict[str, Any]) -> str:
         values = [f"{result[p]['median_ms'][name]:.1f}" for p in precisions]
         lines.append(f"| median ms: {name} | " + " | ".join(values) + " |  |  |")
     if all("host_syncs_per_step" in result[p] for p in precisions):  # runs since 2026-12-03
-        for name in ("plain_step", "kd_step", "sweep_step"):
+        for name in SYNC_VARIANTS:
             values = [
                 "{distill} + {torchvision} torchvision".format(
                     **result[p]["host_syncs_per_step"][name]

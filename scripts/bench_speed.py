@@ -42,8 +42,9 @@ fraction of a percent of a step.
 
 Host syncs per step (``host_syncs_per_step``): one more, untimed call of the plain, KD and
 sweep steps counts ``aten::_local_scalar_dense`` (``.item()``, ``float()``, ``bool()`` of a
-tensor), split into this project's and torchvision's. torchvision's are, per image, the training transform's size
-draw (a CPU tensor: no device sync on a GPU) and the focal loss's ``max(1, num_foreground)``.
+tensor), split into this project's and torchvision's. torchvision's are, per image, the
+training transform's size draw (a CPU tensor: no device sync on a GPU) and the focal loss's
+``max(1, num_foreground)``.
 Paths in the JSON are relative to the repository.
 """
 

@@ -4,6 +4,7 @@ and the prepared ``Trainee`` that the loop in ``distill.train`` steps."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,12 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradScalerKwargs,
+    get_grad_scaler,
+    set_seed,
+)
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
@@ -55,20 +61,40 @@ def build_train_loader(accelerator: Accelerator, cfg: Config) -> tuple[CocoDetec
     return train_set, accelerator.prepare(loader)
 
 
+# fp16's dynamic loss scale: torch's defaults (start at 2**16, halve on an overflow, double
+# after 2000 steps without one). Tests start higher to make the first steps overflow.
+GRAD_SCALER = GradScalerKwargs()
+# Lets fp16 run on a CPU (CPU fp16 autocast + torch.amp.GradScaler("cpu")): slow unless the CPU
+# computes fp16 natively, so only the tests, which exercise the GPU path on CPU, set it.
+CPU_FP16_ENV = "DISTILL_CPU_FP16"
+
+
 def make_accelerator(cfg: Config, **kwargs: Any) -> Accelerator:
     """An Accelerator for this config; usable several times in one process (tests, demo, sweeps).
 
     Without CUDA, ``cpu=True`` is what lets Accelerate run several CPU processes with gloo
     (``accelerate launch --multi_gpu --num_processes 2`` on a CPU-only machine).
+    With fp16 the accelerator holds the grad scaler that ``backward``, ``clip_grad_norm_``
+    (unscale), the prepared optimizer's ``step`` (skip + update) and ``save_state`` /
+    ``load_state`` use.
     """
     # Accelerate keeps one global state per process; a new run may use another precision.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=check_mixed_precision(cfg.train.mixed_precision),
+        kwargs_handlers=[GRAD_SCALER],
         **kwargs,
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
+        # On a CPU Accelerate sets up neither fp16 autocast nor a scaler (it would silently
+        # train in fp32): set both up as it does on CUDA, before anything is prepared.
+        accelerator.native_amp = True
+        accelerator.scaler = get_grad_scaler(
+            accelerator.distributed_type, **GRAD_SCALER.to_kwargs()
+        )
+    return accelerator
 
 
 def build_models(
@@ -162,11 +188,12 @@ def check_mixed_precision(value: str) -> str:
     (``no``) elsewhere. An explicit bf16 is honoured, with a warning where it is emulated: on a
     2-core AVX2 CPU without AVX-512 an R50-FPN teacher's training step took 42 s in bf16 against
     1.9 s in fp32, while on an avx512_bf16 CPU bf16 made the same step 2.3x faster than fp32.
-    fp16 without CUDA is an error, not a silent fallback.
+    fp16 without CUDA is an error, not a silent fallback (unless ``DISTILL_CPU_FP16=1``: tests).
     """
     if value not in ("no", "fp16", "bf16", "auto"):
         raise ConfigError(f"train.mixed_precision: expected no | fp16 | bf16 | auto, got {value!r}")
-    if value == "fp16" and not torch.cuda.is_available():
+    cpu_fp16 = os.environ.get(CPU_FP16_ENV) == "1"
+    if value == "fp16" and not torch.cuda.is_available() and not cpu_fp16:
         raise ConfigError(
             "train.mixed_precision=fp16 needs a CUDA GPU and none is available; "
             "use bf16 (CPUs with avx512_bf16 / AMX run it fast), auto or no"
@@ -214,7 +241,7 @@ class Trainee:
     nonfinite_in_a_row: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     saved_buffers: list[torch.Tensor] | None = None  # BatchNorm state at the window's start
-    window_bad: bool = False  # a non-finite loss in the current accumulation window
+    window_bad: torch.Tensor | None = None  # (bool) a non-finite loss in the current window
 
 
 def build_trainee(
@@ -248,6 +275,12 @@ def check_lockstep(cfgs: list[Config]) -> None:
                     f"lockstep training needs the same {section} section for every model "
                     f"({first.output.dir} vs {other.output.dir}); use sequential mode"
                 )
+    if len(cfgs) > 1 and first.train.mixed_precision == "fp16":
+        raise ConfigError(
+            "lockstep training with train.mixed_precision=fp16 is not supported: the models "
+            "would share one grad scaler (one's overflow shrinks the others' loss scale); use "
+            "sequential mode"
+        )
     dirs = [c.output.dir for c in cfgs]
     if len(set(dirs)) != len(dirs):
         raise ConfigError(f"two models share an output.dir: {dirs}")

@@ -108,6 +108,8 @@ class FeatureKDConfig:
     weight: float = 0.0
     tau: float = 1.0  # temperature of cwd / fgd attention
     levels: tuple[str, ...] = ("p3", "p4", "p5", "p6", "p7")
+    # sum | mean of the per-level losses; sum, as the papers (a weight from one means the same)
+    level_reduction: str = "sum"
     # FGD (Yang et al. 2022) weights; defaults are the paper's RetinaNet settings.
     fgd_alpha: float = 0.001
     fgd_beta: float = 0.0005
@@ -285,31 +287,27 @@ NON_NEGATIVE = (
 )  # fmt: skip
 
 
-def choices() -> dict[str, tuple[Any, ...]]:
-    """The names a key accepts, from the registries that use them (imported here, late: they
-    import this module)."""
-    from distill.losses.combine import ANCHOR_WEIGHTINGS
-    from distill.losses.features import FEATURE_KINDS
-    from distill.losses.logits import BOX_KINDS, LOGIT_KINDS
-    from students import STUDENTS
-    from students.parts import NORMS
-    from teachers import HEAD_NORMS, TEACHERS
+# The names a key accepts. A registry (students, teachers, distill.losses) declares the names of
+# its keys when it is imported (``register_choices``): this module imports none of them, and
+# ``import distill`` imports them all, so every config read checks every name.
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "teacher.weights_settings": WEIGHTS_SETTINGS,
+    "student.weights_settings": WEIGHTS_SETTINGS,
+    "anchors.name": (None, *ANCHOR_PRESETS),
+    "train.optimizer": ("sgd", "adamw"),
+    "train.schedule": ("cosine", "step", "constant"),
+}
 
-    return {
-        "teacher.arch": tuple(TEACHERS),
-        "teacher.head_norm": (None, *HEAD_NORMS),
-        "teacher.weights_settings": WEIGHTS_SETTINGS,
-        "student.weights_settings": WEIGHTS_SETTINGS,
-        "anchors.name": (None, *ANCHOR_PRESETS),
-        "student.arch": tuple(STUDENTS),
-        "student.norm": tuple(NORMS),
-        "distill.feature.kind": FEATURE_KINDS,
-        "distill.logit.kind": LOGIT_KINDS,
-        "distill.logit.anchor_weighting": ANCHOR_WEIGHTINGS,
-        "distill.box.kind": BOX_KINDS,
-        "train.optimizer": ("sgd", "adamw"),
-        "train.schedule": ("cosine", "step", "constant"),
-    }
+
+def register_choices(names: Mapping[str, Iterable[Any]]) -> None:
+    """For a registry: ``{"student.arch": STUDENTS, ...}``, the names each key accepts."""
+    for key, allowed in names.items():
+        _CHOICES[key] = tuple(allowed)
+
+
+def choices() -> dict[str, tuple[Any, ...]]:
+    """The names a key accepts, as the registries declared them."""
+    return dict(_CHOICES)
 
 
 def check_values(cfg: Config, source: str) -> None:

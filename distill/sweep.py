@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate import PartialState
 
 from distill.checkpoint import has_checkpoint
-from distill.config import Config, ConfigError, load_config, parse_value
+from distill.config import Config, ConfigError, TrainConfig, load_config, parse_value
 
 log = logging.getLogger("distill.sweep")
 
@@ -123,9 +124,11 @@ def make_points(
     return points
 
 
-def is_lockstep(grid: list[tuple[str, list[Any]]]) -> bool:
-    """Lockstep is possible when only distillation settings change between points."""
-    return all(key.startswith("distill.") for key, _ in grid)
+def is_lockstep(grid: list[tuple[str, list[Any]]], train: TrainConfig | None = None) -> bool:
+    """Lockstep is possible when only distillation settings change between points, and not
+    with fp16 (Accelerate keeps one grad scaler, which the students would share)."""
+    fp16 = train is not None and train.mixed_precision == "fp16"
+    return not fp16 and all(key.startswith("distill.") for key, _ in grid)
 
 
 def sweep_command(
@@ -154,7 +157,7 @@ def sweep_command(
             len(points),
         )
     hint = "resume by running the same distill sweep command again"
-    if todo and is_lockstep(grid) and not sequential:
+    if todo and is_lockstep(grid, cfg.train) and not sequential:
         resume = has_checkpoint(sweep_dir)
         log.info(
             "lockstep: %d students on one teacher forward%s",
@@ -168,8 +171,8 @@ def sweep_command(
             resume_dir = run_dir if has_checkpoint(run_dir) else None
             train(point.cfg, job="student", resume=resume_dir, resume_hint=hint)
     rows = collect_rows(points, grid)
-    teacher_map = teacher_reference(cfg)
-    write_report(sweep_dir, rows, [k for k, _ in grid], teacher_map)
+    if PartialState().is_main_process:  # under accelerate launch: one report, not one each
+        write_report(sweep_dir, rows, [k for k, _ in grid], teacher_reference(cfg))
     return rows
 
 

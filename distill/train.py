@@ -7,9 +7,10 @@ One loop serves three jobs:
 
 ``train_group`` trains several students in lockstep on one stream of batches (``distill sweep``):
 the data, the shared transform and the teacher forward happen once per batch for all of them.
-``train`` is the group of one. Read the loop in ``train_group`` top to bottom: the batch goes
-through the shared transform once, into the frozen teacher (no_grad, autocast, never prepared)
-and each prepared student module, and the detection and KD terms are summed in ``combine``.
+``train`` is the group of one. ``train_group`` is setup, resume, the loop and the finish; read
+``train_batch`` and ``train_step`` top to bottom for one batch: it goes through the shared
+transform once, into the frozen teacher (no_grad, autocast, never prepared) and each prepared
+student module, and the detection and KD terms are summed in ``combine``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,28 +132,71 @@ def train_group(
     overwrite: a fresh start may replace runs already in these directories; otherwise it is
     refused before anything is written.
     """
-    resume_hint = resume_hint or f"resume with --resume {checkpoint_dir}"
-    cfg = cfgs[0]
+    checkpoint = check_start(cfgs, checkpoint_dir, resume, fallback, overwrite)
+    run = setup(cfgs, job, checkpoint_dir)
+    if checkpoint is not None:
+        resume_from(run, checkpoint, fallback)
+    if run.accelerator.is_main_process:
+        for t in run.trainees:
+            dump_config(t.cfg, t.run_dir / "config.yaml")
+    train_loop(run, stop_after, resume_hint or f"resume with --resume {checkpoint_dir}")
+    return finish(run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup and resume
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """A training session of one lockstep group: what ``setup`` builds and the loop uses."""
+
+    job: str
+    cfg: Config  # the group's shared sections (data, train, eval, ...): its first config
+    accelerator: Accelerator
+    train_set: CocoDetection
+    train_loader: Any  # prepared DataLoader
+    val_set: CocoDetection
+    transform: nn.Module  # the shared resize + normalise
+    teacher: nn.Module | None  # frozen, not prepared; None for a teacher job or a plain student
+    trainees: list[Trainee]
+    total_steps: int
+    checkpoint_dir: Path
+    progress: Progress
+
+
+def check_start(
+    cfgs: list[Config], checkpoint_dir: Path, resume: bool, fallback: bool, overwrite: bool
+) -> Path | None:
+    """Refusals before anything is built or written; returns the checkpoint to resume from."""
     check_lockstep(cfgs)
-    checkpoint = find_checkpoint(checkpoint_dir, fallback) if resume else None  # fail early
+    checkpoint = find_checkpoint(checkpoint_dir, fallback) if resume else None
     if not resume and not overwrite:
         for run_dir in {checkpoint_dir, *(Path(c.output.dir) for c in cfgs)}:
             check_fresh(run_dir)
-    # the models trained together, as the checkpoint records them ("." for a single run)
-    models = [os.path.relpath(c.output.dir, checkpoint_dir) for c in cfgs]
-    if checkpoint is not None:  # another run's or grid's checkpoint: refused before any build
+    if checkpoint is not None:  # another run's or grid's checkpoint
         try:
             stored = read_progress(checkpoint)
         except CheckpointError:
             stored = None  # unreadable: load_checkpoint reports it (or falls back)
         if stored is not None:
-            check_models(checkpoint, stored, models)
+            check_models(checkpoint, stored, _model_names(cfgs, checkpoint_dir))
         for c in cfgs:
             check_resume_config(c, Path(c.output.dir))
+    return checkpoint
+
+
+def _model_names(cfgs: list[Config], checkpoint_dir: Path) -> list[str]:
+    """The models trained together, as the checkpoint records them ("." for a single run)."""
+    return [os.path.relpath(c.output.dir, checkpoint_dir) for c in cfgs]
+
+
+def setup(cfgs: list[Config], job: str, checkpoint_dir: Path) -> Run:
+    """The accelerator, the data, the shared transform, the frozen teacher and the trainees."""
+    cfg = cfgs[0]
     accelerator = build_accelerator(cfg)
     _setup_logging(accelerator)
-
-    # ---- data ---------------------------------------------------------------------------
     train_set, train_loader = build_train_loader(accelerator, cfg)
     val_set = build_dataset(cfg.data, "val")
     num_classes = train_set.num_categories + 1  # + background (label 0), torchvision's convention
@@ -165,7 +211,6 @@ def train_group(
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
 
-    # ---- models -------------------------------------------------------------------------
     transform = build_transform(cfg).to(accelerator.device)  # ONE resize + normalise for all
     teacher: nn.Module | None = None
     trainees = []
@@ -179,43 +224,54 @@ def train_group(
         teacher.to(accelerator.device)  # frozen: not prepared, not in an optimizer, not in DDP
         check_not_optimized(teacher, trainees)
         teacher_digest = state_digest(teacher)
-
-    progress = Progress(teacher_digest=teacher_digest, models=models)
-    if checkpoint is not None:
-        try:
-            progress = load_checkpoint(accelerator, checkpoint, teacher_digest, models)
-        except CheckpointError as err:
-            previous = previous_checkpoint(checkpoint) if fallback else None
-            if previous is None or isinstance(err, MismatchError):
-                raise
-            log.warning("%s; falling back to %s", err, previous)
-            checkpoint = previous
-            progress = load_checkpoint(accelerator, checkpoint, teacher_digest, models)
-        progress.models = models
-        if progress.teacher_digest is None:
-            log.warning(
-                "%s records no teacher fingerprint (an older checkpoint): resuming without "
-                "checking that the teacher is the one it was trained against",
-                checkpoint,
-            )
-            progress.teacher_digest = teacher_digest
-        log.info(
-            "resumed from %s at epoch %d, batch %d, step %d",
-            checkpoint,
-            progress.epoch,
-            progress.batch,
-            progress.step,
-        )
-    if accelerator.is_main_process:
-        for t in trainees:
-            dump_config(t.cfg, t.run_dir / "config.yaml")
     log.info(
         "job=%s models=%d processes=%d device=%s mixed_precision=%s steps=%d (%d per epoch)",
         job, len(trainees), accelerator.num_processes, accelerator.device,
         accelerator.mixed_precision, total_steps, steps_per_epoch,
     )  # fmt: skip
+    progress = Progress(teacher_digest=teacher_digest, models=_model_names(cfgs, checkpoint_dir))
+    return Run(
+        job, cfg, accelerator, train_set, train_loader, val_set, transform, teacher, trainees,
+        total_steps, checkpoint_dir, progress,
+    )  # fmt: skip
 
-    # ---- loop ---------------------------------------------------------------------------
+
+def resume_from(run: Run, checkpoint: Path, fallback: bool) -> None:
+    """Load models, optimizers, schedulers, grad scaler, RNG and progress from ``checkpoint``
+    (with ``fallback``, from the previous whole one if it is corrupt)."""
+    teacher_digest, models = run.progress.teacher_digest or "", run.progress.models
+    try:
+        progress = load_checkpoint(run.accelerator, checkpoint, teacher_digest, models)
+    except CheckpointError as err:
+        previous = previous_checkpoint(checkpoint) if fallback else None
+        if previous is None or isinstance(err, MismatchError):
+            raise
+        log.warning("%s; falling back to %s", err, previous)
+        checkpoint = previous
+        progress = load_checkpoint(run.accelerator, checkpoint, teacher_digest, models)
+    progress.models = models
+    if progress.teacher_digest is None:
+        log.warning(
+            "%s records no teacher fingerprint (an older checkpoint): resuming without "
+            "checking that the teacher is the one it was trained against",
+            checkpoint,
+        )
+        progress.teacher_digest = teacher_digest
+    log.info(
+        "resumed from %s at epoch %d, batch %d, step %d",
+        checkpoint, progress.epoch, progress.batch, progress.step,
+    )  # fmt: skip
+    run.progress = progress
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def train_loop(run: Run, stop_after: int | None, resume_hint: str) -> None:
+    """Epochs of batches until ``run.total_steps`` optimizer steps; logs, checkpoints, stops."""
+    cfg, accelerator, progress = run.cfg, run.accelerator, run.progress
     stop = StopFlag.install()
     loop_start, seconds_before = time.perf_counter(), progress.seconds
 
@@ -225,59 +281,33 @@ def train_group(
     images_per_step = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum
     try:
         for epoch in range(progress.epoch, cfg.train.epochs):
-            if progress.step >= total_steps:
+            if progress.step >= run.total_steps:
                 break
-            train_set.set_epoch(epoch)  # flips of this epoch
-            train_loader.set_epoch(epoch)  # shuffle order of this epoch
-            loader = train_loader
-            if progress.batch > 0:  # resuming mid-epoch: same order, skip what was consumed
-                loader = accelerator.skip_first_batches(train_loader, progress.batch)
-            for t in trainees:
-                t.module.train()
-            bar = tqdm(
-                loader,
-                desc=f"epoch {epoch}",
-                disable=not accelerator.is_main_process,
-                leave=False,
-                mininterval=0.5 if sys.stderr.isatty() else 30.0,  # log files: a line per 30 s
-            )
+            bar = _epoch_batches(run, epoch)
             tic = time.perf_counter()
             for images, targets in bar:
-                _trace_batch(trainees[0], accelerator, progress, targets)
-                # Shared transform, once: teacher and students see one ImageList, one anchor set.
-                image_list, targets = transform(images, targets)
-                teacher_out = (
-                    teacher_forward(accelerator, teacher, image_list)
-                    if teacher is not None
-                    else None
-                )
-                for t in trainees:
-                    bad, logs = train_step(
-                        accelerator, t, image_list, targets, teacher_out, progress.step, epoch
-                    )
-                    if accelerator.sync_gradients:
-                        _after_step(t, bad, progress, logs)
+                _trace_batch(run.trainees[0], accelerator, progress, targets)
+                logs = train_batch(run, images, targets, epoch)
                 progress.batch += 1
                 if not accelerator.sync_gradients:
                     continue
                 progress.step += 1
                 toc = time.perf_counter()
-                images_per_s = images_per_step / max(toc - tic, 1e-9)
-                tic = toc
-                # refresh=False: the bar redraws at its mininterval, not once per step (log files)
-                bar.set_postfix(
-                    loss=f"{logs['loss/total']:.3f}", img_s=f"{images_per_s:.1f}", refresh=False
-                )
+                images_per_s, tic = images_per_step / max(toc - tic, 1e-9), toc
                 if progress.step % cfg.train.log_every == 0 or progress.step == 1:
-                    for t in trainees:
+                    # reading the losses waits for the device: only at the steps that log
+                    loss = float(logs["loss/total"])
+                    # refresh=False: the bar redraws at its mininterval (log files)
+                    bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_per_s:.1f}", refresh=False)
+                    for t in run.trainees:
                         _log_scalars(t, progress.step, epoch, images_per_s)
-                if progress.step >= total_steps:
+                if progress.step >= run.total_steps:
                     break
                 every = cfg.train.checkpoint_every_steps
                 stop_now = _any_process(accelerator, stop.requested or progress.step == stop_after)
                 if stop_now or (every > 0 and progress.step % every == 0):
                     clock()
-                    save_checkpoint(accelerator, checkpoint_dir, progress)
+                    save_checkpoint(accelerator, run.checkpoint_dir, progress)
                 if stop_now:
                     raise TrainingStopped(
                         f"stopped at epoch {epoch}, step {progress.step} "
@@ -285,49 +315,104 @@ def train_group(
                     )
             bar.close()
             progress.epoch, progress.batch = epoch + 1, 0
-            last = epoch + 1 == cfg.train.epochs or progress.step >= total_steps
+            last = epoch + 1 == cfg.train.epochs or progress.step >= run.total_steps
             every = cfg.eval.every_epochs
             if last or (every > 0 and (epoch + 1) % every == 0):
-                for t in trainees:
-                    t.metrics["eval"] = _evaluate_and_log(
-                        t, accelerator, teacher, transform, val_set, progress.step
-                    )
+                for t in run.trainees:
+                    t.metrics["eval"] = _evaluate_and_log(t, run)
             clock()
-            save_checkpoint(accelerator, checkpoint_dir, progress)
+            save_checkpoint(accelerator, run.checkpoint_dir, progress)
             if _any_process(accelerator, stop.requested) and not last:
                 raise TrainingStopped(f"stopped after epoch {epoch} ({stop.reason}); {resume_hint}")
     finally:
         stop.uninstall()
-        for t in trainees:
+        for t in run.trainees:
             if t.writer is not None:
                 t.writer.flush()
 
-    # ---- outputs ------------------------------------------------------------------------
-    if teacher is not None and state_digest(teacher) != teacher_digest:
+
+def train_batch(
+    run: Run, images: list[torch.Tensor], targets: list[dict[str, Any]], epoch: int
+) -> dict[str, torch.Tensor | float]:
+    """One batch for every trainee; returns the last trainee's logs (device scalars).
+
+    images: (3, H_i, W_i) each, on the device; targets: per image {"boxes", "labels", ...}
+    """
+    accelerator, step = run.accelerator, run.progress.step
+    # Shared transform, once: teacher and students see one ImageList, one anchor set.
+    image_list, targets = run.transform(images, targets)
+    teacher_out = None
+    if run.teacher is not None:
+        teacher_out = teacher_forward(accelerator, run.teacher, image_list)
+    # One accumulation window for all: each trainee's own accumulate() would advance the one
+    # shared counter K times a batch (optimizers stepping off the window).
+    with accelerator.accumulate(*(t.module for t in run.trainees)):
+        for t in run.trainees:
+            # student forward, detection + KD terms summed in combine(), backward, step
+            outcome, logs = train_step(
+                accelerator, t, image_list, targets, teacher_out, step, epoch
+            )
+            if outcome is not None:
+                _after_step(t, outcome, run.progress, logs)
+    return logs
+
+
+def _epoch_batches(run: Run, epoch: int) -> tqdm:
+    """The epoch's batches (resuming mid-epoch: the same order, without those consumed)."""
+    run.train_set.set_epoch(epoch)  # flips of this epoch
+    run.train_loader.set_epoch(epoch)  # shuffle order of this epoch
+    loader = run.train_loader
+    if run.progress.batch > 0:
+        loader = run.accelerator.skip_first_batches(run.train_loader, run.progress.batch)
+    for t in run.trainees:
+        t.module.train()
+    return tqdm(
+        loader,
+        desc=f"epoch {epoch}",
+        disable=not run.accelerator.is_main_process,
+        leave=False,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,  # log files: a line per 30 s
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The finish
+# ---------------------------------------------------------------------------------------------
+
+
+def finish(run: Run) -> list[dict[str, Any]]:
+    """Check the frozen teacher, evaluate where the loop did not, write weights and metrics."""
+    accelerator, progress = run.accelerator, run.progress
+    teacher_digest = progress.teacher_digest or ""
+    if run.teacher is not None and state_digest(run.teacher) != teacher_digest:
         raise RuntimeError(
             "the frozen teacher's weights or BatchNorm statistics changed during training"
         )
     results = []
-    for t in trainees:
-        metrics = t.metrics.get("eval") or _evaluate_and_log(
-            t, accelerator, teacher, transform, val_set, progress.step
-        )
+    for t in run.trainees:
+        metrics = t.metrics.get("eval") or _evaluate_and_log(t, run)
         metrics = {
             **metrics,
-            "job": job,
+            "job": run.job,
             "step": progress.step,
             "epoch": progress.epoch,
             "num_processes": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision,  # what train.mixed_precision became
             "nonfinite_skipped": progress.nonfinite.get(str(t.run_dir), 0),
+            "scaler_skipped": progress.scaler_skipped.get(str(t.run_dir), 0),  # fp16 overflows
             "teacher_digest": teacher_digest,
             "train_minutes": progress.seconds / 60,  # of the whole lockstep group
         }
         if accelerator.is_main_process:
-            weights_name = "teacher.pt" if job == "teacher" else "student.pt"
+            weights_name = "teacher.pt" if run.job == "teacher" else "student.pt"
             # the card first: a weights file on disk always has its card (teacher.json, ...)
+            num_classes = run.train_set.num_categories + 1  # + background, as in setup
             write_card(
-                t.run_dir / weights_name, t.cfg, job, num_classes, dataset_categories(train_set)
+                t.run_dir / weights_name,
+                t.cfg,
+                run.job,
+                num_classes,
+                dataset_categories(run.train_set),
             )
             save_state_dict_file(
                 student_state_dict(accelerator.unwrap_model(t.module)), t.run_dir / weights_name
@@ -335,11 +420,8 @@ def train_group(
             write_json(metrics, t.run_dir / "metrics.json")
             log.info(
                 "%s: mAP %.4f (AP50 %.4f); wrote %s, its card and metrics.json",
-                t.run_dir,
-                metrics["map"],
-                metrics["ap50"],
-                weights_name,
-            )
+                t.run_dir, metrics["map"], metrics["ap50"], weights_name,
+            )  # fmt: skip
             if t.writer is not None:
                 t.writer.close()
         results.append(metrics)
@@ -368,49 +450,83 @@ def train_step(
     teacher_out: DenseOutputs | None,
     step: int,
     epoch: int,
-) -> tuple[bool, dict[str, float]]:
+) -> tuple[str | None, dict[str, torch.Tensor | float]]:
     """Forward and backward of trainee ``t`` on a transformed batch and, at the end of an
-    accumulation window, the optimizer step.
+    accumulation window, the optimizer step. Runs inside ``accelerator.accumulate`` of every
+    trainee's module (one window for all of them).
 
-    Returns ``(skipped, logs)``. ``skipped``: the loss or the gradient norm of the window was
-    not finite on some process; every process then drops the gradients, puts the BatchNorm
-    statistics back and leaves weights, optimizer and LR schedule untouched.
+    Returns ``(outcome, logs)``; outcome is None inside an accumulation window, else
+      ``STEPPED``:  the optimizer and the LR schedule stepped;
+      ``OVERFLOW``: fp16's grad scaler found inf/NaN gradients of a finite loss (its scale was
+                    too large): no step, the scale shrinks, the LR schedule waits;
+      ``SKIPPED``:  the loss (or, without a scaler, the gradient norm) of the window was not
+                    finite on some process: every process drops the gradients, puts the
+                    BatchNorm statistics back and leaves weights, optimizer and LR untouched.
     """
     if t.saved_buffers is None:  # first micro-batch of the window
         t.saved_buffers = [b.detach().clone() for b in t.module.buffers()]
-    with accelerator.accumulate(t.module):
-        student_out = t.module(
-            image_list.tensors,
-            image_list.image_sizes,
-            teacher_out.features if teacher_out is not None else None,
-        )
-        det_losses = detection_loss(t.detector, student_out, targets)
-        kd_terms = (
-            distill_terms(student_out, teacher_out, targets, _hw(image_list.tensors), t.cfg.distill)
-            if teacher_out is not None
-            else {}
-        )
-        total, logs = combine(det_losses, kd_terms, t.cfg.distill, step, epoch)
-        t.window_bad |= not bool(torch.isfinite(total.detach()))
-        accelerator.backward(total)
-        skipped = False
-        if accelerator.sync_gradients:
-            max_norm = t.cfg.train.grad_clip or math.inf
-            grad_norm = float(accelerator.clip_grad_norm_(t.module.parameters(), max_norm))
-            # gradients are averaged over processes already, the loss flag is not: one all-reduce
-            skipped = _any_process(accelerator, t.window_bad or not math.isfinite(grad_norm))
-            t.metrics["grad_norm"] = None if skipped else grad_norm
-            if skipped:
-                with torch.no_grad():
-                    for buffer, saved in zip(t.module.buffers(), t.saved_buffers):
-                        buffer.copy_(saved)
-            else:
-                t.optimizer.step()
-                if not t.optimizer.step_was_skipped:  # fp16 scaler overflow: no LR step
-                    t.scheduler.step()
-            t.optimizer.zero_grad(set_to_none=True)
-            t.saved_buffers, t.window_bad = None, False
-    return skipped, logs
+    student_out = t.module(
+        image_list.tensors,
+        image_list.image_sizes,
+        teacher_out.features if teacher_out is not None else None,
+    )
+    det_losses = detection_loss(t.detector, student_out, targets)  # vs the ground truth
+    kd_terms: dict[str, torch.Tensor] = {}
+    if teacher_out is not None:  # vs the teacher, anchor by anchor and level by level
+        size, reduce = _hw(image_list.tensors), mean_over_processes(accelerator)
+        kd_terms = distill_terms(student_out, teacher_out, targets, size, t.cfg.distill, reduce)
+    total, logs = combine(det_losses, kd_terms, t.cfg.distill, step, epoch)
+    bad = ~torch.isfinite(total.detach())  # on the device: no host sync per micro-batch
+    t.window_bad = bad if t.window_bad is None else t.window_bad | bad
+    accelerator.backward(total)  # fp16: of the loss times the grad scaler's scale
+    if not accelerator.sync_gradients:
+        return None, logs
+    return end_window(accelerator, t), logs
+
+
+def end_window(accelerator: Accelerator, t: Trainee) -> str:
+    """Clip, then step the optimizer and the LR schedule, or skip (see ``train_step``)."""
+    max_norm = t.cfg.train.grad_clip or math.inf
+    # fp16: unscales the gradients first (once per step); an overflow makes the norm inf
+    grad_norm = accelerator.clip_grad_norm_(t.module.parameters(), max_norm)
+    assert t.window_bad is not None and t.saved_buffers is not None  # set by train_step
+    outcome = _window_outcome(accelerator, t.window_bad, grad_norm, accelerator.scaler)
+    if outcome == STEPPED:
+        t.optimizer.step()  # fp16: the prepared optimizer's step also updates the scaler
+        t.scheduler.step()
+    else:
+        if outcome == SKIPPED:
+            with torch.no_grad():
+                for buffer, saved in zip(t.module.buffers(), t.saved_buffers):
+                    buffer.copy_(saved)
+        if accelerator.scaler is not None:
+            # Close the step that unscale_ opened (the next unscale_ would fail) and shrink
+            # the scale. The optimizer is not called: torch's fused SGD, told to skip its
+            # first step, keeps an uninitialised momentum buffer (torch 2.14).
+            accelerator.scaler.update()
+    t.metrics["grad_norm"] = grad_norm.detach() if outcome == STEPPED else None
+    t.optimizer.zero_grad(set_to_none=True)
+    t.saved_buffers, t.window_bad = None, None
+    return outcome
+
+
+STEPPED, OVERFLOW, SKIPPED = "stepped", "overflow", "skipped"
+
+
+def _window_outcome(
+    accelerator: Accelerator, loss_bad: torch.Tensor, grad_norm: torch.Tensor, scaler: Any
+) -> str:
+    """What to do at the end of a window, the same on every process: one all-reduce of two
+    flags and one host sync. A non-finite gradient of a finite loss is the grad scaler's
+    overflow under fp16 (``OVERFLOW``), an error (``SKIPPED``) without one."""
+    # gradients are averaged over processes already (so is the norm), the loss flags are not
+    flags = torch.stack([loss_bad, ~torch.isfinite(grad_norm)]).float()  # (2,)
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, "sum")
+    verdict = int((2 * (flags[0] > 0) + (flags[1] > 0)).item())  # the host sync
+    if verdict == 0:
+        return STEPPED
+    return OVERFLOW if verdict == 1 and scaler is not None else SKIPPED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,27 +534,30 @@ def train_step(
 # ---------------------------------------------------------------------------------------------
 
 
-def _after_step(t: Trainee, bad: bool, progress: Progress, logs: dict[str, float]) -> None:
-    """Count non-finite steps (stop after ``train.max_nonfinite`` in a row) and keep the logs."""
+def _after_step(
+    t: Trainee, outcome: str, progress: Progress, logs: dict[str, torch.Tensor | float]
+) -> None:
+    """Count non-finite steps (stop after ``train.max_nonfinite`` in a row) and fp16 overflow
+    steps, and keep the logs."""
     key = str(t.run_dir)
-    if bad:
+    if outcome == SKIPPED:
         t.nonfinite_in_a_row += 1
         progress.nonfinite[key] = progress.nonfinite.get(key, 0) + 1
         log.warning(
             "%s: non-finite loss at step %d, step skipped (%d in a row): %s",
-            t.run_dir, progress.step, t.nonfinite_in_a_row, logs,
+            t.run_dir, progress.step, t.nonfinite_in_a_row, _floats(logs),
         )  # fmt: skip
         if t.writer is not None:
             t.writer.add_scalar("train/nonfinite_skipped", progress.nonfinite[key], progress.step)
         if t.nonfinite_in_a_row >= t.cfg.train.max_nonfinite:
             raise NonFiniteLoss(
                 f"{t.nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite="
-                f"{t.cfg.train.max_nonfinite}) in {t.run_dir}; last terms {logs}. Lower train.lr, "
-                "set train.grad_clip, or resume from the last checkpoint with --resume"
+                f"{t.cfg.train.max_nonfinite}) in {t.run_dir}; last terms {_floats(logs)}. Lower "
+                "train.lr, set train.grad_clip, or resume from the last checkpoint with --resume"
             )
         return
     t.nonfinite_in_a_row = 0
-    if t.optimizer.step_was_skipped:  # the fp16 grad scaler's own overflow skip: not an error
+    if outcome == OVERFLOW:  # the fp16 grad scaler's own skip: not an error
         progress.scaler_skipped[key] = progress.scaler_skipped.get(key, 0) + 1
     t.metrics["logs"] = logs
 
@@ -453,18 +572,23 @@ def _log_scalars(t: Trainee, step: int, epoch: int, images_per_s: float) -> None
         logs["train/grad_norm"] = float(grad_norm)
     logs["train/images_per_s"] = images_per_s
     logs["train/epoch"] = epoch
-    for key, value in logs.items():
+    for key, value in _floats(logs).items():
         t.writer.add_scalar(key, value, step)
 
 
-def _evaluate_and_log(
-    t: Trainee,
-    accelerator: Accelerator,
-    teacher: nn.Module | None,
-    transform: nn.Module,
-    val_set: CocoDetection,
-    step: int,
-) -> dict[str, Any]:
+def _floats(logs: dict[str, Any]) -> dict[str, float]:
+    """Logged values as python floats (each device tensor read is a host sync)."""
+    return {key: float(value) for key, value in logs.items()}
+
+
+def _evaluate_and_log(t: Trainee, run: Run) -> dict[str, Any]:
+    accelerator, teacher, transform, val_set = (
+        run.accelerator,
+        run.teacher,
+        run.transform,
+        run.val_set,
+    )
+    step = run.progress.step
     cfg = t.cfg
     batch_size = cfg.eval.batch_size or cfg.data.batch_size
     if accelerator.num_processes > 1:
@@ -512,6 +636,13 @@ def _any_process(accelerator: Accelerator, flag: bool) -> bool:
         return flag
     value = torch.tensor(1.0 if flag else 0.0, device=accelerator.device)
     return bool(accelerator.reduce(value, "sum").item() > 0)
+
+
+def mean_over_processes(accelerator: Accelerator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The mean of a scalar over all processes (an all-reduce, no host sync); None for one."""
+    if accelerator.num_processes == 1:
+        return None
+    return lambda value: accelerator.reduce(value, "mean")
 
 
 def _hw(tensors: torch.Tensor) -> tuple[int, int]:

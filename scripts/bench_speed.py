@@ -39,6 +39,13 @@ Ratios and goals (``GOALS``):
 
 The transform is in the sweep's denominator because the sweep runs it once as well; it is a
 fraction of a percent of a step.
+
+Host syncs per step (``host_syncs_per_step``): one more, untimed call of the plain, KD and
+sweep steps counts ``aten::_local_scalar_dense`` (``.item()``, ``float()``, ``bool()`` of a
+tensor), split into this project's and torchvision's. torchvision's are, per image, the
+training transform's size draw (a CPU tensor: no device sync on a GPU) and the focal loss's
+``max(1, num_foreground)``.
+Paths in the JSON are relative to the repository.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ import torch
 import torchvision
 from accelerate import Accelerator
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection.image_list import ImageList
 
 from distill.build import (
@@ -76,7 +84,7 @@ from distill.build import (
 )
 from distill.config import Config, load_config, replace
 from distill.dense import DenseOutputs, build_transform
-from distill.train import teacher_forward, train_step
+from distill.train import SKIPPED, teacher_forward, train_step
 
 log = logging.getLogger("bench_speed")
 
@@ -101,6 +109,7 @@ GOALS: dict[str, tuple[str, float]] = {
 }
 NOT_NATIVE = "no native bf16 on this device; pass --precisions fp32,bf16 to time the emulation"
 BATCH_POOL = 4  # distinct batches cycled through the iterations
+SYNC_VARIANTS = ("plain_step", "kd_step", "sweep_step")  # whose host syncs are counted
 
 
 @dataclass(frozen=True)
@@ -128,8 +137,8 @@ class Health:
 
     skipped: dict[str, int] = field(default_factory=dict)
 
-    def count(self, t: Trainee, skipped: bool, logs: dict[str, float]) -> None:
-        if skipped:
+    def count(self, t: Trainee, outcome: str | None, logs: Mapping[str, Any]) -> None:
+        if outcome == SKIPPED:
             name = t.run_dir.name
             self.skipped[name] = self.skipped.get(name, 0) + 1
             log.warning("%s: non-finite loss or gradient norm, step skipped: %s", name, logs)
@@ -161,8 +170,8 @@ def student_step(
 ) -> None:
     """One trainee's step, exactly the loop's ``train_step`` (at step 0 of epoch 0), without
     its bookkeeping (``_after_step`` would stop the benchmark after a few skipped steps)."""
-    skipped, logs = train_step(accelerator, t, image_list, targets, teacher_out, 0, 0)
-    health.count(t, skipped, logs)
+    outcome, logs = train_step(accelerator, t, image_list, targets, teacher_out, 0, 0)
+    health.count(t, outcome, logs)
 
 
 def build_bench_trainee(
@@ -188,6 +197,39 @@ def build_bench_trainee(
 # ---------------------------------------------------------------------------------------------
 # Measuring
 # ---------------------------------------------------------------------------------------------
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts ``aten::_local_scalar_dense`` (``.item()``, ``float()``, ``bool()`` of a tensor:
+    on a GPU each waits for the device), as "torchvision" when torchvision's code asked for it
+    and "distill" otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts = {"distill": 0, "torchvision": 0}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            frame, owner = sys._getframe(1), "distill"
+            while frame is not None:
+                if f"{os.sep}torchvision{os.sep}" in frame.f_code.co_filename:
+                    owner = "torchvision"
+                    break
+                frame = frame.f_back  # type: ignore[assignment]
+            self.counts[owner] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_host_syncs(
+    variants: Mapping[str, Callable[[int], None]], i: int
+) -> dict[str, dict[str, int]]:
+    """Host syncs of one untimed call of each variant, split by whose code asked for them."""
+    counts = {}
+    for name, variant in variants.items():
+        with HostSyncs() as counter:
+            variant(i)
+        counts[name] = dict(counter.counts)
+    return counts
 
 
 def synchronize(device: torch.device) -> None:
@@ -351,11 +393,14 @@ def measure_precision(
     assert tuple(variants) == VARIANTS
     log.info("%s: %d warm-up + %d timed iterations", precision, settings.warmup, settings.iters)
     samples = round_robin(variants, settings.iters, settings.warmup, device)
+    counted = {name: variants[name] for name in SYNC_VARIANTS}
+    host_syncs = count_host_syncs(counted, settings.warmup + settings.iters)
     log.info("%s: timing the data loader over %d epoch(s)", precision, settings.loader_epochs)
     loader_records = time_loader(train_set, loader, settings.loader_epochs)
     shutil.rmtree(scratch, ignore_errors=True)
     result = summarize(samples, loader_records, settings)
     result["skipped_steps"] = health.skipped
+    result["host_syncs_per_step"] = host_syncs
     result["mixed_precision"] = accelerator.mixed_precision
     result["loader_epoch_images"] = len(loader) * cfg.data.batch_size
     return result, teacher
@@ -452,6 +497,13 @@ def ensure_data(settings: Settings) -> None:
     generate_shapes(settings.data, num_train=settings.data_images, num_val=0, size=settings.size)
 
 
+def repo_path(path: Path) -> str:
+    """``path`` relative to the repository when inside it (results are committed: no machine's
+    absolute paths), else as given."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -536,6 +588,15 @@ def format_table(result: dict[str, Any]) -> str:
     for name in VARIANTS:
         values = [f"{result[p]['median_ms'][name]:.1f}" for p in precisions]
         lines.append(f"| median ms: {name} | " + " | ".join(values) + " |  |  |")
+    if all("host_syncs_per_step" in result[p] for p in precisions):  # runs since 2026-12-03
+        for name in SYNC_VARIANTS:
+            values = [
+                "{distill} + {torchvision} torchvision".format(
+                    **result[p]["host_syncs_per_step"][name]
+                )
+                for p in precisions
+            ]
+            lines.append(f"| host syncs: {name} | " + " | ".join(values) + " |  |  |")
     for p, why in result.get("not_measured", {}).items():
         lines.append(f"\n{p}: not measured ({why}).")
     for p in precisions:
@@ -554,9 +615,9 @@ def run(settings: Settings, argv: Sequence[str]) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "scripts/bench_speed.py", *argv]),
         "machine": machine(),
-        "config": str(settings.config),
+        "config": repo_path(settings.config),
         "overrides": list(settings.overrides),
-        "data": str(settings.data),
+        "data": repo_path(settings.data),
         "image_size": settings.size,
         "batch_size": settings.batch,
         "iterations": settings.iters,

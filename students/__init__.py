@@ -25,7 +25,7 @@ from torchvision.models import (
     resnet34,
 )
 
-from distill.config import AnchorConfig, Config, resize_bounds
+from distill.config import AnchorConfig, Config, register_choices, resize_bounds
 from distill.dense import build_anchor_generator
 from distill.settings import check_trained_settings
 from distill.weights import (
@@ -36,7 +36,7 @@ from distill.weights import (
     read_weights,
     resolve_weights,
 )
-from students.parts import mobilenet_v3_fpn, norm_layer, resnet_fpn, retinanet_head
+from students.parts import NORMS, mobilenet_v3_fpn, norm_layer, resnet_fpn, retinanet_head
 
 log = logging.getLogger("distill.models")
 
@@ -129,6 +129,8 @@ STUDENTS: dict[str, Callable[..., FreezableRetinaNet]] = {
     "retinanet_resnet18_fpn": retinanet_resnet18_fpn,
     "retinanet_resnet34_fpn": retinanet_resnet34_fpn,
 }
+
+register_choices({"student.arch": STUDENTS, "student.norm": NORMS})  # checked as a config is read
 
 
 def build_student(

@@ -27,7 +27,7 @@ from torchvision.models.detection import (
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.resnet import Bottleneck
 
-from distill.config import Config, resize_bounds
+from distill.config import Config, register_choices, resize_bounds
 from distill.dense import build_anchor_generator
 from distill.settings import check_trained_settings, torchvision_file_names
 from distill.weights import (
@@ -46,6 +46,7 @@ TEACHERS: dict[str, Callable[..., RetinaNet]] = {
     "retinanet_resnet50_fpn_v2": retinanet_resnet50_fpn_v2,
 }
 HEAD_NORMS = ("gn", "none")
+register_choices({"teacher.arch": TEACHERS, "teacher.head_norm": (None, *HEAD_NORMS)})
 # What torchvision trains of a pretrained ResNet in its detectors (trainable_backbone_layers=3).
 _TRAINABLE_PRETRAINED_LAYERS = ("layer2", "layer3", "layer4")
 

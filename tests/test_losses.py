@@ -390,15 +390,19 @@ def test_feature_image_size_independent(loss_fn: Callable[[Tensor, Tensor], Tens
     torch.testing.assert_close(tiled, loss_fn(s, t))
 
 
-def test_feature_kd_loss_means_over_levels() -> None:
+def test_feature_kd_loss_sums_over_levels_as_the_papers() -> None:
     s = {
         "p3": torch.randn(2, 3, 4, 4),
         "p4": torch.randn(2, 3, 2, 2),
         "p5": torch.randn(2, 3, 1, 1),
     }
     t = {k: torch.randn_like(v) for k, v in s.items()}
-    expected = (cwd_loss(s["p3"], t["p3"], 2.0) + cwd_loss(s["p4"], t["p4"], 2.0)) / 2
+    expected = cwd_loss(s["p3"], t["p3"], 2.0) + cwd_loss(s["p4"], t["p4"], 2.0)
     torch.testing.assert_close(feature_kd_loss("cwd", s, t, ("p3", "p4"), tau=2.0), expected)
+    mean = feature_kd_loss("cwd", s, t, ("p3", "p4"), tau=2.0, reduction="mean")
+    torch.testing.assert_close(mean, expected / 2)
+    with pytest.raises(ValueError, match="unknown level reduction"):
+        feature_kd_loss("cwd", s, t, ("p3",), reduction="max")
     with pytest.raises(ValueError, match="unknown feature KD kind"):
         feature_kd_loss("attention", s, t, ("p3",))
 
@@ -610,7 +614,7 @@ def test_distill_terms_and_combine() -> None:
     assert log["kd/box"] == pytest.approx(box.item())
     assert log["kd_weighted/box"] == pytest.approx(0.5 * 3.0 * box.item())
     parts = [v for key, v in log.items() if key.startswith(("loss/c", "loss/b", "kd_weighted/"))]
-    assert log["loss/total"] == pytest.approx(sum(parts), rel=1e-6)
+    assert log["loss/total"] == pytest.approx(float(sum(parts)), rel=1e-6)  # device tensors
 
 
 def test_anchor_weighting_none_and_box_threshold() -> None:

@@ -7,9 +7,18 @@
 The plain detection loss (focal + box vs ground truth) is torchvision's, in ``distill.dense``.
 """
 
-from distill.losses.combine import combine, distill_terms, kd_scale, kd_weights, needs_teacher
+from distill.config import register_choices
+from distill.losses.combine import (
+    ANCHOR_WEIGHTINGS,
+    combine,
+    distill_terms,
+    kd_scale,
+    kd_weights,
+    needs_teacher,
+)
 from distill.losses.features import (
     FEATURE_KINDS,
+    LEVEL_REDUCTIONS,
     GlobalContextBlock,
     build_adapters,
     build_global_blocks,
@@ -29,9 +38,21 @@ from distill.losses.logits import (
     weighted_anchor_mean,
 )
 
+# the names of the distill.* keys, checked as a config is read
+register_choices(
+    {
+        "distill.feature.kind": FEATURE_KINDS,
+        "distill.feature.level_reduction": LEVEL_REDUCTIONS,
+        "distill.logit.kind": LOGIT_KINDS,
+        "distill.logit.anchor_weighting": ANCHOR_WEIGHTINGS,
+        "distill.box.kind": BOX_KINDS,
+    }
+)
+
 __all__ = [
     "BOX_KINDS",
     "FEATURE_KINDS",
+    "LEVEL_REDUCTIONS",
     "LOGIT_KINDS",
     "GlobalContextBlock",
     "box_distill_loss",

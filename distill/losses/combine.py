@@ -10,7 +10,7 @@ detection loss.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor
 
@@ -53,6 +53,7 @@ def distill_terms(
     targets: Sequence[Mapping[str, Tensor]],
     image_size: tuple[int, int],
     cfg: DistillConfig,
+    mean_over_processes: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """The unweighted KD terms whose weight is > 0, keyed "feature", "logit", "box".
 
@@ -60,11 +61,15 @@ def distill_terms(
         None when no weight is > 0, and is then never looked at
     targets: per image {"boxes": (B_i, 4) xyxy in the transformed frame, ...} (FGD's masks)
     image_size: (H, W) of the padded batch (FGD's masks)
+    mean_over_processes: with several processes, the mean of a scalar over all of them (an
+        all-reduce; every process must call ``distill_terms``). The anchor-weighted terms divide
+        by it of their local weight sums, so that 2 processes with batch B give the gradient of
+        1 process with batch 2B; None: one process
     returns: {name: scalar float32}
 
     - feature: ``feature_kd_loss`` of ``student.adapted`` vs ``teacher.features`` over
-      ``cfg.feature.levels``; FGD also uses ``student.extras["global_s/<level>"]`` and
-      ``["global_t/<level>"]`` where present.
+      ``cfg.feature.levels``, summed or averaged (``cfg.feature.level_reduction``); FGD also
+      uses ``student.extras["global_s/<level>"]`` and ``["global_t/<level>"]`` where present.
     - logit: ``soft_label_loss`` at ``cfg.logit.temperature``, anchors weighted by the teacher's
       max class probability (``anchor_weighting: teacher_max``) or uniformly (``none``).
     - box: ``box_distill_loss`` on the anchors whose teacher max class probability is
@@ -97,6 +102,7 @@ def distill_terms(
             fgd_lambda=feature.fgd_lambda,
             global_s=global_s or None,
             global_t=global_t or None,
+            reduction=feature.level_reduction,
         )
     confidence = None
     if weights["logit"] > 0 or weights["box"] > 0:
@@ -110,7 +116,12 @@ def distill_terms(
             )
         anchor_weights = confidence if logit.anchor_weighting == "teacher_max" else None
         terms["logit"] = soft_label_loss(
-            student.cls_logits, teacher.cls_logits, logit.temperature, logit.kind, anchor_weights
+            student.cls_logits,
+            teacher.cls_logits,
+            logit.temperature,
+            logit.kind,
+            anchor_weights,
+            _normaliser(anchor_weights, mean_over_processes),
         )
     if weights["box"] > 0:
         assert confidence is not None  # computed above whenever the box weight is > 0
@@ -121,8 +132,18 @@ def distill_terms(
             student.anchors,
             selected,
             cfg.box.kind,
+            _normaliser(selected, mean_over_processes),
         )
     return terms
+
+
+def _normaliser(
+    weights: Tensor | None, mean_over_processes: Callable[[Tensor], Tensor] | None
+) -> Tensor | None:
+    """The sum of the anchor weights, averaged over processes (None: the local sum is used)."""
+    if weights is None or mean_over_processes is None:
+        return None
+    return mean_over_processes(weights.detach().float().sum())
 
 
 def _extras_per_level(
@@ -137,15 +158,17 @@ def combine(
     cfg: DistillConfig,
     step: int,
     epoch: int,
-) -> tuple[Tensor, dict[str, float]]:
-    """Total loss and its parts as python floats for logging.
+) -> tuple[Tensor, dict[str, Tensor | float]]:
+    """Total loss and its parts for logging.
 
     det_losses: {"classification": T, "bbox_regression": T} from ``detection_loss``
     kd: the output of ``distill_terms``
     returns: ``total = sum_i det_i + kd_scale * sum_j weight_j * kd_j`` and a log dict with
         ``loss/<name>`` (each detection term), ``kd/<name>`` (each unweighted KD term),
         ``kd_weighted/<name>`` (``kd_scale * weight * term``, what enters the total),
-        ``kd/scale`` and ``loss/total``.
+        ``kd/scale`` (a float) and ``loss/total``. The terms are detached scalar tensors, left
+        on the device: reading one (``float(v)``) waits for the device, so the loop reads them
+        only at the steps it logs.
 
     With ``kd`` empty the total is the sum of the detection terms, bit for bit (nothing, not
     even 0 * x, is added). When ``kd`` is non-empty its terms are added even at scale 0
@@ -159,20 +182,20 @@ def combine(
     if unknown:
         raise KeyError(f"unknown KD terms {sorted(unknown)}; expected a subset of {list(weights)}")
     scale = kd_scale(cfg, step, epoch)
-    log: dict[str, float] = {}
+    log: dict[str, Tensor | float] = {}
     total: Tensor | None = None
     for name, value in det_losses.items():
-        log[f"loss/{name}"] = value.detach().item()
+        log[f"loss/{name}"] = value.detach()
         total = value if total is None else total + value
     assert total is not None
     weighted_sum: Tensor | None = None
     for name, value in kd.items():
         weighted = value * weights[name]
-        log[f"kd/{name}"] = value.detach().item()
-        log[f"kd_weighted/{name}"] = scale * weighted.detach().item()
+        log[f"kd/{name}"] = value.detach()
+        log[f"kd_weighted/{name}"] = scale * weighted.detach()
         weighted_sum = weighted if weighted_sum is None else weighted_sum + weighted
     if weighted_sum is not None:
         total = total + scale * weighted_sum
     log["kd/scale"] = scale
-    log["loss/total"] = total.detach().item()
+    log["loss/total"] = total.detach()
     return total, log

@@ -3,7 +3,8 @@
 Every loss compares one level, student (N, C, H, W) against teacher (N, C, H, W) with the same
 shape: the student's features have already gone through a learnable 1x1 adapter to the
 teacher's channel count (``build_adapters``; the adapters live in the trainable student module).
-``feature_kd_loss`` averages one of them over the selected levels.
+``feature_kd_loss`` sums one of them over the selected levels (as MMRazor, FGD and the papers
+do: a weight from a paper means the same here), or averages them with ``reduction="mean"``.
 
 Like the head losses, they run in float32 with autocast off and detach the teacher.
 """
@@ -20,6 +21,7 @@ from distill.losses.logits import autocast_off
 
 __all__ = [
     "FEATURE_KINDS",
+    "LEVEL_REDUCTIONS",
     "GlobalContextBlock",
     "build_adapters",
     "build_global_blocks",
@@ -32,6 +34,7 @@ __all__ = [
 ]
 
 FEATURE_KINDS = ("mse", "cwd", "pkd", "fgd")
+LEVEL_REDUCTIONS = ("sum", "mean")  # of the per-level losses
 
 
 def _check_pair(s: Tensor, t: Tensor) -> None:
@@ -231,13 +234,16 @@ def feature_kd_loss(
     fgd_lambda: float = 0.000005,
     global_s: Mapping[str, Tensor] | None = None,
     global_t: Mapping[str, Tensor] | None = None,
+    reduction: str = "sum",
 ) -> Tensor:
-    """One feature loss averaged over FPN levels.
+    """One feature loss summed (or averaged) over FPN levels.
 
     student_feats: {level: (N, C, H_l, W_l)} adapted student features
     teacher_feats: {level: (N, C, H_l, W_l)} teacher features
     levels: the levels to distil, e.g. ("p3", "p4", "p5", "p6", "p7")
-    returns: scalar float32, ``loss = (1 / L) * sum_l loss_kind(s_l, t_l)``
+    reduction: "sum": ``loss = sum_l loss_kind(s_l, t_l)`` (the papers'); "mean": the same
+        divided by the number of levels L
+    returns: scalar float32
 
     ``tau`` is the temperature of cwd and fgd; ``boxes_per_image`` and ``image_size`` are
     required by fgd, ``global_s`` / ``global_t`` ({level: (N, C, H_l, W_l)}) are its optional
@@ -247,6 +253,10 @@ def feature_kd_loss(
         raise ValueError(f"unknown feature KD kind {kind!r}; expected one of {FEATURE_KINDS}")
     if not levels:
         raise ValueError("feature KD needs at least one level")
+    if reduction not in LEVEL_REDUCTIONS:
+        raise ValueError(
+            f"unknown level reduction {reduction!r}; expected one of {LEVEL_REDUCTIONS}"
+        )
     if kind == "fgd" and (boxes_per_image is None or image_size is None):
         raise ValueError("fgd needs boxes_per_image and image_size")
     per_level = []
@@ -282,7 +292,8 @@ def feature_kd_loss(
                     global_t=g_t,
                 )
             )
-    return torch.stack(per_level).mean()
+    stacked = torch.stack(per_level)  # (L,)
+    return stacked.sum() if reduction == "sum" else stacked.mean()
 
 
 class GlobalContextBlock(nn.Module):

@@ -46,11 +46,17 @@ def autocast_off(x: Tensor) -> torch.autocast:
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
-def weighted_anchor_mean(per_anchor: Tensor, weights: Tensor | None = None) -> Tensor:
+def weighted_anchor_mean(
+    per_anchor: Tensor, weights: Tensor | None = None, normaliser: Tensor | None = None
+) -> Tensor:
     """Mean over anchors, optionally weighted.
 
     per_anchor: (N, A) loss per anchor, float32
     weights:    (N, A) non-negative anchor weights (treated as constants), or None
+    normaliser: scalar to divide by instead of ``sum_{n,a} w[n,a]``: with several processes,
+                the mean over processes of their local sums (mmdetection's reduced
+                ``avg_factor``), so that the gradient, averaged by DDP, is the one of the
+                whole batch on one process
 
     Without weights: ``sum_{n,a} l[n,a] / (N * A)``.
     With weights:    ``sum_{n,a} w[n,a] * l[n,a] / max(sum_{n,a} w[n,a], WEIGHT_EPS)``,
@@ -66,7 +72,8 @@ def weighted_anchor_mean(per_anchor: Tensor, weights: Tensor | None = None) -> T
             f"expected {tuple(per_anchor.shape)} (N, A)"
         )
     w = weights.detach().float()
-    return (per_anchor * w).sum() / w.sum().clamp_min(WEIGHT_EPS)
+    total_weight = w.sum() if normaliser is None else normaliser.detach().float()
+    return (per_anchor * w).sum() / total_weight.clamp_min(WEIGHT_EPS)
 
 
 def teacher_confidence(teacher_logits: Tensor) -> Tensor:
@@ -86,11 +93,13 @@ def soft_label_loss(
     temperature: float,
     kind: str = "bce",
     weights: Tensor | None = None,
+    normaliser: Tensor | None = None,
 ) -> Tensor:
     """Distil the teacher's class scores at temperature T, anchor by anchor.
 
     student_logits, teacher_logits: (N, A, K) class logits, any float dtype
     weights: (N, A) per-anchor weights (e.g. ``teacher_confidence``) or None
+    normaliser: what to divide by instead of ``sum(weights)`` (``weighted_anchor_mean``)
     returns: scalar float32
 
     ``kind="bce"`` (RetinaNet's per-class sigmoids): with q = sigmoid(s/T), p = sigmoid(t/T),
@@ -134,7 +143,7 @@ def soft_label_loss(
             log_p = F.log_softmax(torch.cat([t, background], dim=-1), dim=-1)
             per_class = F.kl_div(log_q, log_p, reduction="none", log_target=True)
         per_anchor = per_class.sum(dim=-1) * temperature**2  # (N, A, K[+1]) -> (N, A)
-        return weighted_anchor_mean(per_anchor, weights)
+        return weighted_anchor_mean(per_anchor, weights, normaliser)
 
 
 def box_distill_loss(
@@ -143,12 +152,14 @@ def box_distill_loss(
     anchors: list[Tensor] | Tensor,
     weights: Tensor,
     kind: str = "l1",
+    normaliser: Tensor | None = None,
 ) -> Tensor:
     """Regress the student's boxes toward the teacher's, on the anchors selected by ``weights``.
 
     student_deltas, teacher_deltas: (N, A, 4) box deltas (dx, dy, dw, dh) w.r.t. the anchors
     anchors: list over images of (A, 4) xyxy anchors, or one (N, A, 4) tensor
     weights: (N, A) anchor weights, e.g. ``(teacher_confidence(t) >= 0.3).float()``
+    normaliser: what to divide by instead of ``sum(weights)`` (``weighted_anchor_mean``)
     returns: scalar float32
 
     ``kind="l1"``:   ``l[n,a] = sum_{j=1..4} |s[n,a,j] - t[n,a,j]|`` on the raw deltas.
@@ -180,4 +191,4 @@ def box_distill_loss(
             boxes_s = _BOX_CODER.decode_single(s.reshape(-1, 4), anchor_boxes)  # (N*A, 4)
             boxes_t = _BOX_CODER.decode_single(t.reshape(-1, 4), anchor_boxes)
             per_anchor = generalized_box_iou_loss(boxes_s, boxes_t).reshape(s.shape[:2])
-        return weighted_anchor_mean(per_anchor, weights)
+        return weighted_anchor_mean(per_anchor, weights, normaliser)

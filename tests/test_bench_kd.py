@@ -167,12 +167,19 @@ def test_aggregation_from_known_per_seed_maps(
         seed = len(calls)
         calls.append(seed)
         names = list(maps)[: len(cfgs)]
-        return [dict.fromkeys(bench.METRICS, maps[n][seed]) | {"train_minutes": 6.0} for n in names]
+        return [
+            dict.fromkeys(bench.METRICS, maps[n][seed])
+            | {"per_class": {"circle": maps[n][seed]}, "train_minutes": 6.0}
+            for n in names
+        ]
 
     teacher = tmp_path / "teacher.pt"
     teacher.write_bytes(b"")
     (tmp_path / "metrics.json").write_text(
-        json.dumps(dict.fromkeys(bench.METRICS, 0.6) | {"train_minutes": 80.0})
+        json.dumps(
+            dict.fromkeys(bench.METRICS, 0.6)
+            | {"per_class": {"circle": 0.6}, "train_minutes": 80.0}
+        )
     )
     sizes = {"teacher": {"params": 10, "gflops": 10.0}, "student": {"params": 1, "gflops": 1.0}}
     monkeypatch.setattr(bench, "_train_or_resume", train_or_resume)

@@ -19,7 +19,6 @@ import datetime
 import logging
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -33,6 +32,7 @@ import torch
 
 from distill.config import Config, load_config, replace
 from distill.data.shapes import generate_shapes
+from distill.machine import machine
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "demo"
@@ -192,7 +192,9 @@ def demo(
         print(describe_plan(plan, minutes))
     print(f"\n{result['verdict']}{benchmark_sentence(BENCH_KD)}")
     if record is not None:
-        result["machine"] = machine()
+        # the load average tells a run on a shared CPU from one on an idle one
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        result["machine"] = {**machine(), "load_average": load}
         result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         result["command"] = "distill " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "demo"
         write_json(result, record)
@@ -385,27 +387,6 @@ def format_demo_table(result: Mapping[str, Any]) -> str:
 def format_table(result: Mapping[str, Any]) -> str:
     """The README section of a ``--record`` file (``scripts/readme_tables.py``)."""
     return f"{format_demo_table(result)}\n\n{result['note']} {result['verdict']}"
-
-
-def machine() -> dict[str, Any]:
-    from distill.build import native_bf16
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "native_bf16": native_bf16(),
-        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
 
 
 def _nan(value: Any) -> bool:

@@ -47,8 +47,6 @@ import argparse
 import datetime
 import json
 import logging
-import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -60,9 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import accelerate
 import torch
-import torchvision
 from accelerate import Accelerator
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
@@ -76,6 +72,7 @@ from distill.build import (
 )
 from distill.config import Config, load_config, replace
 from distill.dense import DenseOutputs, build_transform
+from distill.machine import machine
 from distill.train import teacher_forward, train_step
 
 log = logging.getLogger("bench_speed")
@@ -450,29 +447,6 @@ def ensure_data(settings: Settings) -> None:
         settings.data,
     )
     generate_shapes(settings.data, num_train=settings.data_images, num_val=0, size=settings.size)
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "accelerate": accelerate.__version__,
-        "python": platform.python_version(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "native_bf16": native_bf16(),  # bf16 computed natively (else emulated, slow)
-    }
 
 
 def load_average() -> list[float] | None:

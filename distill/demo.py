@@ -21,7 +21,6 @@ import math
 import os
 import shlex
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -196,7 +195,20 @@ def demo(
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         result["machine"] = {**machine(), "load_average": load}
         result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        result["command"] = "distill " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "demo"
+        flags = {"--out": out, "--data": data_root, "--teacher": teacher, "--minutes": minutes}
+        defaults = {
+            "--out": Path("runs/demo"),
+            "--data": Path("data/shapes-demo"),
+            "--minutes": MINUTES,
+        }
+        given = [
+            f"{k} {shlex.quote(str(v))}"
+            for k, v in flags.items()
+            if v not in (None, defaults.get(k))
+        ]
+        result["command"] = " ".join(
+            ["distill demo", *given, f"--record {shlex.quote(str(record))}"]
+        )
         write_json(result, record)
         log.info("wrote %s", record)
     # callers (tests) get the rows and sizes by model, as before
@@ -324,7 +336,7 @@ def verdict(result: Mapping[str, Any]) -> str:
         )
     gap = teacher - plain
     moved = (
-        f"distillation moved the student from mAP {plain:.3f} to {kd:.3f} "
+        f"it moved the student from mAP {plain:.3f} to {kd:.3f} "
         f"({kd - plain:+.3f}, {(kd - plain) / gap:+.0%} of the {gap:.3f} gap to the teacher's "
         f"{teacher:.3f})"
     )
@@ -336,7 +348,7 @@ def verdict(result: Mapping[str, Any]) -> str:
             f"Distillation helped a little: {moved}; less than the demo's goal "
             f"({met['kd_gain']['goal']} mAP and {met['gap_closed']['goal']} of the gap)."
         )
-    return f"Distillation did not help in this run: {moved}."
+    return f"Distillation did not help in this run: {moved}."  # or made it worse
 
 
 def benchmark_sentence(path: Path) -> str:

@@ -269,7 +269,10 @@ def plan_steps(seconds: Mapping[str, float], minutes: float) -> dict[str, Any]:
     budget = max(minutes, 0.0) * 60 * TRAIN_SHARE
     longest = 1.0 if "teacher" in seconds else MAX_STUDENT_SCALE
     scale = min(longest, budget / predicted) if predicted > 0 else 1.0
-    steps = {name: max(MIN_STEPS, round(n * scale)) for name, n in reference.items()}
+    steps = {  # at least MIN_STEPS, unless the reference itself is shorter
+        name: min(round(n * longest), max(MIN_STEPS, round(n * scale)))
+        for name, n in reference.items()
+    }
     if "teacher" not in seconds:
         steps["teacher"] = reference["teacher"]  # not trained in this run
     return {"scale": scale, "steps": steps, "seconds": dict(seconds), "predicted": predicted}

@@ -402,11 +402,11 @@ def format_demo_table(result: Mapping[str, Any]) -> str:
 def format_table(result: Mapping[str, Any]) -> str:
     """The README section of a ``--record`` file (``scripts/readme_tables.py``)."""
     text = f"{format_demo_table(result)}\n\n{result['note']} {result['verdict']}"
-    machine = result.get("machine", {})
-    if machine.get("load_average") is not None:  # a shared CPU runs every step slower
+    host = result.get("machine", {})
+    if host.get("load_average") is not None:  # a shared CPU runs every step slower
         text += (
-            f" Load average at the end of the run: {machine['load_average']:.1f} on "
-            f"{machine['cores']} cores."
+            f" Load average at the end of the run: {host['load_average']:.1f} on "
+            f"{host['cores']} cores."
         )
     return text
 

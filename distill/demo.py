@@ -298,10 +298,17 @@ def describe_plan(plan: Mapping[str, Any], minutes: float) -> str:
     reference = (
         f"{TEACHER_STEPS}/{STUDENT_STEPS} steps" if trains_teacher else f"{STUDENT_STEPS} steps"
     )
+    floor = ""
+    if MIN_STEPS in steps.values() and plan["scale"] * min(reference_steps().values()) < MIN_STEPS:
+        trained = sum(steps[name] * s for name, s in plan["seconds"].items()) / 60
+        floor = (
+            f" No model trains fewer than {MIN_STEPS} steps, so training alone will take "
+            f"{trained:.0f} min here: is the CPU busy with other work?"
+        )
     return (
         f"Budget {minutes:g} min: the reference schedule ({reference}) "
         f"would train for {plan['predicted'] / 60:.0f} min on this machine ({per_step} a step), "
-        f"so it was shortened to {plan['scale']:.0%} of it: {schedule}. "
+        f"so it was shortened to {plan['scale']:.2g}x of it: {schedule}.{floor} "
         "`distill demo --minutes 0` runs the reference schedule."
     )
 

@@ -97,6 +97,7 @@ def test_the_schedule_shrinks_by_one_factor_to_fit_the_budget() -> None:
     assert trained <= budget + rounding
     text = demo_module.describe_plan(plan, 15)
     assert "would train for 65 min" in text and "--minutes 0" in text
+    assert f"shortened to {plan['scale']:.2g}x of it" in text
 
     # a reused teacher: only the students train, so their schedule shrinks less...
     students = {"student": 0.53, "student + KD": 1.33}
@@ -107,8 +108,10 @@ def test_the_schedule_shrinks_by_one_factor_to_fit_the_budget() -> None:
     assert "students train 3.0x" in demo_module.describe_plan(fast, 15)
     # with the teacher to train: never longer than the reference, never shorter than MIN_STEPS
     assert demo_module.plan_steps({"teacher": 1e-3}, minutes=15)["steps"] == reference
-    tiny = demo_module.plan_steps(seconds, minutes=0.5)["steps"]
-    assert min(tiny.values()) == demo_module.MIN_STEPS
+    tiny = demo_module.plan_steps(seconds, minutes=0.5)
+    assert min(tiny["steps"].values()) == demo_module.MIN_STEPS
+    assert "training alone will take 2 min here" in demo_module.describe_plan(tiny, 0.5)
+    assert "No model trains fewer" not in text
     # ...unless the reference itself is shorter (tiny test schedules)
     short = {"teacher": 2, "student": 2, "student + KD": 2}
     with pytest.MonkeyPatch.context() as patch:

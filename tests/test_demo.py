@@ -38,7 +38,8 @@ def test_demo_end_to_end_and_teacher_reuse(
     plan = result["plan"]
     assert set(plan["seconds"]) == {"teacher", "student", "student + KD"}
     assert all(s > 0 for s in plan["seconds"].values())
-    assert plan["scale"] == 1.0 and plan["steps"]["teacher"] == 2  # a tiny schedule fits
+    # a tiny schedule stays whole (on a busy CPU the probe may ask for less: MIN_STEPS keeps it)
+    assert plan["steps"] == {"teacher": 2, "student": 2, "student + KD": 2}
     printed = capsys.readouterr().out
     for row in ("| teacher | 2 |", "| student | 2 |", "| student + KD | 2 |"):
         assert row in printed

@@ -54,6 +54,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import shlex
 import shutil
 import statistics

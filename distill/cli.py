@@ -1,6 +1,6 @@
 """The ``distill`` command.
 
-    distill data shapes OUT [--train N --val N --size PX --seed S --difficulty easy|medium|hard]
+    distill data shapes OUT [--train N --val N --size PX --seed S --difficulty PRESET]
     distill data stats ROOT [--ann train.json]
     distill train-teacher CONFIG [--set key=value ...] [--resume RUN_DIR]
     distill run CONFIG [--set key=value ...] [--resume RUN_DIR]
@@ -13,7 +13,7 @@
     distill export RUN_DIR_OR_WEIGHTS [--model student|teacher] [--format onnx] [--out FILE]
                    [--raw]
     distill summary CONFIG [--json] [--no-deploy]
-    distill demo [--out DIR --data DIR --teacher FILE --minutes M]
+    distill demo [--out DIR --data DIR --teacher FILE --minutes M --record FILE]
     distill report RUN_DIR... [--teacher RUN_DIR_OR_WEIGHTS] [--baseline RUN_DIR] --out DIR
 
 Each sub-command is a thin layer over a library function; errors a user can fix (a missing
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--val", type=int, default=BENCHMARK_VAL, help="validation images")
     shapes.add_argument("--size", type=int, default=128, help="image side in pixels")
     shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--difficulty", default="easy", choices=["easy", "medium", "hard"])
+    shapes.add_argument("--difficulty", default="easy", choices=["easy", "medium", "hard", "demo"])
     stats = data_sub.add_parser("stats", help="print statistics of a COCO-format dataset")
     stats.add_argument("root", type=Path)
     stats.add_argument("--ann", action="append", default=None, help="annotation file(s) in ROOT")
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--with-baseline", action="store_true")
     sweep.add_argument("--sequential", action="store_true")
 
-    demo = sub.add_parser("demo", help="the built-in benchmark end to end on CPU")
+    demo = sub.add_parser("demo", help="distillation end to end on CPU in ~15 min (the demo task)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--data", type=Path, default=Path("data/shapes-demo"))
     demo.add_argument("--teacher", type=Path, default=None, help="reuse this teacher.pt")
@@ -181,7 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=15.0,
         help="time budget: the schedule shrinks to fit it on this machine (0: the reference "
-        "schedule, 600 teacher and 500 student steps)",
+        "schedule, 1000 teacher and 600 student steps)",
+    )
+    demo.add_argument(
+        "--record", type=Path, default=None, metavar="FILE", help="also write the result as JSON"
     )
     _add_report_parser(sub)
     return parser
@@ -336,7 +339,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise UserError(f"--teacher {args.teacher}: no such file (a teacher.pt to reuse)")
         if not args.minutes >= 0:  # also NaN
             raise UserError(f"--minutes {args.minutes}: give a budget >= 0 (0: no budget)")
-        demo(out=args.out, data_root=args.data, teacher=args.teacher, minutes=args.minutes)
+        if args.record is not None and (args.record.is_dir() or not args.record.parent.is_dir()):
+            raise UserError(f"--record {args.record}: give a .json file path in an existing folder")
+        demo(
+            out=args.out,
+            data_root=args.data,
+            teacher=args.teacher,
+            minutes=args.minutes,
+            record=args.record,
+        )
         return 0
     if args.command == "report":
         from distill.report import ReportError, report_command

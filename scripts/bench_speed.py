@@ -55,7 +55,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -67,9 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import accelerate
 import torch
-import torchvision
 from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -84,6 +81,7 @@ from distill.build import (
 )
 from distill.config import Config, load_config, replace
 from distill.dense import DenseOutputs, build_transform
+from distill.machine import machine
 from distill.train import SKIPPED, teacher_forward, train_step
 
 log = logging.getLogger("bench_speed")
@@ -502,29 +500,6 @@ def repo_path(path: Path) -> str:
     absolute paths), else as given."""
     resolved = path.resolve()
     return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "accelerate": accelerate.__version__,
-        "python": platform.python_version(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "native_bf16": native_bf16(),  # bf16 computed natively (else emulated, slow)
-    }
 
 
 def load_average() -> list[float] | None:

@@ -5,12 +5,14 @@
 
 Each table sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers, where NAME is
 the results file's stem (``bench_speed``). The table is the one the benchmark script prints,
-followed by the command, machine and date recorded in the JSON.
+followed by the command, machine and date recorded in the JSON. ``demo*.json`` files are
+written by ``distill demo --record FILE`` (one per kind of host) and formatted by the demo.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import sys
@@ -32,9 +34,16 @@ def _script(name: str) -> ModuleType:
     return module
 
 
+def _formatter(name: str) -> ModuleType:
+    """What formats results file ``name``: ``distill.demo`` for ``demo*``, else its script."""
+    if name.startswith("demo"):
+        return importlib.import_module("distill.demo")
+    return _script(name)
+
+
 def section(name: str, result: dict[str, Any]) -> str:
     """The markdown between the markers for results file ``name``."""
-    table = _script(name).format_table(result)
+    table = _formatter(name).format_table(result)
     notes = NOTES[name](result) if name in NOTES else ""
     return (
         f"{table}\n\n{notes}"

@@ -171,7 +171,7 @@ def test_objects_contrast_with_their_surroundings() -> None:
 
 
 def test_unknown_difficulty_lists_presets(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="easy, medium, hard"):
+    with pytest.raises(ValueError, match="easy, medium, hard, demo"):
         generate_shapes(tmp_path / "x", num_train=1, num_val=1, difficulty="insane")
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="insane"):
@@ -268,3 +268,21 @@ def test_cli_generates_and_prints_stats(tmp_path: Path, capsys: pytest.CaptureFi
     assert "train.json: 4 images" in out and "val.json: 2 images" in out and "ring" in out
     assert main(["data", "stats", str(tmp_path / "d"), "--ann", "val.json"]) == 0
     assert "train.json" not in capsys.readouterr().out
+
+
+def test_demo_preset_draws_its_classes_only_and_old_manifests_stay_valid(tmp_path: Path) -> None:
+    generate_shapes(tmp_path / "demo", num_train=12, num_val=2, size=96, difficulty="demo")
+    coco = json.loads((tmp_path / "demo" / "train.json").read_text())
+    preset = DIFFICULTIES["demo"]
+    assert [c["name"] for c in coco["categories"]] == list(preset.classes)
+    assert [c["id"] for c in coco["categories"]] == [CLASSES.index(n) + 1 for n in preset.classes]
+    labels = {a["category_id"] for a in coco["annotations"]}
+    assert labels and labels <= {c["id"] for c in coco["categories"]}
+    sides = [min(a["bbox"][2:]) for a in coco["annotations"]]
+    assert min(sides) >= 0.5 * preset.min_size * 96 / 128  # large objects (ellipses: 0.6x)
+    manifest = json.loads((tmp_path / "demo" / "shapes.json").read_text())
+    assert manifest["preset"]["classes"] == list(preset.classes)
+    # the benchmark's presets draw every class, with the manifest datasets made before have
+    generate_shapes(tmp_path / "easy", num_train=1, num_val=1, size=64)
+    manifest = json.loads((tmp_path / "easy" / "shapes.json").read_text())
+    assert "classes" not in manifest["preset"] and DIFFICULTIES["easy"].classes == CLASSES

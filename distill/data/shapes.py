@@ -58,6 +58,9 @@ GENERATOR_VERSION = 1
 # the 26-epoch teacher reached mAP 0.574 on training images but 0.435 on val.
 BENCHMARK_TRAIN, BENCHMARK_VAL = 7200, 500
 
+DEMO_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "ellipse")
+DEMO_MAX_OBJECTS, DEMO_MIN_SIZE, DEMO_MAX_SIZE = 4, 32.0, 112.0
+
 _REFERENCE_SIZE = 128  # sizes in Difficulty are pixels at this image size
 _SUPERSAMPLE = 2  # samples per pixel side: anti-aliased edges keep small details readable
 _PLACE_TRIES = 12  # positions tried per object before it is dropped
@@ -76,12 +79,18 @@ class Difficulty:
     texture: float  # 0..1: how far background patterns swing between two colours
     max_hidden: float  # largest fraction of an object that later objects may cover (<= 0.5)
     min_contrast: float  # least RGB distance (0..441) between an object and what lies under it
+    classes: tuple[str, ...] = CLASSES  # the classes drawn (ids stay CLASSES.index + 1)
 
 
 DIFFICULTIES: dict[str, Difficulty] = {
     "easy": Difficulty(6, 14.0, 112.0, 2, 0.3, 0.25, 120.0),
     "medium": Difficulty(10, 10.0, 116.0, 5, 0.55, 0.4, 90.0),
     "hard": Difficulty(12, 8.0, 120.0, 10, 0.8, 0.5, 70.0),
+    # `distill demo`: a task a from-scratch ResNet50-FPN learns within minutes on a CPU (few,
+    # large, high-contrast objects of DEMO_CLASSES); measured in configs/shapes/demo.yaml.
+    "demo": Difficulty(
+        DEMO_MAX_OBJECTS, DEMO_MIN_SIZE, DEMO_MAX_SIZE, 0, 0.2, 0.25, 140.0, DEMO_CLASSES
+    ),
 }
 
 
@@ -208,7 +217,7 @@ def render_image(rng: np.random.Generator, size: int, difficulty: Difficulty) ->
 
 def _sample_spec(rng: np.random.Generator, size: int, d: Difficulty) -> _Spec:
     scale = size / _REFERENCE_SIZE
-    name = CLASSES[int(rng.integers(len(CLASSES)))]
+    name = d.classes[int(rng.integers(len(d.classes)))]
     side = math.exp(rng.uniform(math.log(d.min_size), math.log(d.max_size))) * scale
     if name in ("circle", "ring"):
         aspect = 1.0  # h / w
@@ -426,7 +435,12 @@ def _render_chunk(
     return result
 
 
-def _coco(split: str, size: int, objects_per_image: list[list[tuple[int, list[float]]]]) -> dict:
+def _coco(
+    split: str,
+    size: int,
+    objects_per_image: list[list[tuple[int, list[float]]]],
+    classes: tuple[str, ...] = CLASSES,
+) -> dict:
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for index, objects in enumerate(objects_per_image):
@@ -450,7 +464,11 @@ def _coco(split: str, size: int, objects_per_image: list[list[tuple[int, list[fl
                     "iscrowd": 0,
                 }
             )
-    categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASSES)]
+    categories = [
+        {"id": i + 1, "name": n, "supercategory": "shape"}
+        for i, n in enumerate(CLASSES)
+        if n in classes
+    ]
     return {
         "info": {
             "description": f"distill shapes benchmark, {split}",
@@ -503,6 +521,8 @@ def generate_shapes(
         "difficulty": difficulty,
         "preset": asdict(preset),  # a retuned preset makes an old dataset a different one
     }
+    if preset.classes == CLASSES:  # all classes: the manifest datasets made before had
+        del manifest["preset"]["classes"]
     if _existing_matches(out, manifest):
         log.info("%s already holds this shapes dataset; skipping generation", out)
         return
@@ -527,7 +547,7 @@ def generate_shapes(
         results = [_render_chunk(job) for job in jobs]
     for split in SPLITS:
         per_image = [obj for job, res in zip(jobs, results) if job[1] == split for obj in res]
-        _write_json(out / f"{split}.json", _coco(split, size, per_image))
+        _write_json(out / f"{split}.json", _coco(split, size, per_image, preset.classes))
     _write_json(out / "shapes.json", {**manifest, "complete": True})
 
 

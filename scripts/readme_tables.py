@@ -92,7 +92,34 @@ def bench_speed_notes(result: dict[str, Any]) -> str:
                 f"{ms['student_kd_step']:.0f} ms: K(T+S)/(T+KS) = "
                 f"{result[p]['sweep_speedup_bound']:.2f}× for K = {result['sweep_k']}."
             )
-    return "".join(f"- {line}\n" for line in lines) + "\n" if lines else ""
+    text = "".join(f"- {line}\n" for line in lines) + "\n" if lines else ""
+    return text + deployment_table(result.get("deployment"))
+
+
+def deployment_table(deployment: dict[str, Any] | None) -> str:
+    """The deployed graph's latency and file sizes that bench_speed measured (``distill
+    summary``'s deployment numbers), as a markdown table; "" for a JSON without them."""
+    if not deployment:
+        return ""
+    rows = [
+        f"Deployed graph (normalise, backbone + FPN + head, box decoding, NMS), CPU, batch 1, "
+        f"{deployment['image_size']} px, {deployment['student']['threads']} threads, median "
+        "after warm-up:\n",
+        "| model | PyTorch ms | ONNX Runtime ms | weights MB | ONNX MB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in ("teacher", "student"):
+        d = deployment[name]
+        rows.append(
+            f"| {name} | {d['pytorch_ms']:.1f} | {d['onnxruntime_ms']:.1f} | "
+            f"{d['weights_mb']:.1f} | {d['onnx_mb']:.1f} |"
+        )
+    r = deployment["ratio"]
+    rows.append(
+        f"| student / teacher | {r['pytorch_ms']:.3f} | {r['onnxruntime_ms']:.3f} | "
+        f"{r['weights_mb']:.3f} | {r['onnx_mb']:.3f} |"
+    )
+    return "\n".join(rows) + "\n\n"
 
 
 # Sentences generated from a results file's fields, after its table.

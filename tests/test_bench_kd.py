@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import statistics
-import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from distill.weights import load_state_dict_file, save_state_dict_file
-from tests.conftest import REPO
+from tests.conftest import load_script
 
 
-def load_bench_kd():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bench_kd", REPO / "scripts" / "bench_kd.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_kd"] = module
-    spec.loader.exec_module(module)
-    return module
+def load_bench_kd() -> ModuleType:
+    return load_script("bench_kd")
 
 
 def test_a_dataset_made_with_other_arguments_is_refused_not_reused(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -12,7 +11,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 
 SCRIPT = REPO / "scripts" / "bench_speed.py"
 
@@ -32,17 +31,12 @@ LOADER = [
 ]
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def load_bench_speed() -> ModuleType:
+    return load_script("bench_speed")
 
 
 def test_ratios_from_medians() -> None:
-    bench = load_script()
+    bench = load_bench_speed()
     settings = bench.parse_args(["--batch", "8", "--sweep-k", "4"])
     result = bench.summarize(SAMPLES, LOADER, settings)
     assert result["kd_step_ratio"] == pytest.approx(165 / (50 + 100))
@@ -112,7 +106,7 @@ def test_quick_run_writes_the_json(tmp_path: Path) -> None:
 
 
 def test_bf16_is_measured_only_where_native_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    bench = load_script()
+    bench = load_bench_speed()
     monkeypatch.setattr(bench, "native_bf16", lambda: False)
     assert bench.parse_args(["--quick"]).precisions == ("fp32",)
     assert bench.parse_args(["--precisions", "fp32,bf16"]).precisions == ("fp32", "bf16")

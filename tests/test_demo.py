@@ -12,7 +12,7 @@ import pytest
 
 import distill.demo as demo_module
 from distill.build import check_lockstep
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 
 
 def expected_verdict(models: dict[str, dict[str, float]]) -> str:
@@ -227,17 +227,7 @@ def test_benchmark_sentence_quotes_the_committed_benchmark_with_its_date(tmp_pat
 
 
 def _readme_tables() -> ModuleType:
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location(
-        "readme_tables", REPO / "scripts" / "readme_tables.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["readme_tables"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("readme_tables")
 
 
 def test_readme_tables_are_generated_from_results() -> None:

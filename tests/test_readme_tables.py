@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from types import ModuleType
 
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 
 
 def load_tables() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "readme_tables", REPO / "scripts" / "readme_tables.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["readme_tables"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("readme_tables")
 
 
 def test_machine_line_names_each_recorded_field() -> None:

@@ -25,7 +25,16 @@ from torch.utils.tensorboard import SummaryWriter
 from distill.config import Config, ConfigError, TrainConfig
 from distill.data import CocoDetection, build_dataset, collate, seed_worker
 from distill.dense import check_compatible, set_postprocess
-from distill.losses import build_adapters, build_global_blocks, needs_teacher
+from distill.losses import (
+    CrossHead,
+    build_adapters,
+    build_global_blocks,
+    build_mgd_generators,
+    crosskd_teacher_layer,
+    needs_teacher,
+    uses_crosskd,
+)
+from distill.losses.crosskd import tower_depth, tower_width
 from distill.module import StudentModule
 from students import build_student
 from teachers import build_teacher
@@ -126,7 +135,40 @@ def build_models(
         blocks = build_global_blocks(levels, t_ch)  # {"student_p3": ..., "teacher_p3": ...}
         global_s = nn.ModuleDict({lv: blocks[f"student_{lv}"] for lv in levels})
         global_t = nn.ModuleDict({lv: blocks[f"teacher_{lv}"] for lv in levels})
-    return StudentModule(student, levels, adapters, global_s, global_t), teacher
+    generators = build_mgd_generators(levels, t_ch) if levels and feature.kind == "mgd" else None
+    cross_head = None
+    if uses_crosskd(cfg.distill):
+        layer, depth = cfg.distill.crosskd.layer, tower_depth(student.head)
+        if layer > depth:
+            raise ConfigError(
+                f"distill.crosskd.layer {layer} is beyond the {depth} tower convs of the "
+                f"student's head (student.head_convs)"
+            )
+        teacher_layer, depth = crosskd_teacher_layer(cfg.distill), tower_depth(teacher.head)
+        if teacher_layer > depth:
+            which = "teacher_layer" if cfg.distill.crosskd.teacher_layer is not None else "layer"
+            raise ConfigError(
+                f"distill.crosskd.{which} {teacher_layer} is beyond the {depth} tower convs of "
+                "the teacher's head"
+            )
+        crosskd = cfg.distill.crosskd
+        weights = {"cls": crosskd.cls_weight, "reg": crosskd.box_weight}
+        branches = [branch for branch, weight in weights.items() if weight > 0]
+        cross_head = CrossHead(
+            teacher.head, tower_width(student.head, layer), layer, teacher_layer, branches
+        )
+    module = StudentModule(
+        student,
+        levels,
+        adapters,
+        global_s,
+        global_t,
+        generators,
+        feature.mgd_ratio,
+        cfg.train.seed,
+        cross_head,
+    )
+    return module, teacher
 
 
 def _out_channels(model: nn.Module) -> int:

@@ -104,7 +104,7 @@ class StudentConfig:
 
 @dataclass(frozen=True)
 class FeatureKDConfig:
-    kind: str = "cwd"  # mse | cwd | pkd | fgd
+    kind: str = "cwd"  # mse | cwd | pkd | fgd | mgd
     weight: float = 0.0
     tau: float = 1.0  # temperature of cwd / fgd attention
     levels: tuple[str, ...] = ("p3", "p4", "p5", "p6", "p7")
@@ -115,6 +115,9 @@ class FeatureKDConfig:
     fgd_beta: float = 0.0005
     fgd_gamma: float = 0.001
     fgd_lambda: float = 0.000005
+    # MGD (Yang et al. 2022): share of the student's feature positions masked before its
+    # generator regenerates the teacher's feature (the paper's 0.65 for detection)
+    mgd_ratio: float = 0.65
 
 
 @dataclass(frozen=True)
@@ -135,10 +138,24 @@ class BoxKDConfig:
 
 
 @dataclass(frozen=True)
+class CrossKDConfig:
+    """CrossKD (Wang et al., CVPR 2024): the student's head features after its first ``layer``
+    tower convs run through the teacher's head from its conv ``teacher_layer`` on, and those
+    cross-head predictions are distilled towards the teacher's."""
+
+    cls_weight: float = 0.0  # quality-focal KD of the cross-head classification
+    box_weight: float = 0.0  # GIoU of the cross-head boxes, weighted by the teacher's score
+    layer: int = 2  # student tower convs before the hand-over (0: the FPN features)
+    teacher_layer: int | None = None  # teacher tower convs skipped; null: the same as layer
+    beta: float = 1.0  # exponent of the quality-focal weight |sigmoid(s) - sigmoid(t)|^beta
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     feature: FeatureKDConfig = field(default_factory=FeatureKDConfig)
     logit: LogitKDConfig = field(default_factory=LogitKDConfig)
     box: BoxKDConfig = field(default_factory=BoxKDConfig)
+    crosskd: CrossKDConfig = field(default_factory=CrossKDConfig)
     warmup_steps: int = 0  # KD weights ramp linearly from 0 over this many steps
     stop_epoch: int | None = None  # KD terms are switched off from this epoch on (0-based)
 
@@ -269,6 +286,11 @@ def _named_anchors(cfg: Config, raw_anchors: Mapping[str, Any], source: str) -> 
 
 
 LEVEL_NAMES = ("p3", "p4", "p5", "p6", "p7")  # the FPN levels of every model here
+# The weight of every KD term: all 0 is the plain student (no teacher runs).
+KD_WEIGHT_KEYS = (
+    "distill.feature.weight", "distill.logit.weight", "distill.box.weight",
+    "distill.crosskd.cls_weight", "distill.crosskd.box_weight",
+)  # fmt: skip
 
 
 # Values that must be positive, or at least zero (a type check cannot tell).
@@ -283,7 +305,8 @@ NON_NEGATIVE = (
     "data.num_workers", "train.epochs",
     "train.max_steps", "train.warmup_steps", "train.weight_decay", "train.momentum",
     "train.checkpoint_every_steps", "train.seed", "eval.every_epochs", "eval.images_logged",
-    "distill.warmup_steps", "distill.feature.weight", "distill.logit.weight", "distill.box.weight",
+    "distill.warmup_steps", *KD_WEIGHT_KEYS, "distill.crosskd.layer",
+    "distill.crosskd.teacher_layer", "distill.crosskd.beta", "distill.feature.mgd_ratio",
 )  # fmt: skip
 
 
@@ -324,6 +347,11 @@ def check_values(cfg: Config, source: str) -> None:
                 raise ConfigError(f"{key} in {source}: {value!r} must be {words}")
     if not 0 <= cfg.data.hflip <= 1:  # also NaN
         raise ConfigError(f"data.hflip in {source}: {cfg.data.hflip!r} must be between 0 and 1")
+    if not 0 <= cfg.distill.feature.mgd_ratio < 1:  # also NaN
+        raise ConfigError(
+            f"distill.feature.mgd_ratio in {source}: {cfg.distill.feature.mgd_ratio!r} "
+            "must be in [0, 1)"
+        )
     if not 0 < cfg.eval.nms_threshold <= 1:
         raise ConfigError(
             f"eval.nms_threshold in {source}: {cfg.eval.nms_threshold!r} must be in (0, 1]"

@@ -247,7 +247,7 @@ def probe_seconds(configs: Mapping[str, Config], steps: int = 3) -> dict[str, fl
                 image_list, batch_targets = transform(images, targets)
                 teacher_out = None
                 if frozen is not None:  # the distilled student
-                    teacher_out = teacher_forward(accelerator, frozen, image_list)
+                    teacher_out = teacher_forward(accelerator, frozen, image_list, [cfg])
                 train_step(accelerator, t, image_list, batch_targets, teacher_out, step, 0)
                 if accelerator.device.type == "cuda":
                     torch.cuda.synchronize(accelerator.device)

@@ -25,7 +25,7 @@ from typing import Any
 
 from pycocotools.cocoeval import COCOeval
 
-from distill.config import Config, load_config, replace, to_dict
+from distill.config import KD_WEIGHT_KEYS, Config, flatten, load_config, replace, to_dict
 from distill.data import CocoDetection
 
 log = logging.getLogger("distill.report")
@@ -138,8 +138,8 @@ def read_run(path: Path, role: str, overrides: list[str]) -> Model:
 
 def is_plain(cfg: Config) -> bool:
     """A plain student: every KD weight 0."""
-    d = cfg.distill
-    return d.feature.weight == 0 and d.logit.weight == 0 and d.box.weight == 0
+    flat = flatten(cfg)
+    return all(flat[key] == 0 for key in KD_WEIGHT_KEYS)
 
 
 def is_sweep(path: Path) -> bool:

@@ -30,12 +30,19 @@ import yaml
 from accelerate import PartialState
 
 from distill.checkpoint import has_checkpoint
-from distill.config import Config, ConfigError, TrainConfig, load_config, parse_value
+from distill.config import (
+    KD_WEIGHT_KEYS,
+    Config,
+    ConfigError,
+    TrainConfig,
+    load_config,
+    parse_value,
+)
 
 log = logging.getLogger("distill.sweep")
 
 BASELINE = "baseline"
-KD_WEIGHTS = ("distill.feature.weight=0", "distill.logit.weight=0", "distill.box.weight=0")
+KD_WEIGHTS = tuple(f"{key}=0" for key in KD_WEIGHT_KEYS)  # overrides: the plain student
 
 
 @dataclass(frozen=True)
@@ -218,10 +225,10 @@ def write_report(
         for row in rows:
             writer.writerow({**{c: row[c] for c in columns}, "best": row["run"] == best})
 
-    def fmt(value: Any) -> str:
-        if isinstance(value, float):
+    def fmt(value: Any, column: str = "") -> str:
+        if isinstance(value, float) and column not in keys:  # a metric
             return "–" if math.isnan(value) else f"{value:.3f}"
-        return str(value)
+        return f"{value:g}" if isinstance(value, float) else str(value)  # a value as swept
 
     lines = [
         f"# Sweep: {sweep_dir}",
@@ -234,7 +241,7 @@ def write_report(
     ]
     for row in rows:
         mark = " **(best)**" if row["run"] == best else ""
-        lines.append("| " + " | ".join(fmt(row[c]) for c in columns) + " |" + mark)
+        lines.append("| " + " | ".join(fmt(row[c], c) for c in columns) + " |" + mark)
     (sweep_dir / "sweep.md").write_text("\n".join(lines) + "\n")
     _plot(sweep_dir / "sweep.png", points, keys, teacher_map, baseline)
     _hparams(sweep_dir, rows, keys)

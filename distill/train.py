@@ -21,7 +21,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,8 @@ from distill.config import Config, ConfigError, check_resume_config, dump_config
 from distill.data import CocoDetection, build_dataset
 from distill.dense import DenseOutputs, build_transform, dense_forward, detection_loss
 from distill.evaluate import evaluate, write_json
-from distill.losses import combine, distill_terms
+from distill.losses import combine, crosskd_teacher_layer, distill_terms, uses_crosskd
+from distill.losses.crosskd import BRANCHES, channel_stats, held_tower_outputs
 from distill.module import student_state_dict
 from distill.signals import StopFlag
 from distill.visualize import log_detections
@@ -343,7 +345,8 @@ def train_batch(
     image_list, targets = run.transform(images, targets)
     teacher_out = None
     if run.teacher is not None:
-        teacher_out = teacher_forward(accelerator, run.teacher, image_list)
+        cfgs = [t.cfg for t in run.trainees]
+        teacher_out = teacher_forward(accelerator, run.teacher, image_list, cfgs)
     # One accumulation window for all: each trainee's own accumulate() would advance the one
     # shared counter K times a batch (optimizers stepping off the window).
     with accelerator.accumulate(*(t.module for t in run.trainees)):
@@ -435,11 +438,25 @@ def finish(run: Run) -> list[dict[str, Any]]:
 
 
 def teacher_forward(
-    accelerator: Accelerator, teacher: nn.Module, image_list: ImageList
+    accelerator: Accelerator,
+    teacher: nn.Module,
+    image_list: ImageList,
+    cfgs: Sequence[Config] = (),
 ) -> DenseOutputs:
-    """The frozen teacher on the shared batch: no_grad, autocast, never prepared."""
-    with torch.no_grad(), accelerator.autocast():
-        return dense_forward(teacher, image_list)
+    """The frozen teacher on the shared batch: no_grad, autocast, never prepared.
+
+    For the trainees ``cfgs`` that use CrossKD, also the per-level channel statistics of the
+    teacher's tower features after ``j`` convs, each branch's as ``extras["crosskd/<branch>/<j>"]``
+    (L, 2, C_t) (CrossKD aligns the student's features to them)."""
+    layers = sorted({crosskd_teacher_layer(c.distill) for c in cfgs if uses_crosskd(c.distill)})
+    with torch.no_grad(), accelerator.autocast(), ExitStack() as stack:
+        held = {j: stack.enter_context(held_tower_outputs(teacher.head, j)) for j in layers}
+        out = dense_forward(teacher, image_list)
+    for j in layers:
+        for branch in BRANCHES:
+            features = held[j][branch] if j > 0 else list(out.features.values())
+            out.extras[f"crosskd/{branch}/{j}"] = torch.stack([channel_stats(f) for f in features])
+    return out
 
 
 def train_step(
@@ -469,6 +486,7 @@ def train_step(
         image_list.tensors,
         image_list.image_sizes,
         teacher_out.features if teacher_out is not None else None,
+        teacher_out.extras if teacher_out is not None else None,
     )
     det_losses = detection_loss(t.detector, student_out, targets)  # vs the ground truth
     kd_terms: dict[str, torch.Tensor] = {}

@@ -9,9 +9,11 @@
    now with ``configs/shapes/teacher.yaml``;
 3. for every run seed, the plain student (``configs/shapes/student.yaml``) and the distilled
    student (``configs/shapes/distill.yaml``) on the same schedule, plus, for the first seed only,
-   one-term ablations (feature KD only, logit KD only, box KD only). The models of one seed train
-   in **lockstep** (``train_group``: one data stream, one teacher forward per batch), and each ends
-   with the weights a separate ``distill run`` gives, so grouping changes the cost, not the result;
+   the ``ABLATIONS`` (each term of the recipe alone; MGD alone, CrossKD alone, CrossKD + CWD
+   and the recipe + CrossKD).
+   The models of one seed train in **lockstep** (``train_group``: one data stream, one teacher
+   forward per batch), and each ends with the weights a separate ``distill run`` gives, so
+   grouping changes the cost, not the result;
 4. ``results/bench_kd.json`` and a markdown table: mAP (mean ± std over seeds; a model trained
    once, the teacher and the ablations, has no std), AP50, APs/m/l, params, GFLOPs, and gap
    closed = (KD − plain) / (teacher − plain), from the seed means;
@@ -29,6 +31,7 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -46,7 +49,7 @@ from distill.checkpoint import (
     find_checkpoint,
     has_checkpoint,
 )
-from distill.config import Config, load_config
+from distill.config import KD_WEIGHT_KEYS, Config, load_config
 from distill.data.shapes import BENCHMARK_TRAIN, BENCHMARK_VAL, generate_shapes
 from distill.evaluate import evaluate_checkpoints, run_metrics, write_json
 from distill.report import report_command
@@ -57,10 +60,22 @@ from distill.train import train, train_group
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "shapes"
 METRICS = ("map", "ap50", "aps", "apm", "apl")
+NO_KD = [f"{key}=0" for key in KD_WEIGHT_KEYS]
+# The terms the recipe does not use, at the weights their sweeps chose (configs/shapes/distill.yaml
+# has the sweeps' figures in its header).
+MGD = ["distill.feature.kind=mgd", "distill.feature.weight=1.0e-8"]
+CROSSKD = ["distill.crosskd.cls_weight=3", "distill.crosskd.box_weight=1",
+           "distill.crosskd.teacher_layer=3"]  # fmt: skip
+# Rows of the first seed only, as overrides of configs/shapes/distill.yaml (the default recipe):
+# each of its terms alone, then the newer terms alone and CrossKD beside the best feature term.
 ABLATIONS = {
     "feature KD only": ["distill.logit.weight=0", "distill.box.weight=0"],
     "logit KD only": ["distill.feature.weight=0", "distill.box.weight=0"],
     "box KD only": ["distill.feature.weight=0", "distill.logit.weight=0"],
+    "MGD only": [*NO_KD, *MGD],
+    "CrossKD only": [*NO_KD, *CROSSKD],
+    "CrossKD + CWD": [*NO_KD, "distill.feature.kind=cwd", "distill.feature.weight=6", *CROSSKD],
+    "student + KD + CrossKD": CROSSKD,  # the recipe with CrossKD added
 }
 QUICK = [
     "data.image_size=64",
@@ -135,7 +150,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         }
         if i == 0:  # one-term ablations, first seed only
             for name, extra in ABLATIONS.items():
-                slug = name.split()[0]
+                slug = "-".join(name.lower().replace("+", " ").split()[:3])
                 cfgs[name] = load_config(
                     CONFIGS / "distill.yaml", [*common, *extra, _dir(args, slug, seed)]
                 )
@@ -314,7 +329,9 @@ def format_table(result: dict[str, Any]) -> str:
         mean, std = m["map"]["mean"], m["map"].get("std")  # no std: a single run
         cells = [f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"]
         cells += [f"{m[k]:.3f}" for k in ("ap50", "aps", "apm", "apl")]
-        cells += [f"{m['params'] / 1e6:.2f}", f"{m['gflops']:.2f}", f"{m['train_minutes']:.1f}"]
+        minutes = m["train_minutes"]  # nan: not recorded (a teacher file without its run)
+        cells += [f"{m['params'] / 1e6:.2f}", f"{m['gflops']:.2f}",
+                  "–" if math.isnan(minutes) else f"{minutes:.1f}"]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
@@ -328,7 +345,8 @@ def format_table(result: dict[str, Any]) -> str:
         for name, g in goals.items():
             label = GOALS[name][0] if name in GOALS else name
             met = "yes" if g["met"] else "no"
-            lines.append(f"| {label} | {g['value']:.3f} | {g['goal']} | {met} |")
+            value = "not recorded" if math.isnan(g["value"]) else f"{g['value']:.3f}"
+            lines.append(f"| {label} | {value} | {g['goal']} | {met} |")
     return "\n".join(lines)
 
 

@@ -79,7 +79,7 @@ from distill.build import (
     build_trainee,
     native_bf16,
 )
-from distill.config import Config, load_config, replace
+from distill.config import KD_WEIGHT_KEYS, Config, load_config, replace
 from distill.dense import DenseOutputs, build_transform
 from distill.machine import machine
 from distill.train import SKIPPED, teacher_forward, train_step
@@ -302,10 +302,7 @@ def measure_precision(
     returns the result and the frozen teacher, which the next precision can reuse (it is not
     prepared, so the accelerator does not change it)."""
     cfg = bench_config(settings, PRECISIONS[precision])
-    plain_cfg = replace(
-        cfg,
-        **{"distill.feature.weight": 0.0, "distill.logit.weight": 0.0, "distill.box.weight": 0.0},
-    )
+    plain_cfg = replace(cfg, **dict.fromkeys(KD_WEIGHT_KEYS, 0.0))
     accelerator = build_accelerator(cfg)
     device = accelerator.device
     train_set, loader = build_train_loader(accelerator, cfg)
@@ -342,7 +339,7 @@ def measure_precision(
     loader.set_epoch(0)
     for images, targets in loader:
         image_list, transformed = transform(images, targets)
-        out = teacher_forward(accelerator, teacher, image_list)
+        out = teacher_forward(accelerator, teacher, image_list, [cfg])
         batches.append(Batch(images, targets, image_list, transformed, out))
         if len(batches) == BATCH_POOL:
             break
@@ -354,7 +351,7 @@ def measure_precision(
         transform(b.images, b.targets)
 
     def run_teacher(i: int) -> None:
-        teacher_forward(accelerator, teacher, batches[i % len(batches)].image_list)
+        teacher_forward(accelerator, teacher, batches[i % len(batches)].image_list, [cfg])
 
     def run_plain(i: int) -> None:
         b = batches[i % len(batches)]
@@ -370,13 +367,13 @@ def measure_precision(
     def run_kd(i: int) -> None:
         b = batches[i % len(batches)]
         image_list, targets = transform(b.images, b.targets)
-        out = teacher_forward(accelerator, teacher, image_list)
+        out = teacher_forward(accelerator, teacher, image_list, [cfg])
         student_step(accelerator, trainee, image_list, targets, out, health)
 
     def run_sweep(i: int) -> None:
         b = batches[i % len(batches)]
         image_list, targets = transform(b.images, b.targets)
-        out = teacher_forward(accelerator, teacher, image_list)
+        out = teacher_forward(accelerator, teacher, image_list, [cfg])
         for t in sweep:
             student_step(accelerator, t, image_list, targets, out, health)
 

@@ -44,14 +44,8 @@ def test_quick_benchmark_writes_every_model_and_the_gap(
     result = bench.main(args)
     saved = json.loads(out.read_text())
     assert saved["seeds"] == [0, 1] and saved["quick"] is True
-    names = [
-        "teacher",
-        "student",
-        "student + KD",
-        "feature KD only",
-        "logit KD only",
-        "box KD only",
-    ]
+    names = ["teacher", "student", "student + KD", *bench.ABLATIONS]
+    assert {"MGD only", "CrossKD only", "CrossKD + CWD"} <= set(bench.ABLATIONS)
     assert list(saved["models"]) == names
     for name in names:
         model = saved["models"][name]
@@ -154,7 +148,12 @@ def test_aggregation_from_known_per_seed_maps(
         "feature KD only": [0.25],
         "logit KD only": [0.22],
         "box KD only": [0.21],
+        "MGD only": [0.23],
+        "CrossKD only": [0.24],
+        "CrossKD + CWD": [0.26],
+        "student + KD + CrossKD": [0.27],
     }
+    assert list(maps)[2:] == ["student + KD", *bench.ABLATIONS][1:]  # the order of the groups
     calls: list[int] = []
 
     def train_or_resume(cfgs: list, group_dir: Path) -> list[dict]:
@@ -198,7 +197,7 @@ def test_aggregation_from_known_per_seed_maps(
     assert goals["gap_closed"]["met"] is False  # 0.357 < 0.5
     assert goals["teacher_minus_plain"]["value"] == pytest.approx(0.35)
     assert goals["teacher_train_minutes"] == {"value": 80.0, "goal": "≤ 90", "met": True}
-    # a group's 6 min shared by its 5 (seed 0) or 2 (seed 1) models, averaged over seeds
-    assert goals["student_train_minutes"]["value"] == pytest.approx((6.0 / 5 + 6.0 / 2) / 2)
+    # a group's 6 min shared by its 9 (seed 0) or 2 (seed 1) models, averaged over seeds
+    assert goals["student_train_minutes"]["value"] == pytest.approx((6.0 / 9 + 6.0 / 2) / 2)
     table = bench.format_table(result)
     assert "| teacher | 0.600 | " in table and "| student | 0.250 ± 0.050 | " in table

@@ -60,6 +60,10 @@ def test_report_gain_and_gap_closed_with_a_known_teacher(tmp_path: Path) -> None
         "| temperature=4 | 4 | 0.450 | 0.500 | 0.100 | 0.200 | 0.300 | 0.250 | 0.625 | **(best)**"
         in table
     )
+    # a swept value is shown as given, however small (a weight of 1e-8 is not "0.000")
+    small = [{**rows[0], key: 1e-8}]
+    write_report(tmp_path / "small", small, [key], teacher_map)
+    assert "| temperature=1 | 1e-08 | 0.300 |" in (tmp_path / "small" / "sweep.md").read_text()
     # with a teacher no better than the plain student there is no gap to close
     write_report(tmp_path / "weak", rows, [key], 0.1)
     with open(tmp_path / "weak" / "sweep.csv") as f:

@@ -16,17 +16,44 @@ from torch import Tensor
 
 from distill.config import DistillConfig
 from distill.dense import DenseOutputs
+from distill.losses.crosskd import count_foreground, crosskd_box_loss, kd_quality_focal_loss
 from distill.losses.features import feature_kd_loss
 from distill.losses.logits import box_distill_loss, soft_label_loss, teacher_confidence
 
-__all__ = ["combine", "distill_terms", "kd_scale", "kd_weights", "needs_teacher"]
+__all__ = [
+    "combine",
+    "crosskd_teacher_layer",
+    "distill_terms",
+    "kd_scale",
+    "kd_weights",
+    "needs_teacher",
+    "uses_crosskd",
+]
 
 ANCHOR_WEIGHTINGS = ("none", "teacher_max")
 
 
 def kd_weights(cfg: DistillConfig) -> dict[str, float]:
-    """The configured weight of each KD term: {"feature": w, "logit": w, "box": w}."""
-    return {"feature": cfg.feature.weight, "logit": cfg.logit.weight, "box": cfg.box.weight}
+    """The configured weight of each KD term:
+    {"feature": w, "logit": w, "box": w, "crosskd_cls": w, "crosskd_box": w}."""
+    return {
+        "feature": cfg.feature.weight,
+        "logit": cfg.logit.weight,
+        "box": cfg.box.weight,
+        "crosskd_cls": cfg.crosskd.cls_weight,
+        "crosskd_box": cfg.crosskd.box_weight,
+    }
+
+
+def uses_crosskd(cfg: DistillConfig) -> bool:
+    """True when a CrossKD term has a weight > 0 (the student needs a cross head)."""
+    return cfg.crosskd.cls_weight > 0 or cfg.crosskd.box_weight > 0
+
+
+def crosskd_teacher_layer(cfg: DistillConfig) -> int:
+    """The teacher tower convs CrossKD skips (``teacher_layer``, or ``layer`` when null)."""
+    layer = cfg.crosskd.teacher_layer
+    return cfg.crosskd.layer if layer is None else layer
 
 
 def needs_teacher(cfg: DistillConfig) -> bool:
@@ -55,7 +82,7 @@ def distill_terms(
     cfg: DistillConfig,
     mean_over_processes: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """The unweighted KD terms whose weight is > 0, keyed "feature", "logit", "box".
+    """The unweighted KD terms whose weight is > 0, keyed as ``kd_weights``.
 
     student, teacher: dense outputs on the same ``ImageList`` (same anchors); ``teacher`` may be
         None when no weight is > 0, and is then never looked at
@@ -74,6 +101,10 @@ def distill_terms(
       max class probability (``anchor_weighting: teacher_max``) or uniformly (``none``).
     - box: ``box_distill_loss`` on the anchors whose teacher max class probability is
       >= ``cfg.box.score_threshold`` (weight 1 there, 0 elsewhere).
+    - crosskd_cls, crosskd_box: ``kd_quality_focal_loss`` and ``crosskd_box_loss`` of the
+      cross-head predictions (``student.extras["crosskd/..."]``) vs the teacher's, both divided
+      by the batch's foreground anchors (``count_foreground``, averaged over processes).
+    - feature with ``kind: mgd``: ``mgd_loss`` of ``student.extras["mgd/<level>"]``.
     """
     weights = kd_weights(cfg)
     if not needs_teacher(cfg):
@@ -88,9 +119,14 @@ def distill_terms(
             raise ValueError("feature KD needs the adapted student features (student.adapted)")
         global_s = _extras_per_level(student.extras, "global_s", feature.levels)
         global_t = _extras_per_level(student.extras, "global_t", feature.levels)
+        compared = student.adapted
+        if feature.kind == "mgd":  # the generators' outputs from the masked features
+            compared = _extras_per_level(student.extras, "mgd", feature.levels)
+            if not compared:
+                raise ValueError("MGD needs the generators' outputs (student.extras['mgd/...'])")
         terms["feature"] = feature_kd_loss(
             feature.kind,
-            student.adapted,
+            compared,
             teacher.features,
             feature.levels,
             tau=feature.tau,
@@ -134,6 +170,30 @@ def distill_terms(
             cfg.box.kind,
             _normaliser(selected, mean_over_processes),
         )
+    if weights["crosskd_cls"] > 0 or weights["crosskd_box"] > 0:
+        wanted = [f"crosskd/{name}" for name, term in
+                  (("cls_logits", "crosskd_cls"), ("bbox_regression", "crosskd_box"))
+                  if weights[term] > 0]  # fmt: skip
+        if any(key not in student.extras for key in wanted):
+            raise ValueError(f"CrossKD needs the cross-head predictions {wanted} (student.extras)")
+        foreground = count_foreground(student.anchors, [target["boxes"] for target in targets])
+        if mean_over_processes is not None:
+            foreground = mean_over_processes(foreground)
+        if weights["crosskd_cls"] > 0:
+            terms["crosskd_cls"] = kd_quality_focal_loss(
+                student.extras["crosskd/cls_logits"],
+                teacher.cls_logits,
+                cfg.crosskd.beta,
+                foreground,
+            )
+        if weights["crosskd_box"] > 0:
+            terms["crosskd_box"] = crosskd_box_loss(
+                student.extras["crosskd/bbox_regression"],
+                teacher.bbox_regression,
+                student.anchors,
+                teacher.cls_logits,
+                foreground,
+            )
     return terms
 
 

@@ -1,4 +1,4 @@
-"""Feature distillation between FPN levels: FitNet MSE, CWD, PKD and FGD.
+"""Feature distillation between FPN levels: FitNet MSE, CWD, PKD, FGD and MGD.
 
 Every loss compares one level, student (N, C, H, W) against teacher (N, C, H, W) with the same
 shape: the student's features have already gone through a learnable 1x1 adapter to the
@@ -25,15 +25,18 @@ __all__ = [
     "GlobalContextBlock",
     "build_adapters",
     "build_global_blocks",
+    "build_mgd_generators",
     "cwd_loss",
     "feature_kd_loss",
     "fgd_loss",
     "fgd_masks",
+    "mgd_loss",
+    "mgd_mask",
     "mse_loss",
     "pkd_loss",
 ]
 
-FEATURE_KINDS = ("mse", "cwd", "pkd", "fgd")
+FEATURE_KINDS = ("mse", "cwd", "pkd", "fgd", "mgd")
 LEVEL_REDUCTIONS = ("sum", "mean")  # of the per-level losses
 
 
@@ -219,6 +222,37 @@ def fgd_loss(
         return loss
 
 
+def mgd_mask(
+    shape: Sequence[int], ratio: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """MGD's random spatial mask (Yang et al., ECCV 2022): which positions the student keeps.
+
+    shape: (N, C, H, W) of the feature to mask; ratio: probability that a position is masked
+    generator: the random stream (its device is the mask's); None: torch's global one, on CPU
+    returns (N, 1, H, W) float32 of 0 (masked, with probability ``ratio``) and 1 (kept), the
+    same for every channel of a position
+    """
+    if not 0 <= ratio < 1:
+        raise ValueError(f"MGD mask ratio must be in [0, 1), got {ratio}")
+    n, _, h, w = shape
+    device = generator.device if generator is not None else None
+    draws = torch.rand((n, 1, h, w), generator=generator, device=device)
+    return (draws >= ratio).float()
+
+
+def mgd_loss(generated: Tensor, t: Tensor) -> Tensor:
+    """Masked generative distillation's loss on one level.
+
+    generated: (N, C, H, W) the generator's output from the masked, adapted student feature
+    t: (N, C, H, W) the teacher's feature
+    returns ``sum_{n,c,h,w} (generated - t)^2 / N`` (MGD's sum-reduced MSE per image), float32;
+    0 exactly when the generator reproduces the teacher
+    """
+    _check_pair(generated, t)
+    with autocast_off(generated):
+        return (generated.float() - t.detach().float()).pow(2).sum() / generated.shape[0]
+
+
 def feature_kd_loss(
     kind: str,
     student_feats: Mapping[str, Tensor],
@@ -245,6 +279,7 @@ def feature_kd_loss(
         divided by the number of levels L
     returns: scalar float32
 
+    For mgd, ``student_feats`` are the generator's outputs (``mgd_loss``).
     ``tau`` is the temperature of cwd and fgd; ``boxes_per_image`` and ``image_size`` are
     required by fgd, ``global_s`` / ``global_t`` ({level: (N, C, H_l, W_l)}) are its optional
     global-context outputs (levels missing from them get no global term).
@@ -273,6 +308,8 @@ def feature_kd_loss(
             per_level.append(cwd_loss(s, t, tau))
         elif kind == "pkd":
             per_level.append(pkd_loss(s, t))
+        elif kind == "mgd":
+            per_level.append(mgd_loss(s, t))
         else:
             assert boxes_per_image is not None and image_size is not None  # checked above
             g_s = global_s.get(level) if global_s is not None else None
@@ -364,6 +401,24 @@ def build_global_blocks(levels: Sequence[str], channels: int) -> nn.ModuleDict:
         {
             f"{side}_{level}": GlobalContextBlock(channels)
             for side in ("student", "teacher")
+            for level in levels
+        }
+    )
+
+
+def build_mgd_generators(levels: Sequence[str], channels: int) -> nn.ModuleDict:
+    """MGD's generators, one per level: ``conv3x3 -> ReLU -> conv3x3``, ``channels`` -> same.
+
+    They turn the masked, adapted student feature into a guess of the teacher's; they train with
+    the student and are dropped from ``student.pt`` (the trainable module holds them).
+    """
+    return nn.ModuleDict(
+        {
+            level: nn.Sequential(
+                nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            )
             for level in levels
         }
     )

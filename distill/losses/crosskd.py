@@ -1,0 +1,253 @@
+"""CrossKD (Wang et al., CVPR 2024): distil through the teacher's head, not into the student's.
+
+The student's head features after its first ``k`` tower convs are handed to the *teacher's*
+head, which runs its remaining convs (from its conv ``j`` on) and its output convs on them. Those
+cross-head predictions are pulled towards the teacher's own predictions, while the student's
+head is left to the ground truth alone (the paper's point: the two targets no longer pull one
+head two ways).
+
+    held_s = student tower output after k convs     (N, C_s, H_l, W_l) per level
+    x = align_scale(mapper(held_s), stats of the teacher's tower output after j convs)
+    x = relu(x) if j > 0
+    cross_cls, cross_box = teacher.cls_logits(teacher.conv[j:](x)), teacher.bbox_reg(...)
+    crosskd_cls = sum kd_quality_focal(cross_cls, teacher_cls) / num_foreground
+    crosskd_box = sum conf_t * (1 - GIoU(decode(cross_box), decode(teacher_box))) / num_fg
+
+``mapper`` is a learnable 1x1 conv where the student's head is narrower than the teacher's (the
+authors' advice); ``align_scale`` is their per-channel re-standardisation. torchvision's tower
+blocks end in an in-place ReLU, so the features handed over are the blocks' outputs (after the
+activation), where the paper takes them just before it; the ReLU after the alignment puts the
+aligned feature back into the range the teacher's next conv reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection._utils import Matcher
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops import box_iou
+
+from distill.losses.logits import (
+    autocast_off,
+    box_distill_loss,
+    teacher_confidence,
+    weighted_anchor_mean,
+)
+
+__all__ = [
+    "BRANCHES",
+    "CrossHead",
+    "align_scale",
+    "channel_stats",
+    "count_foreground",
+    "crosskd_box_loss",
+    "held_tower_outputs",
+    "kd_quality_focal_loss",
+    "tower_depth",
+]
+
+BRANCHES = ("cls", "reg")
+# RetinaNet's matcher (torchvision builds it with these): IoU >= 0.5 foreground, < 0.4 background
+_MATCHER = Matcher(0.5, 0.4, allow_low_quality_matches=True)
+
+
+def _branches(head: RetinaNetHead) -> dict[str, Any]:
+    """{"cls": RetinaNetClassificationHead, "reg": RetinaNetRegressionHead} of ``head``."""
+    return {"cls": head.classification_head, "reg": head.regression_head}
+
+
+def tower_depth(head: RetinaNetHead) -> int:
+    """Number of 3x3 conv blocks in each branch of a torchvision RetinaNet head."""
+    return len(head.classification_head.conv)
+
+
+def tower_width(head: RetinaNetHead, layer: int) -> int:
+    """Channels of the tower's feature after ``layer`` blocks (``layer`` 0: the head's input)."""
+    branch = head.classification_head
+    if layer == 0:
+        first = branch.conv[0][0] if len(branch.conv) else branch.cls_logits
+        return int(first.in_channels)
+    return int(branch.conv[layer - 1][0].out_channels)
+
+
+@contextmanager
+def held_tower_outputs(head: RetinaNetHead, layer: int) -> Iterator[dict[str, list[Tensor]]]:
+    """While inside, record each branch's tower output after ``layer`` blocks, one per level.
+
+    Yields ``{"cls": [...], "reg": [...]}``, filled by the head's forward with (N, C, H_l, W_l)
+    tensors in level order (the head runs its tower once per level). ``layer`` 0 records
+    nothing: the tower's input is the FPN feature itself.
+    """
+    held: dict[str, list[Tensor]] = {branch: [] for branch in BRANCHES}
+    hooks = []
+    if layer > 0:
+        for name, branch in _branches(head).items():
+            record = held[name].append
+            block = branch.conv[layer - 1]
+            hooks.append(block.register_forward_hook(lambda _m, _i, out, r=record: r(out)))
+    try:
+        yield held
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def channel_stats(x: Tensor) -> Tensor:
+    """(N, C, H, W) -> (2, C) float32: per-channel mean and (unbiased) std over N, H, W."""
+    flat = x.detach().float().transpose(0, 1).reshape(x.shape[1], -1)  # (C, N*H*W)
+    return torch.stack([flat.mean(dim=1), flat.std(dim=1)])
+
+
+def align_scale(s: Tensor, t_stats: Tensor, eps: float = 1e-6) -> Tensor:
+    """CrossKD's alignment: standardise each channel of ``s`` over (N, H, W), then give it the
+    teacher's per-channel mean and std.
+
+    s: (N, C, H, W); t_stats: (2, C) from ``channel_stats`` of the teacher's feature
+    returns (N, C, H, W): ``(s - mean_s) / (std_s + eps) * std_t + mean_t`` per channel
+    """
+    if t_stats.shape != (2, s.shape[1]):
+        raise ValueError(f"teacher stats {tuple(t_stats.shape)} do not fit {tuple(s.shape)}")
+    dims = (0, 2, 3)
+    mean = s.mean(dim=dims, keepdim=True)
+    std = s.std(dim=dims, keepdim=True)
+    t_mean, t_std = (v.to(s.dtype).reshape(1, -1, 1, 1) for v in t_stats)
+    return (s - mean) / (std + eps) * t_std + t_mean
+
+
+def _anchor_layout(x: Tensor, per_anchor: int) -> Tensor:
+    """torchvision's head layout: (N, A_loc * P, H, W) -> (N, H * W * A_loc, P)."""
+    n, _, h, w = x.shape
+    x = x.view(n, -1, per_anchor, h, w).permute(0, 3, 4, 1, 2)
+    return x.reshape(n, -1, per_anchor)
+
+
+class CrossHead(nn.Module):
+    """The cross-head path: the student's held tower features through the teacher's head.
+
+    Holds the learnable 1x1 ``mappers`` (one per branch, shared by the levels as the head's
+    convs are; none when the widths agree). The frozen teacher head is kept as a plain
+    attribute, not a submodule: it is no parameter of the trainable module, not in its state,
+    and DDP does not sync it; gradients flow through it to the student.
+    """
+
+    teacher_head: RetinaNetHead
+
+    def __init__(
+        self,
+        teacher_head: RetinaNetHead,
+        student_channels: int,
+        layer: int,
+        teacher_layer: int,
+        branches: Sequence[str] = BRANCHES,
+    ) -> None:
+        super().__init__()
+        depth = tower_depth(teacher_head)
+        if not 0 <= teacher_layer <= depth:
+            raise ValueError(
+                f"distill.crosskd.teacher_layer {teacher_layer} is outside the teacher head's "
+                f"0..{depth} tower convs"
+            )
+        unknown = set(branches) - set(BRANCHES)
+        if unknown or not branches:
+            raise ValueError(f"CrossHead branches must be some of {BRANCHES}, got {branches}")
+        # only the branches whose loss is on: a mapper without a gradient would stall DDP
+        self.branches = tuple(b for b in BRANCHES if b in branches)
+        self.layer, self.teacher_layer = layer, teacher_layer
+        t_channels = tower_width(teacher_head, teacher_layer)
+        self.mappers = nn.ModuleDict()
+        if student_channels != t_channels:
+            for branch in self.branches:
+                self.mappers[branch] = nn.Conv2d(student_channels, t_channels, kernel_size=1)
+        object.__setattr__(self, "teacher_head", teacher_head)
+
+    def forward(
+        self, held: dict[str, Sequence[Tensor]], teacher_stats: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """held: {"cls"|"reg": per level (N, C_s, H_l, W_l)}, the student's tower features;
+        teacher_stats: {"cls"|"reg": (L, 2, C_t)}, ``channel_stats`` of the teacher's tower
+        features after ``teacher_layer`` convs, per level.
+        returns, for each of ``branches``, the cross-head predictions with anchors ordered as
+        the detectors' own outputs: {"cls": (N, A, K) class logits, "reg": (N, A, 4) deltas}"""
+        teacher = _branches(self.teacher_head)
+        outputs = {}
+        for name in self.branches:
+            branch = teacher[name]
+            predictor, per_anchor = (
+                (branch.cls_logits, branch.num_classes) if name == "cls" else (branch.bbox_reg, 4)
+            )
+            per_level = []
+            for level, feature in enumerate(held[name]):
+                x = self.mappers[name](feature) if name in self.mappers else feature
+                x = align_scale(x, teacher_stats[name][level])
+                if self.teacher_layer > 0:
+                    x = F.relu(x)
+                for block in branch.conv[self.teacher_layer :]:
+                    x = block(x)
+                per_level.append(_anchor_layout(predictor(x), per_anchor))
+            outputs[name] = torch.cat(per_level, dim=1)
+        return outputs
+
+
+def count_foreground(anchors: Sequence[Tensor], boxes_per_image: Sequence[Tensor]) -> Tensor:
+    """Anchors matched to a ground-truth box by RetinaNet's matcher, summed over the batch.
+
+    anchors: per image (A, 4) xyxy; boxes_per_image: per image (M_i, 4) xyxy, same frame
+    returns a float32 scalar on the anchors' device (no host sync)
+    """
+    total = anchors[0].new_zeros((), dtype=torch.float32)
+    for image_anchors, boxes in zip(anchors, boxes_per_image):
+        if boxes.numel() == 0:
+            continue
+        matched = _MATCHER(box_iou(boxes.float(), image_anchors.float()))  # (A,) index or < 0
+        total = total + (matched >= 0).sum().float()
+    return total
+
+
+def kd_quality_focal_loss(
+    student_logits: Tensor, teacher_logits: Tensor, beta: float, normaliser: Tensor
+) -> Tensor:
+    """CrossKD's classification KD: quality focal loss with the teacher's probabilities as
+    soft targets.
+
+    student_logits, teacher_logits: (N, A, K) sigmoid class logits
+    normaliser: scalar, e.g. the number of foreground anchors (floored at 1)
+    returns ``sum_{n,a,k} BCE(s, p_t) * |sigmoid(s) - p_t|^beta / normaliser``, float32,
+    with ``p_t = sigmoid(t)``; 0 where the student's probability equals the teacher's.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same (N, A, K) shape"
+        )
+    with autocast_off(student_logits):
+        s = student_logits.float()
+        p_t = torch.sigmoid(teacher_logits.detach().float())
+        bce = F.binary_cross_entropy_with_logits(s, p_t, reduction="none")
+        per_anchor = (bce * (torch.sigmoid(s) - p_t).abs().pow(beta)).sum(dim=-1)  # (N, A)
+        ones = torch.ones_like(per_anchor)
+        return weighted_anchor_mean(per_anchor, ones, normaliser.clamp_min(1.0))
+
+
+def crosskd_box_loss(
+    cross_deltas: Tensor,
+    teacher_deltas: Tensor,
+    anchors: list[Tensor] | Tensor,
+    teacher_logits: Tensor,
+    normaliser: Tensor,
+) -> Tensor:
+    """CrossKD's box KD: ``sum_{n,a} conf_t[n,a] * (1 - GIoU(box_s, box_t)) / normaliser``.
+
+    cross_deltas, teacher_deltas: (N, A, 4) deltas, decoded on ``anchors`` with RetinaNet's
+    coder; teacher_logits: (N, A, K), ``conf_t = max_k sigmoid(t)``; normaliser as
+    ``kd_quality_focal_loss``. Returns a float32 scalar.
+    """
+    confidence = teacher_confidence(teacher_logits)  # (N, A)
+    return box_distill_loss(
+        cross_deltas, teacher_deltas, anchors, confidence, "giou", normaliser.clamp_min(1.0)
+    )

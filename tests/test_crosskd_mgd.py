@@ -1,0 +1,238 @@
+"""CrossKD and MGD: their formulas on small tensors, the cross-head path against the teacher's
+own head, MGD's masks, and both in training (alone, combined, in lockstep)."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.detection.retinanet import RetinaNetHead
+
+from distill.config import load_config
+from distill.losses import CrossHead, crosskd_box_loss, kd_quality_focal_loss, mgd_loss, mgd_mask
+from distill.losses.crosskd import align_scale, channel_stats, count_foreground, held_tower_outputs
+from distill.module import StudentModule
+from distill.train import train, train_group
+from distill.weights import load_state_dict_file
+from tests.conftest import REPO
+from tests.test_gpu_path import QUIET_EVAL, assert_same_weights
+
+SMOKE = REPO / "configs" / "shapes" / "smoke.yaml"
+SIZES = ((8, 8), (4, 4), (2, 2))  # three small FPN levels
+
+
+def small_head(channels: int = 16, num_classes: int = 3) -> RetinaNetHead:
+    torch.manual_seed(0)
+    head = RetinaNetHead(channels, 2, num_classes, norm_layer=partial(nn.GroupNorm, 4))
+    for param in head.parameters():  # a trained head's outputs are not all near the prior
+        nn.init.normal_(param, std=0.2)
+    return head.eval().requires_grad_(False)
+
+
+def features(channels: int = 16, batch: int = 2, seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, channels, h, w, generator=gen) for h, w in SIZES]
+
+
+@pytest.mark.parametrize("layer", [0, 1, 4])
+def test_the_cross_head_on_the_teachers_own_features_is_the_teacher_head(layer: int) -> None:
+    """Handing the teacher's own tower features at ``layer`` to the cross head (same width: no
+    mapper; the alignment to their own statistics is the identity) gives the teacher head's
+    outputs, anchor for anchor."""
+    head, fpn = small_head(), features()
+    with held_tower_outputs(head, layer) as held:
+        expected = head(fpn)
+    if layer == 0:
+        held = {"cls": fpn, "reg": fpn}
+    assert len(held["cls"]) == len(held["reg"]) == len(SIZES)
+    stats = {b: torch.stack([channel_stats(x) for x in held[b]]) for b in ("cls", "reg")}
+    cross = CrossHead(head, 16, layer, layer)
+    assert len(cross.mappers) == 0 and not list(cross.parameters())  # the teacher's not in it
+    out = cross(held, stats)
+    torch.testing.assert_close(out["cls"], expected["cls_logits"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out["reg"], expected["bbox_regression"], atol=1e-4, rtol=1e-4)
+
+
+def test_a_narrower_student_is_mapped_and_only_the_student_side_learns() -> None:
+    teacher = small_head(16)
+    cross = CrossHead(teacher, 8, layer=1, teacher_layer=3)
+    assert {name: tuple(m.weight.shape) for name, m in cross.mappers.items()} == {
+        "cls": (16, 8, 1, 1),
+        "reg": (16, 8, 1, 1),
+    }
+    student = [x.requires_grad_(True) for x in features(8)]
+    with held_tower_outputs(teacher, 3) as held:
+        teacher(features(16, seed=2))
+    stats = {b: torch.stack([channel_stats(x) for x in held[b]]) for b in ("cls", "reg")}
+    out = cross({"cls": student, "reg": student}, stats)
+    cls_logits, bbox_regression = out["cls"], out["reg"]
+    assert cls_logits.shape == (2, sum(h * w for h, w in SIZES) * 2, 3)
+    assert bbox_regression.shape == (2, cls_logits.shape[1], 4)
+    (cls_logits.sum() + bbox_regression.sum()).backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in student)
+    assert all(m.weight.grad is not None for m in cross.mappers.values())
+    assert all(p.grad is None for p in teacher.parameters())
+    # a branch whose loss is off has no mapper (DDP would wait for its gradient) and no output
+    cls_only = CrossHead(teacher, 8, layer=1, teacher_layer=3, branches=["cls"])
+    assert list(cls_only.mappers) == ["cls"]
+    assert list(cls_only({"cls": student}, stats)) == ["cls"]
+
+
+def test_align_scale_gives_the_teachers_channel_statistics() -> None:
+    s = torch.randn(3, 4, 5, 5) * 7 + 2
+    t_stats = torch.tensor([[0.0, 1.0, -2.0, 5.0], [1.0, 0.5, 3.0, 0.1]])
+    aligned = align_scale(s, t_stats)
+    torch.testing.assert_close(channel_stats(aligned), t_stats, atol=1e-4, rtol=1e-4)
+
+
+def test_kd_quality_focal_loss_is_the_papers_formula() -> None:
+    s = torch.tensor([[[0.5, -1.0], [2.0, 0.0]]])  # (N=1, A=2, K=2)
+    t = torch.tensor([[[1.5, -3.0], [2.0, 1.0]]])
+    p_s, p_t = torch.sigmoid(s), torch.sigmoid(t)
+    bce = -(p_t * torch.log(p_s) + (1 - p_t) * torch.log(1 - p_s))
+    for beta in (1.0, 2.0):
+        expected = (bce * (p_s - p_t).abs() ** beta).sum() / 3.0
+        loss = kd_quality_focal_loss(s, t, beta, torch.tensor(3.0))
+        torch.testing.assert_close(loss, expected)
+    assert kd_quality_focal_loss(t, t, 1.0, torch.tensor(3.0)) == 0  # same probabilities
+    # no foreground: divided by 1, not by 0
+    torch.testing.assert_close(
+        kd_quality_focal_loss(s, t, 1.0, torch.tensor(0.0)),
+        kd_quality_focal_loss(s, t, 1.0, torch.tensor(1.0)),
+    )
+
+
+def test_crosskd_box_loss_weights_giou_by_the_teachers_score() -> None:
+    anchors = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 40.0]])]
+    teacher_deltas = torch.zeros(1, 2, 4)
+    cross = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]]])  # 2nd: 10 px right
+    t_logits = torch.tensor([[[0.0, -4.0], [2.0, 1.0]]])  # max probabilities 0.5, sigmoid(2)
+    # the second pair: box [30, 20, 50, 40] vs [20, 20, 40, 40]: IoU 200/600, hull = union
+    giou = 200 / 600
+    expected = torch.sigmoid(torch.tensor(2.0)) * (1 - giou) / 2.0
+    loss = crosskd_box_loss(cross, teacher_deltas, anchors, t_logits, torch.tensor(2.0))
+    torch.testing.assert_close(loss, expected)
+    assert (
+        crosskd_box_loss(teacher_deltas, teacher_deltas, anchors, t_logits, torch.tensor(2.0)) == 0
+    )
+
+
+def test_count_foreground_uses_retinanets_matcher() -> None:
+    anchors = [torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10.5], [20, 20, 30, 30], [0, 0, 10, 40]])]
+    boxes = [torch.tensor([[0.0, 0.0, 10.0, 10.0]])]
+    assert count_foreground(anchors, boxes) == 2  # IoU 1 and 0.95; 0 and 0.25 are background
+    assert count_foreground(anchors, [torch.zeros(0, 4)]) == 0
+
+
+def test_mgd_masks_the_ratio_of_positions_and_repeats_with_its_seed() -> None:
+    shape = (4, 3, 64, 64)
+    mask = mgd_mask(shape, 0.65, torch.Generator().manual_seed(0))
+    assert mask.shape == (4, 1, 64, 64) and set(mask.unique().tolist()) == {0.0, 1.0}
+    assert abs((1 - mask.mean().item()) - 0.65) < 0.01  # the masked share
+    assert torch.equal(mask, mgd_mask(shape, 0.65, torch.Generator().manual_seed(0)))
+    assert not torch.equal(mask, mgd_mask(shape, 0.65, torch.Generator().manual_seed(1)))
+    assert mgd_mask(shape, 0.0, torch.Generator().manual_seed(0)).min() == 1  # nothing masked
+    with pytest.raises(ValueError, match="ratio"):
+        mgd_mask(shape, 1.0)
+
+
+def test_mgd_loss_is_zero_when_the_generator_reproduces_the_teacher() -> None:
+    t = torch.randn(2, 4, 3, 3)
+    assert mgd_loss(t.clone(), t) == 0
+    g = t + 0.5
+    torch.testing.assert_close(mgd_loss(g, t), torch.tensor(0.25 * t.numel() / 2))  # sum / N
+
+
+def test_the_student_modules_masks_change_each_step_and_a_checkpoint_keeps_their_stream() -> None:
+    cfg = load_config(SMOKE, ["distill.feature.kind=mgd", "distill.feature.weight=1"])
+    from distill.build import build_models
+
+    module, _ = build_models(cfg, "student", 9)
+    module.train()
+    images = torch.rand(2, 3, 64, 64)
+    first = module(images, [(64, 64)] * 2).extras["mgd/p3"]
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    second = module(images, [(64, 64)] * 2).extras["mgd/p3"]
+    assert not torch.equal(first, second)  # a new mask each training forward
+    again, _ = build_models(cfg, "student", 9)
+    again.train()
+    again.load_state_dict(state)  # as a resumed run: the counter comes with the weights
+    torch.testing.assert_close(again(images, [(64, 64)] * 2).extras["mgd/p3"], second)
+
+
+def smoke(tmp: Path, name: str, extra: list[str]) -> list[str]:
+    return [f"data.root={tmp}", "train.max_steps=2", "train.epochs=1", "data.max_val_images=2",
+            *QUIET_EVAL, *extra]  # fmt: skip
+
+
+MGD = ["distill.feature.kind=mgd", "distill.feature.weight=0.01"]
+CROSSKD = ["distill.crosskd.cls_weight=1", "distill.crosskd.box_weight=1",
+           "distill.crosskd.layer=1", "distill.crosskd.teacher_layer=3"]  # fmt: skip
+
+
+def test_mgd_and_crosskd_train_in_lockstep_as_alone_and_leave_no_blocks_in_student_pt(
+    shapes_root: Path, tmp_path: Path
+) -> None:
+    """Two trainees on one teacher forward (MGD; CrossKD with CWD and the soft labels) end with
+    the weights of separate runs, bitwise; their KD blocks (generators, mappers) train with
+    them but ``student.pt`` holds the detector alone."""
+    points = {"mgd": [*MGD, "distill.logit.weight=0", "distill.box.weight=0"], "crosskd": CROSSKD}
+    cfgs = [
+        load_config(SMOKE, [*smoke(shapes_root, n, x), f"output.dir={tmp_path / 'group' / n}"])
+        for n, x in points.items()
+    ]
+    results = train_group(cfgs, "student", tmp_path / "group")
+    assert all(r["step"] == 2 for r in results)
+    plain_keys = None
+    for name, extra in points.items():
+        alone = tmp_path / "alone" / name
+        train(load_config(SMOKE, [*smoke(shapes_root, name, extra), f"output.dir={alone}"]))
+        assert_same_weights(tmp_path / "group" / name / "student.pt", alone / "student.pt")
+        keys = set(load_state_dict_file(alone / "student.pt"))
+        assert plain_keys is None or keys == plain_keys
+        plain_keys = keys
+        assert not [k for k in keys if "generator" in k or "mapper" in k or "adapter" in k]
+
+
+def test_the_kd_terms_of_a_crosskd_step_are_finite_and_reach_the_student(shapes_root: Path) -> None:
+    from distill.build import build_models
+    from distill.dense import build_transform
+    from distill.losses import distill_terms
+    from distill.train import teacher_forward
+
+    cfg = load_config(SMOKE, [f"data.root={shapes_root}", *MGD, *CROSSKD])
+    module, teacher = build_models(cfg, "student", 9)
+    assert teacher is not None and isinstance(module, StudentModule)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 48)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * 2
+    image_list, targets = build_transform(cfg)(images, targets)
+    from accelerate import Accelerator
+
+    teacher_out = teacher_forward(Accelerator(cpu=True), teacher, image_list, [cfg])
+    assert teacher_out.extras["crosskd/cls/3"].shape == (5, 2, 256)
+    out = module(
+        image_list.tensors, image_list.image_sizes, teacher_out.features, teacher_out.extras
+    )
+    terms = distill_terms(out, teacher_out, targets, (64, 64), cfg.distill)
+    assert set(terms) == {"feature", "logit", "box", "crosskd_cls", "crosskd_box"}
+    assert all(torch.isfinite(v) for v in terms.values())
+    # (a random teacher is nowhere sure enough for the box term's 0.3 threshold: that one is 0)
+    assert all(terms[name] > 0 for name in ("feature", "logit", "crosskd_cls", "crosskd_box"))
+    (terms["crosskd_cls"] + terms["crosskd_box"]).backward()
+    head = module.detector.head.classification_head.conv[0][0].weight
+    assert head.grad is not None and head.grad.abs().sum() > 0  # through the teacher's head
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_a_crosskd_layer_beyond_a_head_is_a_config_error_naming_the_key() -> None:
+    from distill.build import build_models
+    from distill.config import ConfigError
+
+    for extra, key in (("distill.crosskd.layer=2", "layer 2"),
+                       ("distill.crosskd.teacher_layer=5", "teacher_layer 5")):  # fmt: skip
+        cfg = load_config(SMOKE, ["distill.crosskd.cls_weight=1", "distill.crosskd.layer=1", extra])
+        with pytest.raises(ConfigError, match=f"distill.crosskd.{key} is beyond"):
+            build_models(cfg, "student", 9)

@@ -55,6 +55,7 @@ class StudentModule(nn.Module):
         self.mgd_forwards: Tensor | None
         self.register_buffer("mgd_forwards", counter)  # None: not in the state dict
         self.register_load_state_dict_post_hook(StudentModule._after_load)
+        self.register_state_dict_pre_hook(StudentModule._before_save)
         self.cross_head = cross_head
 
     def forward(
@@ -118,6 +119,13 @@ class StudentModule(nn.Module):
                 if branch in cross:
                     out.extras[f"crosskd/{name}"] = cross[branch]
         return out
+
+    @staticmethod
+    def _before_save(module: nn.Module, _prefix: str, _keep_vars: bool) -> None:
+        # the count as Python has it: a skipped step puts the buffers back, not the count
+        assert isinstance(module, StudentModule)
+        if module.mgd_forwards is not None:
+            module.mgd_forwards.fill_(module._forwards)
 
     @staticmethod
     def _after_load(module: nn.Module, _keys: object) -> None:

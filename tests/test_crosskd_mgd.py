@@ -11,8 +11,16 @@ import torch
 from torch import nn
 from torchvision.models.detection.retinanet import RetinaNetHead
 
+from distill.checkpoint import state_digest
 from distill.config import load_config
-from distill.losses import CrossHead, crosskd_box_loss, kd_quality_focal_loss, mgd_loss, mgd_mask
+from distill.losses import (
+    CrossHead,
+    combine,
+    crosskd_box_loss,
+    kd_quality_focal_loss,
+    mgd_loss,
+    mgd_mask,
+)
 from distill.losses.crosskd import align_scale, channel_stats, count_foreground, held_tower_outputs
 from distill.module import StudentModule
 from distill.train import train, train_group
@@ -74,11 +82,37 @@ def test_a_narrower_student_is_mapped_and_only_the_student_side_learns() -> None
     (cls_logits.sum() + bbox_regression.sum()).backward()
     assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in student)
     assert all(m.weight.grad is not None for m in cross.mappers.values())
-    assert all(p.grad is None for p in teacher.parameters())
     # a branch whose loss is off has no mapper (DDP would wait for its gradient) and no output
     cls_only = CrossHead(teacher, 8, layer=1, teacher_layer=3, branches=["cls"])
     assert list(cls_only.mappers) == ["cls"]
     assert list(cls_only({"cls": student}, stats)) == ["cls"]
+
+
+def test_the_cross_head_aligns_rectifies_and_runs_the_teachers_remaining_layers() -> None:
+    """On features with negative values (where the ReLU matters): mapper, alignment, ReLU, the
+    teacher's blocks from ``teacher_layer`` on, its output convs, in torchvision's layout."""
+    teacher = small_head(16)
+    cross = CrossHead(teacher, 8, layer=1, teacher_layer=2, branches=["cls"])
+    student = features(8)
+    stats = torch.stack([torch.stack([torch.full((16,), -0.5), torch.ones(16)])] * len(SIZES))
+    out = cross({"cls": student}, {"cls": stats})["cls"]
+    branch = teacher.classification_head
+    expected = []
+    for x, level_stats in zip(student, stats):
+        x = torch.relu(align_scale(cross.mappers["cls"](x), level_stats))
+        logits = branch.cls_logits(branch.conv[3](branch.conv[2](x)))  # (N, A*K, H, W)
+        n, _, h, w = logits.shape
+        expected.append(logits.view(n, 2, 3, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 3))
+    torch.testing.assert_close(out, torch.cat(expected, dim=1))
+    unrectified = torch.relu(align_scale(cross.mappers["cls"](student[0]), stats[0]))
+    assert not torch.equal(unrectified, align_scale(cross.mappers["cls"](student[0]), stats[0]))
+
+
+def test_channel_statistics_of_a_single_position_are_finite() -> None:
+    """Batch 1 and a 1x1 level (P7 of a 128-px image): std 0, not NaN."""
+    x = torch.randn(1, 4, 1, 1)
+    assert torch.isfinite(channel_stats(x)).all()
+    assert torch.isfinite(align_scale(x, channel_stats(torch.randn(2, 4, 3, 3)))).all()
 
 
 def test_align_scale_gives_the_teachers_channel_statistics() -> None:
@@ -221,10 +255,31 @@ def test_the_kd_terms_of_a_crosskd_step_are_finite_and_reach_the_student(shapes_
     assert all(torch.isfinite(v) for v in terms.values())
     # (a random teacher is nowhere sure enough for the box term's 0.3 threshold: that one is 0)
     assert all(terms[name] > 0 for name in ("feature", "logit", "crosskd_cls", "crosskd_box"))
-    (terms["crosskd_cls"] + terms["crosskd_box"]).backward()
+    # wired as specified: per foreground anchor; MGD on the generators' outputs
+    foreground = count_foreground(out.anchors, [t["boxes"] for t in targets])
+    assert foreground > 0
+    cross_cls = out.extras["crosskd/cls_logits"]
+    expected = kd_quality_focal_loss(cross_cls, teacher_out.cls_logits, 1.0, foreground)
+    torch.testing.assert_close(terms["crosskd_cls"], expected)
+    levels = cfg.distill.feature.levels
+    generated = sum(mgd_loss(out.extras[f"mgd/{lv}"], teacher_out.features[lv]) for lv in levels)
+    torch.testing.assert_close(terms["feature"], generated)
+    # the cross-head path reaches the student's own tower through the teacher's head
+    (terms["crosskd_cls"] + terms["crosskd_box"]).backward(retain_graph=True)
     head = module.detector.head.classification_head.conv[0][0].weight
-    assert head.grad is not None and head.grad.abs().sum() > 0  # through the teacher's head
-    assert all(p.grad is None for p in teacher.parameters())
+    assert head.grad is not None and head.grad.abs().sum() > 0
+    # DDP (find_unused_parameters off) needs a gradient for every trainable parameter
+    module.zero_grad(set_to_none=True)
+    total, _ = combine({"classification": out.cls_logits.sum() * 0}, terms, cfg.distill, 0, 0)
+    total.backward()
+    missing = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing[:5]
+    # the teacher's head is used, not owned: not trained, not changed by a step
+    owned = {id(p) for p in module.parameters()}
+    assert not any(id(p) in owned for p in teacher.parameters())
+    before = state_digest(teacher)
+    torch.optim.SGD(module.parameters(), lr=1.0).step()
+    assert state_digest(teacher) == before
 
 
 def test_a_crosskd_layer_beyond_a_head_is_a_config_error_naming_the_key() -> None:

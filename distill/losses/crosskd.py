@@ -14,10 +14,15 @@ head two ways).
     crosskd_box = sum conf_t * (1 - GIoU(decode(cross_box), decode(teacher_box))) / num_fg
 
 ``mapper`` is a learnable 1x1 conv where the student's head is narrower than the teacher's (the
-authors' advice); ``align_scale`` is their per-channel re-standardisation. torchvision's tower
-blocks end in an in-place ReLU, so the features handed over are the blocks' outputs (after the
-activation), where the paper takes them just before it; the ReLU after the alignment puts the
-aligned feature back into the range the teacher's next conv reads.
+authors' advice); ``align_scale`` is their per-channel re-standardisation, over each
+process's own batch (as the reference, per GPU: unlike the other KD terms, CrossKD's value with
+2 processes of batch B is not exactly that of 1 process of batch 2B).
+
+Where this differs from the reference implementation (to be brought in line and measured):
+- the features handed over are the tower blocks' outputs, after their ReLU; the reference takes
+  them before the activation (a forward pre-hook on the block's ReLU would give those);
+- anchors in the matcher's ignore zone (IoU 0.4-0.5) take part in both terms; the reference
+  leaves them out.
 """
 
 from __future__ import annotations
@@ -98,10 +103,16 @@ def held_tower_outputs(head: RetinaNetHead, layer: int) -> Iterator[dict[str, li
             hook.remove()
 
 
+def _correction(x: Tensor) -> int:
+    """Bessel's correction as the reference's ``std()``, except where a channel has a single
+    value (batch 1 and a 1x1 level, e.g. P7 of a 128-px image): its std is then 0, not NaN."""
+    return 1 if x.numel() // x.shape[1] > 1 else 0
+
+
 def channel_stats(x: Tensor) -> Tensor:
     """(N, C, H, W) -> (2, C) float32: per-channel mean and (unbiased) std over N, H, W."""
     flat = x.detach().float().transpose(0, 1).reshape(x.shape[1], -1)  # (C, N*H*W)
-    return torch.stack([flat.mean(dim=1), flat.std(dim=1)])
+    return torch.stack([flat.mean(dim=1), flat.std(dim=1, correction=_correction(x))])
 
 
 def align_scale(s: Tensor, t_stats: Tensor, eps: float = 1e-6) -> Tensor:
@@ -115,7 +126,7 @@ def align_scale(s: Tensor, t_stats: Tensor, eps: float = 1e-6) -> Tensor:
         raise ValueError(f"teacher stats {tuple(t_stats.shape)} do not fit {tuple(s.shape)}")
     dims = (0, 2, 3)
     mean = s.mean(dim=dims, keepdim=True)
-    std = s.std(dim=dims, keepdim=True)
+    std = s.std(dim=dims, keepdim=True, correction=_correction(s))
     t_mean, t_std = (v.to(s.dtype).reshape(1, -1, 1, 1) for v in t_stats)
     return (s - mean) / (std + eps) * t_std + t_mean
 
@@ -198,7 +209,8 @@ def count_foreground(anchors: Sequence[Tensor], boxes_per_image: Sequence[Tensor
     """Anchors matched to a ground-truth box by RetinaNet's matcher, summed over the batch.
 
     anchors: per image (A, 4) xyxy; boxes_per_image: per image (M_i, 4) xyxy, same frame
-    returns a float32 scalar on the anchors' device (no host sync)
+    returns a float32 scalar on the anchors' device. On a GPU the matcher's low-quality matches
+    wait for the device once per image (a ``nonzero``), as torchvision's own RetinaNet loss does.
     """
     total = anchors[0].new_zeros((), dtype=torch.float32)
     for image_anchors, boxes in zip(anchors, boxes_per_image):

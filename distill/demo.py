@@ -31,6 +31,7 @@ import torch
 
 from distill.config import Config, load_config, replace
 from distill.data.shapes import generate_shapes
+from distill.goals import Goal, check_goals
 from distill.machine import machine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ MIN_STEPS = 20
 MAX_STUDENT_SCALE = 3.0
 STUDENTS = ("student", "student + KD")
 # What "distillation clearly helped" means here (issue 25's goals for a host with native bf16).
-GOALS: dict[str, tuple[str, str, float]] = {
+GOALS: dict[str, Goal] = {
     "teacher_map": ("teacher mAP", ">=", 0.30),
     "kd_gain": ("student + KD minus student (mAP)", ">=", 0.05),
     "gap_closed": ("share of the teacher-student gap closed", ">=", 0.30),
@@ -325,12 +326,7 @@ def goals(result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         "gflops_ratio": models["student"]["gflops"] / models["teacher"]["gflops"],
         "total_minutes": result["total_minutes"],
     }
-    out = {}
-    for name, value in values.items():
-        _, op, bound = GOALS[name]
-        met = value <= bound if op == "<=" else value >= bound  # False for NaN
-        out[name] = {"value": value, "goal": f"{'≤' if op == '<=' else '≥'} {bound:g}", "met": met}
-    return out
+    return check_goals(GOALS, values)
 
 
 def verdict(result: Mapping[str, Any]) -> str:

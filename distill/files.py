@@ -1,9 +1,12 @@
-"""Writing a text file whole or not at all."""
+"""Writing a text file whole or not at all; importing a script."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -16,3 +19,14 @@ def write_text_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def import_script(path: Path) -> ModuleType:
+    """Import the Python file ``path`` (e.g. ``scripts/bench_kd.py``: scripts/ is no package) as
+    the module named by its stem, registered in ``sys.modules``."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module

@@ -52,6 +52,7 @@ from distill.checkpoint import (
 from distill.config import KD_WEIGHT_KEYS, Config, load_config
 from distill.data.shapes import BENCHMARK_TRAIN, BENCHMARK_VAL, generate_shapes
 from distill.evaluate import evaluate_checkpoints, run_metrics, write_json
+from distill.goals import Goal, check_goals
 from distill.report import report_command
 from distill.report_figures import bench_figure
 from distill.summary import summarize
@@ -87,7 +88,7 @@ QUICK = [
 ]
 
 # The goals: name -> (label, comparison, bound); "met" when value <= / >= bound.
-GOALS: dict[str, tuple[str, str, float]] = {
+GOALS: dict[str, Goal] = {
     "teacher_map": ("teacher mAP", ">=", 0.50),
     "teacher_train_minutes": ("teacher training (min)", "<=", 90.0),
     "gflops_ratio": ("student / teacher GFLOPs", "<=", 0.2),
@@ -216,10 +217,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "gap_closed": gap_closed,
         "kd_beats_plain_every_seed": all(beats),
         "benchmark_minutes": benchmark_minutes,
-        "goals": {
-            name: {"value": value, "goal": goal_text(name), "met": goal_met(name, value)}
-            for name, value in values.items()
-        },
+        "goals": check_goals(GOALS, values),
         "seeds": seeds,
         "quick": bool(args.quick),
         "machine": {
@@ -307,16 +305,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def goal_met(name: str, value: float) -> bool:
-    _, op, bound = GOALS[name]
-    return value <= bound if op == "<=" else value >= bound
-
-
-def goal_text(name: str) -> str:
-    _, op, bound = GOALS[name]
-    return f"{'≤' if op == '<=' else '≥'} {bound:g}"
 
 
 def format_table(result: dict[str, Any]) -> str:

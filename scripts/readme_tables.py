@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from distill.files import import_script
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -26,12 +27,7 @@ README = REPO / "README.md"
 
 def _script(name: str) -> ModuleType:
     """Import ``scripts/NAME.py`` (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
+    return import_script(REPO / "scripts" / f"{name}.py")
 
 
 def _formatter(name: str) -> ModuleType:

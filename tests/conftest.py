@@ -1,14 +1,14 @@
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+
+from distill.files import import_script
 
 # Two cores are shared by the test process and its data-loader workers: keep torch to one thread
 # per process so that multi-process tests do not oversubscribe the machine.
@@ -19,12 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def load_script(name: str) -> ModuleType:
     """Import ``scripts/NAME.py`` (scripts/ is not a package) as module ``name``."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
+    return import_script(REPO / "scripts" / f"{name}.py")
 
 
 @pytest.fixture(scope="session")

@@ -170,7 +170,7 @@ def distill_terms(
             cfg.box.kind,
             _normaliser(selected, mean_over_processes),
         )
-    if weights["crosskd_cls"] > 0 or weights["crosskd_box"] > 0:
+    if uses_crosskd(cfg):
         wanted = [f"crosskd/{name}" for name, term in
                   (("cls_logits", "crosskd_cls"), ("bbox_regression", "crosskd_box"))
                   if weights[term] > 0]  # fmt: skip

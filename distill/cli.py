@@ -30,7 +30,7 @@ from pathlib import Path
 from distill.checkpoint import CheckpointError
 from distill.config import Config, ConfigError, load_config
 from distill.data.coco import DatasetError
-from distill.data.shapes import BENCHMARK_TRAIN, BENCHMARK_VAL, generate_shapes
+from distill.data.shapes import BENCHMARK_TRAIN, BENCHMARK_VAL, DEMO_DATA, generate_shapes
 
 
 class UserError(Exception):
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="distillation end to end on CPU in ~15 min (the demo task)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--data", type=Path, default=Path("data/shapes-demo"))
+    demo.add_argument("--data", type=Path, default=DEMO_DATA)
     demo.add_argument("--teacher", type=Path, default=None, help="reuse this teacher.pt")
     demo.add_argument(
         "--minutes",

@@ -68,7 +68,9 @@ class StudentModule(nn.Module):
         """tensors: (N, 3, H, W) batch from the shared transform; image_sizes: per image (h, w)
         before padding; teacher_features: {"p3".."p7": (N, C_t, H_l, W_l)}, needed when there
         are global-context blocks; teacher_extras: the teacher's ``DenseOutputs.extras``, with
-        ``"crosskd/<branch>/<j>"`` (L, 2, C_t) tower statistics when there is a cross head.
+        ``"crosskd/<branch>/<j>"`` (L, 2, C_t) tower statistics when there is a cross head
+        (of the teacher's tower conv ``j``'s output before its activation, as the student's
+        features handed over: ``held_tower_outputs``).
 
         Adds to the outputs' ``extras``: ``"global_s/<level>"``, ``"global_t/<level>"`` (FGD),
         ``"mgd/<level>"`` (MGD's regenerated features) and ``"crosskd/cls_logits"`` (N, A, K),
@@ -79,7 +81,7 @@ class StudentModule(nn.Module):
         held: dict[str, list[Tensor]] = {}
         if self.cross_head is None:
             out = dense_forward(self.detector, images)
-        else:  # record the student's tower features while its head runs
+        else:  # record the student's tower conv's output, before its ReLU, as its head runs
             with held_tower_outputs(self.detector.head, self.cross_head.layer) as held:
                 out = dense_forward(self.detector, images)
         # (N, C_s, H_l, W_l) -> (N, C_t, H_l, W_l) on distilled levels that have an adapter;

@@ -446,8 +446,9 @@ def teacher_forward(
     """The frozen teacher on the shared batch: no_grad, autocast, never prepared.
 
     For the trainees ``cfgs`` that use CrossKD, also the per-level channel statistics of the
-    teacher's tower features after ``j`` convs, each branch's as ``extras["crosskd/<branch>/<j>"]``
-    (L, 2, C_t) (CrossKD aligns the student's features to them)."""
+    teacher's tower conv ``j``'s output before its activation (``held_tower_outputs``; ``j`` 0:
+    the FPN features), each branch's as ``extras["crosskd/<branch>/<j>"]`` (L, 2, C_t)
+    (CrossKD aligns the student's features, held before the activation too, to them)."""
     layers = sorted({crosskd_teacher_layer(c.distill) for c in cfgs if uses_crosskd(c.distill)})
     with torch.no_grad(), accelerator.autocast(), ExitStack() as stack:
         held = {j: stack.enter_context(held_tower_outputs(teacher.head, j)) for j in layers}

@@ -10,18 +10,21 @@ import pytest
 import torch
 from torch import nn
 from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops import box_iou
 
 from distill.checkpoint import state_digest
-from distill.config import load_config
+from distill.config import CrossKDConfig, DistillConfig, load_config
+from distill.dense import DenseOutputs
 from distill.losses import (
     CrossHead,
     combine,
     crosskd_box_loss,
+    distill_terms,
     kd_quality_focal_loss,
     mgd_loss,
     mgd_mask,
 )
-from distill.losses.crosskd import align_scale, channel_stats, count_foreground, held_tower_outputs
+from distill.losses.crosskd import align_scale, channel_stats, held_tower_outputs, match_anchors
 from distill.module import StudentModule
 from distill.train import train, train_group
 from distill.weights import load_state_dict_file
@@ -62,6 +65,73 @@ def test_the_cross_head_on_the_teachers_own_features_is_the_teacher_head(layer: 
     out = cross(held, stats)
     torch.testing.assert_close(out["cls"], expected["cls_logits"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out["reg"], expected["bbox_regression"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_the_held_tower_output_is_the_blocks_output_before_its_relu(layer: int) -> None:
+    """As the reference's ``conv(x, activate=False)``: conv then norm of the block's input, by
+    hand, negative values kept (a hold of the in-place ReLU's input without a copy would have
+    none); the head's own outputs are unchanged by the hold."""
+    head, fpn = small_head(), features()
+    with held_tower_outputs(head, layer) as held:
+        out = head(fpn)
+    plain = head(fpn)
+    torch.testing.assert_close(out["cls_logits"], plain["cls_logits"], atol=0, rtol=0)
+    for name, branch in (("cls", head.classification_head), ("reg", head.regression_head)):
+        assert len(held[name]) == len(SIZES)
+        for x, kept in zip(fpn, held[name]):
+            for block in branch.conv[: layer - 1]:
+                x = block(x)
+            conv, norm, relu = branch.conv[layer - 1]
+            assert isinstance(relu, nn.ReLU)
+            by_hand = norm(conv(x))
+            torch.testing.assert_close(kept, by_hand)
+            assert (kept < 0).any()
+            torch.testing.assert_close(torch.relu(kept), branch.conv[layer - 1](x))
+
+
+def test_a_gradient_reaches_the_students_tower_through_the_hold() -> None:
+    """The hold is a copy within the graph: the cross-head loss reaches the student's tower
+    convs up to the hand-over, with the gradient of the same path written out by hand (conv,
+    norm, no ReLU), and nothing after the hand-over."""
+    teacher, student = small_head(16), small_head(8).requires_grad_(True)
+    cross = CrossHead(teacher, 8, layer=2, teacher_layer=2)
+    fpn = features(8)
+    with held_tower_outputs(teacher, 2) as t_held:
+        teacher(features(16, seed=2))
+    stats = {b: torch.stack([channel_stats(x) for x in t_held[b]]) for b in ("cls", "reg")}
+    with held_tower_outputs(student, 2) as held:
+        student(fpn)
+    out = cross(held, stats)
+    loss = (out["cls"] ** 2).sum() + (out["reg"] ** 2).sum()
+    params = [b.conv[i][0].weight for b in (student.classification_head,
+              student.regression_head) for i in (0, 1)]  # fmt: skip
+    grads = torch.autograd.grad(loss, params)
+    assert all(g.abs().sum() > 0 for g in grads)
+    by_hand = {}
+    for name, branch in (("cls", student.classification_head), ("reg", student.regression_head)):
+        conv, norm, _ = branch.conv[1]
+        by_hand[name] = [norm(conv(branch.conv[0](x))) for x in fpn]
+    out = cross(by_hand, stats)
+    expected = torch.autograd.grad((out["cls"] ** 2).sum() + (out["reg"] ** 2).sum(), params)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+    branch = student.classification_head
+    later = [branch.conv[2][0].weight, branch.cls_logits.weight]  # after the hand-over
+    assert torch.autograd.grad(loss, later, allow_unused=True) == (None, None)
+
+
+def test_a_tower_block_without_a_final_relu_is_refused() -> None:
+    head = small_head()
+    conv, norm, _ = head.regression_head.conv[1]
+    head.regression_head.conv[1] = nn.Sequential(conv, norm)
+    refused = pytest.raises(ValueError, match=r"before its activation.*ending with GroupNorm")
+    with refused, held_tower_outputs(head, 2):
+        pass
+    assert not head.classification_head.conv[1][2]._forward_pre_hooks  # nothing left behind
+    with held_tower_outputs(head, 1) as held:  # the blocks before it are fine
+        head(features())
+    assert len(held["reg"]) == len(SIZES)
 
 
 def test_a_narrower_student_is_mapped_and_only_the_student_side_learns() -> None:
@@ -127,16 +197,23 @@ def test_kd_quality_focal_loss_is_the_papers_formula() -> None:
     t = torch.tensor([[[1.5, -3.0], [2.0, 1.0]]])
     p_s, p_t = torch.sigmoid(s), torch.sigmoid(t)
     bce = -(p_t * torch.log(p_s) + (1 - p_t) * torch.log(1 - p_s))
+    every = torch.ones(1, 2)
     for beta in (1.0, 2.0):
         expected = (bce * (p_s - p_t).abs() ** beta).sum() / 3.0
-        loss = kd_quality_focal_loss(s, t, beta, torch.tensor(3.0))
+        loss = kd_quality_focal_loss(s, t, beta, every, torch.tensor(3.0))
         torch.testing.assert_close(loss, expected)
-    assert kd_quality_focal_loss(t, t, 1.0, torch.tensor(3.0)) == 0  # same probabilities
+    assert kd_quality_focal_loss(t, t, 1.0, every, torch.tensor(3.0)) == 0  # same probabilities
     # no foreground: divided by 1, not by 0
     torch.testing.assert_close(
-        kd_quality_focal_loss(s, t, 1.0, torch.tensor(0.0)),
-        kd_quality_focal_loss(s, t, 1.0, torch.tensor(1.0)),
+        kd_quality_focal_loss(s, t, 1.0, every, torch.tensor(0.0)),
+        kd_quality_focal_loss(s, t, 1.0, every, torch.tensor(1.0)),
     )
+    # an anchor left out (valid 0) adds nothing: the first anchor's share alone
+    first = (bce * (p_s - p_t).abs())[0, 0].sum() / 3.0
+    loss = kd_quality_focal_loss(s, t, 1.0, torch.tensor([[1.0, 0.0]]), torch.tensor(3.0))
+    torch.testing.assert_close(loss, first)
+    with pytest.raises(ValueError, match="anchor weights"):
+        kd_quality_focal_loss(s, t, 1.0, torch.ones(2), torch.tensor(3.0))
 
 
 def test_crosskd_box_loss_weights_giou_by_the_teachers_score() -> None:
@@ -147,18 +224,84 @@ def test_crosskd_box_loss_weights_giou_by_the_teachers_score() -> None:
     # the second pair: box [30, 20, 50, 40] vs [20, 20, 40, 40]: IoU 200/600, hull = union
     giou = 200 / 600
     expected = torch.sigmoid(torch.tensor(2.0)) * (1 - giou) / 2.0
-    loss = crosskd_box_loss(cross, teacher_deltas, anchors, t_logits, torch.tensor(2.0))
+    every, two = torch.ones(1, 2), torch.tensor(2.0)
+    loss = crosskd_box_loss(cross, teacher_deltas, anchors, t_logits, every, two)
     torch.testing.assert_close(loss, expected)
-    assert (
-        crosskd_box_loss(teacher_deltas, teacher_deltas, anchors, t_logits, torch.tensor(2.0)) == 0
-    )
+    assert crosskd_box_loss(teacher_deltas, teacher_deltas, anchors, t_logits, every, two) == 0
+    # the second anchor left out: nothing is left (the first pair agrees)
+    none = torch.tensor([[1.0, 0.0]])
+    assert crosskd_box_loss(cross, teacher_deltas, anchors, t_logits, none, two) == 0
+    with pytest.raises(ValueError, match="anchor mask"):
+        crosskd_box_loss(cross, teacher_deltas, anchors, t_logits, torch.ones(2, 1), two)
 
 
-def test_count_foreground_uses_retinanets_matcher() -> None:
+def test_match_anchors_counts_foreground_as_the_references_avg_factor() -> None:
+    """RetinaNet's matcher: the foreground anchors, at least 1 per image (mmdet's
+    ``SamplingResult.num_pos``, summed into ``avg_factor``); an image without boxes counts 1
+    and all its anchors take part."""
     anchors = [torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10.5], [20, 20, 30, 30], [0, 0, 10, 40]])]
     boxes = [torch.tensor([[0.0, 0.0, 10.0, 10.0]])]
-    assert count_foreground(anchors, boxes) == 2  # IoU 1 and 0.95; 0 and 0.25 are background
-    assert count_foreground(anchors, [torch.zeros(0, 4)]) == 0
+    foreground, valid = match_anchors(anchors, boxes)
+    assert foreground == 2  # IoU 1 and 0.95; 0 and 0.25 are background
+    assert foreground.dtype == torch.float32 and foreground.shape == ()
+    assert torch.equal(valid, torch.ones(1, 4))  # no anchor in the ignore zone
+    foreground, valid = match_anchors(anchors, [torch.zeros(0, 4)])
+    assert foreground == 1 and torch.equal(valid, torch.ones(1, 4))
+    foreground, valid = match_anchors(anchors * 2, [boxes[0], torch.zeros(0, 4)])
+    assert foreground == 3 and valid.shape == (2, 4)
+
+
+def _qfl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The quality focal KD of one anchor at beta 1, written out: (K,) logits -> scalar."""
+    p_s, p_t = torch.sigmoid(s), torch.sigmoid(t)
+    return (-(p_t * torch.log(p_s) + (1 - p_t) * torch.log(1 - p_s)) * (p_s - p_t).abs()).sum()
+
+
+def test_an_anchor_in_the_ignore_zone_takes_no_part_in_either_crosskd_term() -> None:
+    """One box, three anchors: IoU 1 (foreground), 0.45 (the matcher's ignore zone), 0.225
+    (background). Both CrossKD terms of ``distill_terms`` are the foreground's and the
+    background's shares over the normaliser, the ignore-zone anchor's none (as mmdet's
+    label weight 0 in the reference), with the normaliser averaged over processes."""
+    box = torch.tensor([[0.0, 0.0, 9.0, 10.0]])
+    anchors = torch.tensor([[0.0, 0.0, 9.0, 10.0], [0.0, 0.0, 10.0, 20.0], [0.0, 0.0, 10.0, 40.0]])
+    torch.testing.assert_close(box_iou(box, anchors), torch.tensor([[1.0, 0.45, 0.225]]))
+    foreground, valid = match_anchors([anchors], [box])
+    assert foreground == 1 and torch.equal(valid, torch.tensor([[1.0, 0.0, 1.0]]))
+
+    t_logits = torch.tensor([[[2.0, -1.0], [1.0, 0.5], [-0.5, -3.0]]])  # (N=1, A=3, K=2)
+    s_logits = torch.tensor([[[0.0, 1.0], [-2.0, 2.0], [1.0, -1.0]]], requires_grad=True)
+    t_deltas = torch.zeros(1, 3, 4)
+    # shifted right by half / a quarter of the anchor's width: GIoU 1/3 and 0.6 (hull = union)
+    s_deltas = torch.tensor([[[0.5, 0, 0, 0], [0.5, 0, 0, 0], [0.25, 0, 0, 0]]], requires_grad=True)
+    one_minus_giou = torch.tensor([2 / 3, 2 / 3, 0.4])
+    conf = torch.sigmoid(t_logits).amax(dim=-1)[0]  # (A,)
+
+    def outputs(cls: torch.Tensor, deltas: torch.Tensor, extras: bool) -> DenseOutputs:
+        crosskd = {"crosskd/cls_logits": cls, "crosskd/bbox_regression": deltas}
+        return DenseOutputs({}, cls, deltas, [anchors], [3], extras=crosskd if extras else {})
+
+    cfg = DistillConfig(crosskd=CrossKDConfig(cls_weight=1.0, box_weight=1.0, beta=1.0))
+    other_process = 3.0  # another process's foreground: the normaliser is (1 + 3) / 2
+    terms = distill_terms(
+        outputs(s_logits, s_deltas, True),
+        outputs(t_logits, t_deltas, False),
+        [{"boxes": box, "labels": torch.tensor([1])}],
+        (40, 40),
+        cfg,
+        lambda x: (x + other_process) / 2,
+    )
+    shares = [_qfl(s_logits[0, a], t_logits[0, a]) for a in range(3)]
+    assert all(share > 0.05 for share in shares)  # each anchor would add to the term
+    torch.testing.assert_close(terms["crosskd_cls"], (shares[0] + shares[2]) / 2)
+    box_shares = conf * one_minus_giou
+    torch.testing.assert_close(terms["crosskd_box"], (box_shares[0] + box_shares[2]) / 2)
+    # the ignore-zone anchor gets no gradient; the other two do
+    terms["crosskd_cls"].backward(retain_graph=True)
+    terms["crosskd_box"].backward()
+    for grad in (s_logits.grad, s_deltas.grad):
+        assert grad is not None
+        assert grad[0, 1].abs().sum() == 0
+        assert grad[0, 0].abs().sum() > 0 and grad[0, 2].abs().sum() > 0
 
 
 def test_mgd_masks_the_ratio_of_positions_and_repeats_with_its_seed() -> None:
@@ -234,7 +377,6 @@ def test_mgd_and_crosskd_train_in_lockstep_as_alone_and_leave_no_blocks_in_stude
 def test_the_kd_terms_of_a_crosskd_step_are_finite_and_reach_the_student(shapes_root: Path) -> None:
     from distill.build import build_models
     from distill.dense import build_transform
-    from distill.losses import distill_terms
     from distill.train import teacher_forward
 
     cfg = load_config(SMOKE, [f"data.root={shapes_root}", *MGD, *CROSSKD])
@@ -247,6 +389,8 @@ def test_the_kd_terms_of_a_crosskd_step_are_finite_and_reach_the_student(shapes_
 
     teacher_out = teacher_forward(Accelerator(cpu=True), teacher, image_list, [cfg])
     assert teacher_out.extras["crosskd/cls/3"].shape == (5, 2, 256)
+    # statistics of the features before the ReLU: some channel means are negative
+    assert all((teacher_out.extras[f"crosskd/{b}/3"][:, 0] < 0).any() for b in ("cls", "reg"))
     out = module(
         image_list.tensors, image_list.image_sizes, teacher_out.features, teacher_out.extras
     )
@@ -255,12 +399,22 @@ def test_the_kd_terms_of_a_crosskd_step_are_finite_and_reach_the_student(shapes_
     assert all(torch.isfinite(v) for v in terms.values())
     # (a random teacher is nowhere sure enough for the box term's 0.3 threshold: that one is 0)
     assert all(terms[name] > 0 for name in ("feature", "logit", "crosskd_cls", "crosskd_box"))
-    # wired as specified: per foreground anchor; MGD on the generators' outputs
-    foreground = count_foreground(out.anchors, [t["boxes"] for t in targets])
-    assert foreground > 0
+    # wired as specified: per foreground anchor, without the ignore zone (MGD further down)
+    foreground, valid = match_anchors(out.anchors, [t["boxes"] for t in targets])
+    assert foreground >= 2 and 0 < valid.sum() < valid.numel()
     cross_cls = out.extras["crosskd/cls_logits"]
-    expected = kd_quality_focal_loss(cross_cls, teacher_out.cls_logits, 1.0, foreground)
+    expected = kd_quality_focal_loss(cross_cls, teacher_out.cls_logits, 1.0, valid, foreground)
     torch.testing.assert_close(terms["crosskd_cls"], expected)
+    cross_box = out.extras["crosskd/bbox_regression"]
+    expected = crosskd_box_loss(
+        cross_box,
+        teacher_out.bbox_regression,
+        out.anchors,
+        teacher_out.cls_logits,
+        valid,
+        foreground,
+    )
+    torch.testing.assert_close(terms["crosskd_box"], expected)
     levels = cfg.distill.feature.levels
     generated = sum(mgd_loss(out.extras[f"mgd/{lv}"], teacher_out.features[lv]) for lv in levels)
     torch.testing.assert_close(terms["feature"], generated)

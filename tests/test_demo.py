@@ -12,6 +12,7 @@ import pytest
 
 import distill.demo as demo_module
 from distill.build import check_lockstep
+from distill.config import load_config
 from tests.conftest import REPO, load_script
 
 
@@ -83,7 +84,7 @@ def test_demo_end_to_end_and_teacher_reuse(
 
 def test_the_schedule_shrinks_by_one_factor_to_fit_the_budget() -> None:
     # seconds per step on a 2-core AVX2-only CPU (fp32, 128 px; the KD step has the teacher's
-    # forward): the reference schedule would train for 65 min
+    # forward): the reference schedule would train for 42 min
     seconds = {"teacher": 2.8, "student": 0.53, "student + KD": 1.33}
     plan = demo_module.plan_steps(seconds, minutes=15)
     reference = demo_module.reference_steps()
@@ -97,7 +98,8 @@ def test_the_schedule_shrinks_by_one_factor_to_fit_the_budget() -> None:
     rounding = 0.5 * sum(seconds.values())  # each count is rounded to a whole step
     assert trained <= budget + rounding
     text = demo_module.describe_plan(plan, 15)
-    assert "would train for 65 min" in text and "--minutes 0" in text
+    predicted = sum(reference[n] * s for n, s in seconds.items()) / 60  # 42 min
+    assert f"would train for {predicted:.0f} min" in text and "--minutes 0" in text
     assert f"shortened to {plan['scale']:.2g}x of it" in text
 
     # a reused teacher: only the students train, so their schedule shrinks less...
@@ -126,10 +128,11 @@ def test_demo_configs_carry_the_planned_schedule(tmp_path: Path) -> None:
     out, data, teacher = tmp_path / "out", tmp_path / "data", tmp_path / "t.pt"
     configs = demo_module.demo_configs(out, data, teacher, steps)
     assert configs["teacher"].train.max_steps == 300
-    assert configs["teacher"].train.warmup_steps == 30  # 30% of the schedule, 30% of the warm-up
+    # each model's warm-up shrinks with its schedule: 60% of the teacher's 500 steps and 50
+    assert configs["teacher"].train.warmup_steps == 30
     for name in ("student", "student + KD"):
         assert configs[name].train.max_steps == 100
-        assert configs[name].train.warmup_steps == 17
+        assert configs[name].train.warmup_steps == 17  # 100 of 600 steps, of a 100-step warm-up
         assert configs[name].teacher.weights == str(teacher)
     check_lockstep([configs["student"], configs["student + KD"]])  # one teacher forward for both
     assert (
@@ -137,9 +140,28 @@ def test_demo_configs_carry_the_planned_schedule(tmp_path: Path) -> None:
         == 0
         < configs["student + KD"].distill.feature.weight
     )
+    # the reference schedule is the one in configs/demo/*.yaml, as it is written there
     reference = demo_module.demo_configs(out, data, teacher)
+    for name, file in (("teacher", "teacher.yaml"), ("student + KD", "distill.yaml")):
+        written = load_config(REPO / "configs" / "demo" / file).train
+        assert reference[name].train.max_steps == written.max_steps
+        assert reference[name].train.warmup_steps == written.warmup_steps
     assert reference["teacher"].train.max_steps == demo_module.TEACHER_STEPS
-    assert reference["student"].train.warmup_steps == demo_module.WARMUP_STEPS
+    assert reference["student"].train.max_steps == demo_module.STUDENT_STEPS
+
+
+def test_a_teacher_of_another_task_is_not_reused(tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "teacher"
+    run.mkdir(parents=True)
+    weights = run / "teacher.pt"
+    weights.write_bytes(b"")
+    demo_module.check_teacher_task(weights, tmp_path / "data")  # no run config: trusted
+    (run / "config.yaml").write_text(f"data: {{root: {tmp_path / 'data'}}}\n")
+    demo_module.check_teacher_task(weights, tmp_path / "data")  # its own task
+    (run / "config.yaml").write_text("data: {root: data/shapes-demo}\n")  # the first demo task
+    with pytest.raises(FileExistsError, match=r"was trained on data/shapes-demo .* not on the"):
+        demo_module.check_teacher_task(weights, tmp_path / "data")
+    assert weights.is_file()  # nothing is deleted
 
 
 def test_demo_minutes_on_the_command_line() -> None:
@@ -224,6 +246,12 @@ def test_benchmark_sentence_quotes_the_committed_benchmark_with_its_date(tmp_pat
     quick = tmp_path / "quick.json"
     quick.write_text(json.dumps({"quick": True, "models": {}}))
     assert demo_module.benchmark_sentence(quick) == ""
+    # A teacher given with --teacher has no training time (NaN): the minutes are left out.
+    for minutes, said in ((float("nan"), " task to mAP"), (88.4, " task for 88 min to mAP")):
+        bench["models"]["teacher"]["train_minutes"] = minutes
+        (tmp_path / "bench.json").write_text(json.dumps(bench))
+        text = demo_module.benchmark_sentence(tmp_path / "bench.json")
+        assert said in text and "nan" not in text
 
 
 def _readme_tables() -> ModuleType:

@@ -7,6 +7,7 @@ import dataclasses
 import filecmp
 import io
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -280,9 +281,19 @@ def test_demo_preset_draws_its_classes_only_and_old_manifests_stay_valid(tmp_pat
     assert labels and labels <= {c["id"] for c in coco["categories"]}
     sides = [min(a["bbox"][2:]) for a in coco["annotations"]]
     assert min(sides) >= 0.5 * preset.min_size * 96 / 128  # large objects (ellipses: 0.6x)
+    per_image = Counter(a["image_id"] for a in coco["annotations"])
+    assert len(per_image) == 12 and min(per_image.values()) >= 1  # no empty images
+    assert sum(per_image.values()) >= 2 * 12 * 0.8  # about min_objects each (a few dropped)
     manifest = json.loads((tmp_path / "demo" / "shapes.json").read_text())
     assert manifest["preset"]["classes"] == list(preset.classes)
-    # the benchmark's presets draw every class, with the manifest datasets made before have
+    assert manifest["preset"]["min_objects"] == preset.min_objects == 2
+    # made again with the same arguments: found complete and kept (the demo calls it each run)
+    before = (tmp_path / "demo" / "train.json").stat().st_mtime_ns
+    generate_shapes(tmp_path / "demo", num_train=12, num_val=2, size=96, difficulty="demo")
+    assert (tmp_path / "demo" / "train.json").stat().st_mtime_ns == before
+    # the benchmark's presets draw every class from 0 objects an image up, with the manifest
+    # datasets made before these knobs existed have
     generate_shapes(tmp_path / "easy", num_train=1, num_val=1, size=64)
     manifest = json.loads((tmp_path / "easy" / "shapes.json").read_text())
     assert "classes" not in manifest["preset"] and DIFFICULTIES["easy"].classes == CLASSES
+    assert "min_objects" not in manifest["preset"] and DIFFICULTIES["easy"].min_objects == 0

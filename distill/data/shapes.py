@@ -58,8 +58,13 @@ GENERATOR_VERSION = 1
 # the 26-epoch teacher reached mAP 0.574 on training images but 0.435 on val.
 BENCHMARK_TRAIN, BENCHMARK_VAL = 7200, 500
 
-DEMO_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "ellipse")
-DEMO_MAX_OBJECTS, DEMO_MIN_SIZE, DEMO_MAX_SIZE = 4, 32.0, 112.0
+# `distill demo`'s task: three classes that differ in outline, not in a detail, and 2-6 objects
+# an image (no empty images), so that every step has many positives to learn from. Learning
+# curves of a from-scratch ResNet50-FPN on it and on the first demo task: configs/demo/teacher.yaml.
+DEMO_CLASSES: tuple[str, ...] = ("circle", "square", "triangle")
+DEMO_MIN_OBJECTS, DEMO_MAX_OBJECTS, DEMO_MIN_SIZE, DEMO_MAX_SIZE = 2, 6, 24.0, 96.0
+# Its default folder; the first demo task (4 classes, 0-4 objects) lived in data/shapes-demo.
+DEMO_DATA = Path("data/shapes-demo-v2")
 
 _REFERENCE_SIZE = 128  # sizes in Difficulty are pixels at this image size
 _SUPERSAMPLE = 2  # samples per pixel side: anti-aliased edges keep small details readable
@@ -72,7 +77,7 @@ _KEY_VISIBLE = 0.8  # share of a detail (the cross of square_cross) that must st
 class Difficulty:
     """Knobs of one preset; sizes are in pixels at 128-px images and scale with the image."""
 
-    max_objects: int  # objects per image drawn uniformly from 0..max_objects (some dropped)
+    max_objects: int  # objects per image drawn uniformly from min_objects.. (some dropped)
     min_size: float  # smallest sqrt(box area)
     max_size: float  # largest sqrt(box area); drawn log-uniformly in between
     max_distractors: int  # clutter items per image drawn uniformly from 0..max_distractors
@@ -80,16 +85,25 @@ class Difficulty:
     max_hidden: float  # largest fraction of an object that later objects may cover (<= 0.5)
     min_contrast: float  # least RGB distance (0..441) between an object and what lies under it
     classes: tuple[str, ...] = CLASSES  # the classes drawn (ids stay CLASSES.index + 1)
+    min_objects: int = 0  # objects per image are drawn from min_objects..max_objects
 
 
 DIFFICULTIES: dict[str, Difficulty] = {
     "easy": Difficulty(6, 14.0, 112.0, 2, 0.3, 0.25, 120.0),
     "medium": Difficulty(10, 10.0, 116.0, 5, 0.55, 0.4, 90.0),
     "hard": Difficulty(12, 8.0, 120.0, 10, 0.8, 0.5, 70.0),
-    # `distill demo`: a task a from-scratch ResNet50-FPN learns within minutes on a CPU (few,
-    # large, high-contrast objects of DEMO_CLASSES); measured in configs/shapes/demo.yaml.
+    # `distill demo`: a task a from-scratch ResNet50-FPN learns within minutes on a CPU (many,
+    # large, high-contrast objects of DEMO_CLASSES); measured in configs/demo/teacher.yaml.
     "demo": Difficulty(
-        DEMO_MAX_OBJECTS, DEMO_MIN_SIZE, DEMO_MAX_SIZE, 0, 0.2, 0.25, 140.0, DEMO_CLASSES
+        DEMO_MAX_OBJECTS,
+        DEMO_MIN_SIZE,
+        DEMO_MAX_SIZE,
+        max_distractors=0,
+        texture=0.2,
+        max_hidden=0.25,
+        min_contrast=140.0,
+        classes=DEMO_CLASSES,
+        min_objects=DEMO_MIN_OBJECTS,
     ),
 }
 
@@ -176,7 +190,7 @@ def render_image(rng: np.random.Generator, size: int, difficulty: Difficulty) ->
     labels: list[int] = []
     masks: list[np.ndarray] = []
 
-    count = int(rng.integers(0, difficulty.max_objects + 1))
+    count = int(rng.integers(difficulty.min_objects, difficulty.max_objects + 1))
     specs = [_sample_spec(rng, size, difficulty) for _ in range(count)]
     # Painter's order: big objects behind small ones, so few placements hide too much.
     specs.sort(key=lambda s: -s.w * s.h)
@@ -521,8 +535,12 @@ def generate_shapes(
         "difficulty": difficulty,
         "preset": asdict(preset),  # a retuned preset makes an old dataset a different one
     }
-    if preset.classes == CLASSES:  # all classes: the manifest datasets made before had
+    # Defaults are left out, as in the manifests of datasets made before these knobs existed.
+    if preset.classes == CLASSES:
         del manifest["preset"]["classes"]
+    if preset.min_objects == 0:
+        del manifest["preset"]["min_objects"]
+    manifest = json.loads(json.dumps(manifest))  # as read back: tuples become lists
     if _existing_matches(out, manifest):
         log.info("%s already holds this shapes dataset; skipping generation", out)
         return

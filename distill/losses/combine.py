@@ -16,7 +16,7 @@ from torch import Tensor
 
 from distill.config import DistillConfig
 from distill.dense import DenseOutputs
-from distill.losses.crosskd import count_foreground, crosskd_box_loss, kd_quality_focal_loss
+from distill.losses.crosskd import crosskd_box_loss, kd_quality_focal_loss, match_anchors
 from distill.losses.features import feature_kd_loss
 from distill.losses.logits import box_distill_loss, soft_label_loss, teacher_confidence
 
@@ -102,8 +102,9 @@ def distill_terms(
     - box: ``box_distill_loss`` on the anchors whose teacher max class probability is
       >= ``cfg.box.score_threshold`` (weight 1 there, 0 elsewhere).
     - crosskd_cls, crosskd_box: ``kd_quality_focal_loss`` and ``crosskd_box_loss`` of the
-      cross-head predictions (``student.extras["crosskd/..."]``) vs the teacher's, both divided
-      by the batch's foreground anchors (``count_foreground``, averaged over processes).
+      cross-head predictions (``student.extras["crosskd/..."]``) vs the teacher's, without the
+      anchors in the matcher's ignore zone, both divided by the batch's foreground anchors
+      (floored at 1 per image, averaged over processes; ``match_anchors``, one matcher pass).
     - feature with ``kind: mgd``: ``mgd_loss`` of ``student.extras["mgd/<level>"]``.
     """
     weights = kd_weights(cfg)
@@ -176,7 +177,8 @@ def distill_terms(
                   if weights[term] > 0]  # fmt: skip
         if any(key not in student.extras for key in wanted):
             raise ValueError(f"CrossKD needs the cross-head predictions {wanted} (student.extras)")
-        foreground = count_foreground(student.anchors, [target["boxes"] for target in targets])
+        boxes = [target["boxes"] for target in targets]
+        foreground, valid = match_anchors(student.anchors, boxes)  # scalar, (N, A)
         if mean_over_processes is not None:
             foreground = mean_over_processes(foreground)
         if weights["crosskd_cls"] > 0:
@@ -184,6 +186,7 @@ def distill_terms(
                 student.extras["crosskd/cls_logits"],
                 teacher.cls_logits,
                 cfg.crosskd.beta,
+                valid,
                 foreground,
             )
         if weights["crosskd_box"] > 0:
@@ -192,6 +195,7 @@ def distill_terms(
                 teacher.bbox_regression,
                 student.anchors,
                 teacher.cls_logits,
+                valid,
                 foreground,
             )
     return terms

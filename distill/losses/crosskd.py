@@ -1,28 +1,32 @@
 """CrossKD (Wang et al., CVPR 2024): distil through the teacher's head, not into the student's.
 
-The student's head features after its first ``k`` tower convs are handed to the *teacher's*
+The student's head features from its first ``k`` tower convs are handed to the *teacher's*
 head, which runs its remaining convs (from its conv ``j`` on) and its output convs on them. Those
 cross-head predictions are pulled towards the teacher's own predictions, while the student's
 head is left to the ground truth alone (the paper's point: the two targets no longer pull one
 head two ways).
 
-    held_s = student tower output after k convs     (N, C_s, H_l, W_l) per level
-    x = align_scale(mapper(held_s), stats of the teacher's tower output after j convs)
+    held_s = the k-th student tower conv's output before its activation (k 0: the FPN
+             feature), (N, C_s, H_l, W_l) per level; held_t the same of the teacher at j
+    x = align_scale(mapper(held_s), channel stats of held_t)
     x = relu(x) if j > 0
     cross_cls, cross_box = teacher.cls_logits(teacher.conv[j:](x)), teacher.bbox_reg(...)
-    crosskd_cls = sum kd_quality_focal(cross_cls, teacher_cls) / num_foreground
-    crosskd_box = sum conf_t * (1 - GIoU(decode(cross_box), decode(teacher_box))) / num_fg
+    valid[n, a] = 0 in the matcher's ignore zone (IoU 0.4-0.5), else 1
+    avg = sum_n max(foreground anchors of image n, 1)
+    crosskd_cls = sum valid * kd_quality_focal(cross_cls, teacher_cls) / avg
+    crosskd_box = sum valid * conf_t * (1 - GIoU(decode(cross_box), decode(teacher_box))) / avg
 
-``mapper`` is a learnable 1x1 conv where the student's head is narrower than the teacher's (the
-authors' advice); ``align_scale`` is their per-channel re-standardisation, over each
-process's own batch (as the reference, per GPU: unlike the other KD terms, CrossKD's value with
-2 processes of batch B is not exactly that of 1 process of batch 2B).
+As the reference implementation (CrossKD's ``crosskd_retinanet.py``: ``forward_crosskd_single``
+holds ``conv(x, activate=False)``, ``reuse_teacher_head`` aligns, rectifies and runs the rest;
+``pred_mimicking_loss_single`` weights both terms by mmdet's ``label_weights`` and divides by
+``avg_factor``). ``mapper`` is a learnable 1x1 conv where the student's head is narrower than
+the teacher's (the authors' advice); ``align_scale`` is their per-channel re-standardisation,
+over each process's own batch (as the reference, per GPU: unlike the other KD terms, CrossKD's
+value with 2 processes of batch B is not exactly that of 1 process of batch 2B).
 
-Where this differs from the reference implementation (to be brought in line and measured):
-- the features handed over are the tower blocks' outputs, after their ReLU; the reference takes
-  them before the activation (a forward pre-hook on the block's ReLU would give those);
-- anchors in the matcher's ignore zone (IoU 0.4-0.5) take part in both terms; the reference
-  leaves them out.
+One deliberate difference: the normaliser ``avg`` is averaged over processes (``distill_terms``)
+as this project's other anchor-weighted terms are, where the reference divides each GPU's sum
+by its own ``avg_factor``.
 """
 
 from __future__ import annotations
@@ -50,10 +54,10 @@ __all__ = [
     "CrossHead",
     "align_scale",
     "channel_stats",
-    "count_foreground",
     "crosskd_box_loss",
     "held_tower_outputs",
     "kd_quality_focal_loss",
+    "match_anchors",
     "tower_depth",
 ]
 
@@ -81,21 +85,43 @@ def tower_width(head: RetinaNetHead, layer: int) -> int:
     return int(branch.conv[layer - 1][0].out_channels)
 
 
+def _activation(block: nn.Module) -> nn.Module:
+    """The final activation of a tower block (torchvision's ``Conv2dNormActivation``: conv,
+    norm, ``ReLU(inplace=True)``); a ``ValueError`` if the block does not end with a ReLU (the
+    cross head rectifies the aligned features with ``F.relu``, standing in for it)."""
+    last = block[-1] if isinstance(block, nn.Sequential) and len(block) > 0 else None
+    if not isinstance(last, nn.ReLU):
+        raise ValueError(
+            "CrossKD holds a tower block's output before its activation and needs blocks that "
+            f"end with an nn.ReLU (conv, norm, ReLU), got {type(block).__name__} ending with "
+            f"{type(last).__name__}"
+        )
+    return last
+
+
 @contextmanager
 def held_tower_outputs(head: RetinaNetHead, layer: int) -> Iterator[dict[str, list[Tensor]]]:
-    """While inside, record each branch's tower output after ``layer`` blocks, one per level.
+    """While inside, record each branch's tower conv ``layer``'s output before its activation
+    (the input of the block's final ReLU), one per level, as the reference holds
+    ``conv(x, activate=False)``.
 
     Yields ``{"cls": [...], "reg": [...]}``, filled by the head's forward with (N, C, H_l, W_l)
-    tensors in level order (the head runs its tower once per level). ``layer`` 0 records
-    nothing: the tower's input is the FPN feature itself.
+    tensors in level order (the head runs its tower once per level). The ReLU works in place,
+    so a forward pre-hook records a clone of its input: it keeps the negative values and, with
+    grad enabled, passes gradients back to the conv and norm that made it. ``layer`` 0 records
+    nothing: the tower's input is the FPN feature itself. A ``ValueError`` if the block does
+    not end with a ReLU.
     """
     held: dict[str, list[Tensor]] = {branch: [] for branch in BRANCHES}
-    hooks = []
+    activations = {}  # all checked before any hook is in place
     if layer > 0:
-        for name, branch in _branches(head).items():
-            record = held[name].append
-            block = branch.conv[layer - 1]
-            hooks.append(block.register_forward_hook(lambda _m, _i, out, r=record: r(out)))
+        activations = {n: _activation(b.conv[layer - 1]) for n, b in _branches(head).items()}
+    hooks = [
+        activation.register_forward_pre_hook(
+            lambda _m, args, r=held[name].append: r(args[0].clone())
+        )
+        for name, activation in activations.items()
+    ]
     try:
         yield held
     finally:
@@ -180,9 +206,10 @@ class CrossHead(nn.Module):
     def forward(
         self, held: dict[str, Sequence[Tensor]], teacher_stats: dict[str, Tensor]
     ) -> dict[str, Tensor]:
-        """held: {"cls"|"reg": per level (N, C_s, H_l, W_l)}, the student's tower features;
-        teacher_stats: {"cls"|"reg": (L, 2, C_t)}, ``channel_stats`` of the teacher's tower
-        features after ``teacher_layer`` convs, per level.
+        """held: {"cls"|"reg": per level (N, C_s, H_l, W_l)}, the student's tower features
+        (``held_tower_outputs``: conv ``layer``'s output before its ReLU; the FPN features for
+        ``layer`` 0); teacher_stats: {"cls"|"reg": (L, 2, C_t)}, ``channel_stats`` of the
+        teacher's features held the same way at ``teacher_layer``, per level.
         returns, for each of ``branches``, the cross-head predictions with anchors ordered as
         the detectors' own outputs: {"cls": (N, A, K) class logits, "reg": (N, A, 4) deltas}"""
         teacher = _branches(self.teacher_head)
@@ -205,32 +232,47 @@ class CrossHead(nn.Module):
         return outputs
 
 
-def count_foreground(anchors: Sequence[Tensor], boxes_per_image: Sequence[Tensor]) -> Tensor:
-    """Anchors matched to a ground-truth box by RetinaNet's matcher, summed over the batch.
+def match_anchors(
+    anchors: Sequence[Tensor], boxes_per_image: Sequence[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """RetinaNet's matcher, once per image: the CrossKD terms' normaliser and anchor mask.
 
     anchors: per image (A, 4) xyxy; boxes_per_image: per image (M_i, 4) xyxy, same frame
-    returns a float32 scalar on the anchors' device. On a GPU the matcher's low-quality matches
-    wait for the device once per image (a ``nonzero``), as torchvision's own RetinaNet loss does.
+    returns ``(foreground, valid)`` on the anchors' device:
+      foreground: float32 scalar, ``sum_n max(F_n, 1)`` with ``F_n`` image ``n``'s anchors
+        matched to a box (IoU >= 0.5, or a box's best anchor): the reference's ``avg_factor``
+        (mmdet's ``SamplingResult.num_pos`` is floored at 1 per image)
+      valid: (N, A) float32, 0 for the anchors in the matcher's ignore zone (IoU in [0.4, 0.5),
+        ``Matcher.BETWEEN_THRESHOLDS``), 1 for foreground and background: mmdet's
+        ``label_weights`` of a RetinaHead. An image without boxes: all anchors valid.
+
+    On a GPU the matcher's low-quality matches wait for the device once per image (a
+    ``nonzero``), as torchvision's own RetinaNet loss does.
     """
-    total = anchors[0].new_zeros((), dtype=torch.float32)
+    foreground = anchors[0].new_zeros((), dtype=torch.float32)
+    valid = []
     for image_anchors, boxes in zip(anchors, boxes_per_image):
-        if boxes.numel() == 0:
+        if boxes.numel() == 0:  # all background (the matcher refuses an image without boxes)
+            foreground = foreground + 1.0
+            valid.append(image_anchors.new_ones(image_anchors.shape[0], dtype=torch.float32))
             continue
         matched = _MATCHER(box_iou(boxes.float(), image_anchors.float()))  # (A,) index or < 0
-        total = total + (matched >= 0).sum().float()
-    return total
+        foreground = foreground + (matched >= 0).sum().float().clamp_min(1.0)
+        valid.append((matched != Matcher.BETWEEN_THRESHOLDS).float())
+    return foreground, torch.stack(valid)
 
 
 def kd_quality_focal_loss(
-    student_logits: Tensor, teacher_logits: Tensor, beta: float, normaliser: Tensor
+    student_logits: Tensor, teacher_logits: Tensor, beta: float, valid: Tensor, normaliser: Tensor
 ) -> Tensor:
     """CrossKD's classification KD: quality focal loss with the teacher's probabilities as
     soft targets.
 
     student_logits, teacher_logits: (N, A, K) sigmoid class logits
-    normaliser: scalar, e.g. the number of foreground anchors (floored at 1)
-    returns ``sum_{n,a,k} BCE(s, p_t) * |sigmoid(s) - p_t|^beta / normaliser``, float32,
-    with ``p_t = sigmoid(t)``; 0 where the student's probability equals the teacher's.
+    valid: (N, A) anchor weights, 0 to leave an anchor out (``match_anchors``'s ignore zone)
+    normaliser: scalar, e.g. ``match_anchors``'s foreground count (floored at 1)
+    returns ``sum_{n,a} valid[n,a] * sum_k BCE(s, p_t) * |sigmoid(s) - p_t|^beta / normaliser``,
+    float32, with ``p_t = sigmoid(t)``; 0 where the student's probability equals the teacher's.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -242,8 +284,7 @@ def kd_quality_focal_loss(
         p_t = torch.sigmoid(teacher_logits.detach().float())
         bce = F.binary_cross_entropy_with_logits(s, p_t, reduction="none")
         per_anchor = (bce * (torch.sigmoid(s) - p_t).abs().pow(beta)).sum(dim=-1)  # (N, A)
-        ones = torch.ones_like(per_anchor)
-        return weighted_anchor_mean(per_anchor, ones, normaliser.clamp_min(1.0))
+        return weighted_anchor_mean(per_anchor, valid, normaliser.clamp_min(1.0))
 
 
 def crosskd_box_loss(
@@ -251,15 +292,22 @@ def crosskd_box_loss(
     teacher_deltas: Tensor,
     anchors: list[Tensor] | Tensor,
     teacher_logits: Tensor,
+    valid: Tensor,
     normaliser: Tensor,
 ) -> Tensor:
-    """CrossKD's box KD: ``sum_{n,a} conf_t[n,a] * (1 - GIoU(box_s, box_t)) / normaliser``.
+    """CrossKD's box KD:
+    ``sum_{n,a} valid[n,a] * conf_t[n,a] * (1 - GIoU(box_s, box_t)) / normaliser``.
 
     cross_deltas, teacher_deltas: (N, A, 4) deltas, decoded on ``anchors`` with RetinaNet's
-    coder; teacher_logits: (N, A, K), ``conf_t = max_k sigmoid(t)``; normaliser as
-    ``kd_quality_focal_loss``. Returns a float32 scalar.
+    coder; teacher_logits: (N, A, K), ``conf_t = max_k sigmoid(t)``; valid: (N, A), 0 to leave
+    an anchor out (the reference zeroes ``conf_t`` where mmdet's label weight is 0);
+    normaliser as ``kd_quality_focal_loss``. Returns a float32 scalar.
     """
-    confidence = teacher_confidence(teacher_logits)  # (N, A)
+    if valid.shape != teacher_logits.shape[:2]:
+        raise ValueError(
+            f"anchor mask {tuple(valid.shape)} does not fit logits {tuple(teacher_logits.shape)}"
+        )
+    weights = teacher_confidence(teacher_logits) * valid.detach().float()  # (N, A)
     return box_distill_loss(
-        cross_deltas, teacher_deltas, anchors, confidence, "giou", normaliser.clamp_min(1.0)
+        cross_deltas, teacher_deltas, anchors, weights, "giou", normaliser.clamp_min(1.0)
     )

@@ -30,7 +30,13 @@ from pathlib import Path
 from distill.checkpoint import CheckpointError
 from distill.config import Config, ConfigError, load_config
 from distill.data.coco import DatasetError
-from distill.data.shapes import BENCHMARK_TRAIN, BENCHMARK_VAL, DEMO_DATA, generate_shapes
+from distill.data.shapes import (
+    BENCHMARK_TRAIN,
+    BENCHMARK_VAL,
+    DEMO_DATA,
+    DEMO_OUT,
+    generate_shapes,
+)
 
 
 class UserError(Exception):
@@ -173,15 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--sequential", action="store_true")
 
     demo = sub.add_parser("demo", help="distillation end to end on CPU in ~15 min (the demo task)")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--data", type=Path, default=DEMO_DATA)
+    demo.add_argument("--out", type=Path, default=DEMO_OUT, help="where the runs go")
+    demo.add_argument(
+        "--data", type=Path, default=DEMO_DATA, help="where the demo's task is made (once)"
+    )
     demo.add_argument("--teacher", type=Path, default=None, help="reuse this teacher.pt")
     demo.add_argument(
         "--minutes",
         type=float,
         default=15.0,
         help="time budget: the schedule shrinks to fit it on this machine (0: the reference "
-        "schedule, 1000 teacher and 600 student steps)",
+        "schedule, 500 teacher and 600 student steps)",
     )
     demo.add_argument(
         "--record", type=Path, default=None, metavar="FILE", help="also write the result as JSON"

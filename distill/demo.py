@@ -1,12 +1,14 @@
 """``distill demo``: distillation end to end on CPU within ~15 minutes, measured in this run.
 
-1. generate the demo's shapes task (if absent): ``DEMO_TRAIN`` + ``DEMO_VAL`` images of
-   ``DEMO_SIZE`` px, difficulty ``demo`` (4 distinct classes, few large objects; made for a
-   from-scratch ResNet50-FPN to converge within minutes, not for fidelity to the benchmark),
+1. generate the demo's shapes task once (kept while it matches): ``DEMO_TRAIN`` + ``DEMO_VAL``
+   images of ``DEMO_SIZE`` px, difficulty ``demo`` (circle, square and triangle, 2-6 objects an
+   image; made for a from-scratch ResNet50-FPN to converge within minutes, not for fidelity to
+   the benchmark),
 2. fit the schedule to the time budget (``--minutes``): time a few training steps of each model
    on this machine and shorten the reference schedule if it would not fit,
 3. train the teacher (``configs/demo/teacher.yaml``), or reuse ``OUT/teacher/teacher.pt`` or
-   ``--teacher FILE``; a reused teacher leaves the whole budget to the students,
+   ``--teacher FILE`` (if its card's classes are the task's); a reused teacher leaves the whole
+   budget to the students,
 4. train the plain student and the distilled student (``configs/demo/distill.yaml``, the plain
    one with every KD weight 0) in lockstep: one data loader and one teacher forward per batch,
 5. print one table (mAP, AP50, params, GFLOPs, latency) and the verdict those numbers imply;
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import math
 import os
@@ -30,7 +33,7 @@ from typing import Any
 import torch
 
 from distill.config import Config, load_config, replace
-from distill.data.shapes import DEMO_DATA, generate_shapes
+from distill.data.shapes import DEMO_DATA, DEMO_OUT, generate_shapes
 from distill.goals import Goal, check_goals
 from distill.machine import machine
 
@@ -39,7 +42,8 @@ CONFIGS = REPO / "configs" / "demo"
 BENCH_KD = REPO / "results" / "bench_kd.json"
 
 DEMO_TRAIN, DEMO_VAL, DEMO_SIZE, DEMO_DIFFICULTY = 2000, 200, 96, "demo"
-# The reference schedule (configs/demo/*.yaml train.max_steps): the teacher gets most of it.
+# The reference schedule (configs/demo/*.yaml train.max_steps): the steps the teacher needs to
+# converge, the rest to the students (their curves: the configs' headers).
 TEACHER_STEPS = 500
 STUDENT_STEPS = 600  # both students, in lockstep
 MINUTES = 15.0
@@ -62,23 +66,33 @@ log = logging.getLogger("distill.demo")
 AGAIN = "run distill demo again (a finished teacher is reused)"  # after a stop
 
 
-def check_teacher_task(teacher_weights: Path, data_root: Path) -> None:
-    """FileExistsError if the run that wrote ``teacher_weights`` (its ``config.yaml`` beside
-    it) trained on another dataset than ``data_root``: an earlier demo's teacher, say, whose
-    task has since changed. Nothing is deleted; a file without a run config is trusted."""
-    import yaml
+def check_teacher_task(teacher_weights: Path, data_root: Path, given: bool = False) -> None:
+    """FileExistsError unless the teacher's card (``teacher.json`` beside it) names the classes
+    of the dataset in ``data_root``: a teacher of an earlier demo task, say, is not reused. A
+    teacher without a card is reused with a warning. ``given``: it came from ``--teacher``."""
+    from distill.card import read_card
 
-    config = teacher_weights.parent / "config.yaml"
-    try:
-        root = yaml.safe_load(config.read_text())["data"]["root"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return
-    if Path(root).resolve() != data_root.resolve():
-        raise FileExistsError(
-            f"{teacher_weights} was trained on {root} ({config}), not on the demo's task in "
-            f"{data_root}: move {teacher_weights.parent} away to train a new teacher, or give "
-            "--out another folder"
+    card = read_card(teacher_weights)  # CardError for a broken card
+    if card is None:
+        log.warning(
+            "%s has no card: cannot check that it learnt the demo's classes", teacher_weights
         )
+        return
+    learnt = sorted((int(c["id"]), str(c["name"])) for c in card["categories"])
+    coco = json.loads((data_root / "val.json").read_text())
+    task = sorted((int(c["id"]), str(c["name"])) for c in coco["categories"])
+    if learnt == task:
+        return
+    names = ", ".join(name for _, name in learnt)
+    advice = (
+        "give a teacher of this task, or leave out --teacher"
+        if given
+        else f"move {teacher_weights.parent} away, or give --out another folder"
+    )
+    raise FileExistsError(
+        f"{teacher_weights} learnt other classes ({names}) than the demo's task in {data_root} "
+        f"({', '.join(name for _, name in task)}): {advice}"
+    )
 
 
 def reference_steps() -> dict[str, int]:
@@ -114,7 +128,7 @@ def demo_configs(
 
 
 def demo(
-    out: Path = Path("runs/demo"),
+    out: Path = DEMO_OUT,
     data_root: Path = DEMO_DATA,
     teacher: Path | None = None,
     minutes: float = MINUTES,
@@ -142,7 +156,7 @@ def demo(
     teacher_weights = teacher or out / "teacher" / "teacher.pt"
     reuse_teacher = teacher_weights.is_file()
     if reuse_teacher:
-        check_teacher_task(teacher_weights, data_root)
+        check_teacher_task(teacher_weights, data_root, given=teacher is not None)
     configs = demo_configs(out, data_root, teacher_weights)
     plan: dict[str, Any] = {"scale": 1.0, "steps": reference_steps(), "seconds": {}}
     if minutes > 0:
@@ -217,7 +231,7 @@ def demo(
         result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         flags = {"--out": out, "--data": data_root, "--teacher": teacher, "--minutes": minutes}
         defaults = {
-            "--out": Path("runs/demo"),
+            "--out": DEMO_OUT,
             "--data": DEMO_DATA,
             "--minutes": MINUTES,
         }
@@ -379,8 +393,6 @@ def verdict(result: Mapping[str, Any]) -> str:
 def benchmark_sentence(path: Path) -> str:
     """The committed full benchmark (``scripts/bench_kd.py``), quoted as such with its date and
     machine, from its JSON ("" when there is none or it was a quick run)."""
-    import json
-
     try:
         result = json.loads(path.read_text())
         if result.get("quick"):

@@ -142,25 +142,42 @@ def test_demo_configs_carry_the_planned_schedule(tmp_path: Path) -> None:
     )
     # the reference schedule is the one in configs/demo/*.yaml, as it is written there
     reference = demo_module.demo_configs(out, data, teacher)
-    for name, file in (("teacher", "teacher.yaml"), ("student + KD", "distill.yaml")):
+    for name, file, warmup in (
+        ("teacher", "teacher.yaml", 50),
+        ("student + KD", "distill.yaml", 100),
+    ):
         written = load_config(REPO / "configs" / "demo" / file).train
         assert reference[name].train.max_steps == written.max_steps
-        assert reference[name].train.warmup_steps == written.warmup_steps
+        assert reference[name].train.warmup_steps == written.warmup_steps == warmup
     assert reference["teacher"].train.max_steps == demo_module.TEACHER_STEPS
     assert reference["student"].train.max_steps == demo_module.STUDENT_STEPS
 
 
 def test_a_teacher_of_another_task_is_not_reused(tmp_path: Path) -> None:
-    run = tmp_path / "runs" / "teacher"
-    run.mkdir(parents=True)
-    weights = run / "teacher.pt"
+    from distill.card import write_card
+    from distill.config import Config
+    from distill.data.shapes import CLASSES, generate_shapes
+
+    data = tmp_path / "data"
+    generate_shapes(data, num_train=1, num_val=1, size=96, difficulty="demo")
+    weights = tmp_path / "runs" / "teacher" / "teacher.pt"
+    weights.parent.mkdir(parents=True)
     weights.write_bytes(b"")
-    demo_module.check_teacher_task(weights, tmp_path / "data")  # no run config: trusted
-    (run / "config.yaml").write_text(f"data: {{root: {tmp_path / 'data'}}}\n")
-    demo_module.check_teacher_task(weights, tmp_path / "data")  # its own task
-    (run / "config.yaml").write_text("data: {root: data/shapes-demo}\n")  # the first demo task
-    with pytest.raises(FileExistsError, match=r"was trained on data/shapes-demo .* not on the"):
-        demo_module.check_teacher_task(weights, tmp_path / "data")
+    demo_module.check_teacher_task(weights, data)  # no card: reused with a warning
+
+    def card(names: tuple[str, ...]) -> None:
+        cats = [
+            {"id": CLASSES.index(n) + 1, "name": n, "label": i + 1} for i, n in enumerate(names)
+        ]
+        write_card(weights, Config(), "teacher", len(names) + 1, cats)
+
+    card(("circle", "square", "triangle"))  # the demo's task, labelled as training labels it
+    demo_module.check_teacher_task(weights, data)
+    card(("circle", "square", "triangle", "ellipse"))  # the first demo task's teacher
+    with pytest.raises(FileExistsError, match=r"learnt other classes .*ellipse.* give --out"):
+        demo_module.check_teacher_task(weights, data)
+    with pytest.raises(FileExistsError, match="leave out --teacher"):
+        demo_module.check_teacher_task(weights, data, given=True)
     assert weights.is_file()  # nothing is deleted
 
 

@@ -59,12 +59,14 @@ GENERATOR_VERSION = 1
 BENCHMARK_TRAIN, BENCHMARK_VAL = 7200, 500
 
 # `distill demo`'s task: three classes that differ in outline, not in a detail, and 2-6 objects
-# an image (no empty images), so that every step has many positives to learn from. Learning
-# curves of a from-scratch ResNet50-FPN on it and on the first demo task: configs/demo/teacher.yaml.
+# an image (rarely fewer: a crowded placement may drop one), so that every step has many
+# positives to learn from. Learning curves of a from-scratch ResNet50-FPN on it and on the first
+# demo task: configs/demo/teacher.yaml.
 DEMO_CLASSES: tuple[str, ...] = ("circle", "square", "triangle")
 DEMO_MIN_OBJECTS, DEMO_MAX_OBJECTS, DEMO_MIN_SIZE, DEMO_MAX_SIZE = 2, 6, 24.0, 96.0
-# Its default folder; the first demo task (4 classes, 0-4 objects) lived in data/shapes-demo.
-DEMO_DATA = Path("data/shapes-demo-v2")
+# `distill demo`'s default folders for this task and its runs; the first demo task (4 classes,
+# 0-4 objects) used data/shapes-demo and runs/demo, whose teacher learnt other classes.
+DEMO_DATA, DEMO_OUT = Path("data/shapes-demo-v2"), Path("runs/demo-v2")
 
 _REFERENCE_SIZE = 128  # sizes in Difficulty are pixels at this image size
 _SUPERSAMPLE = 2  # samples per pixel side: anti-aliased edges keep small details readable
@@ -86,6 +88,13 @@ class Difficulty:
     min_contrast: float  # least RGB distance (0..441) between an object and what lies under it
     classes: tuple[str, ...] = CLASSES  # the classes drawn (ids stay CLASSES.index + 1)
     min_objects: int = 0  # objects per image are drawn from min_objects..max_objects
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_objects <= self.max_objects:
+            raise ValueError(
+                f"min_objects must be in 0..max_objects ({self.max_objects}), "
+                f"got {self.min_objects}"
+            )
 
 
 DIFFICULTIES: dict[str, Difficulty] = {
@@ -591,8 +600,15 @@ def _existing_matches(out: Path, manifest: dict[str, Any]) -> bool:
         old = {}
     changed = [k for k in manifest if old.get(k) != manifest[k]]
     if changed:
+        preset = old.get("preset")
+        was: dict[str, Any] = preset if isinstance(preset, dict) else {}
         details = ", ".join(
-            f"{k}: {old.get(k)!r} -> {manifest[k]!r}" for k in changed if k != "preset"
+            [f"{k}: {old.get(k)!r} -> {manifest[k]!r}" for k in changed if k != "preset"]
+            + [
+                f"preset.{k}: {was.get(k)!r} -> {v!r}"
+                for k, v in manifest["preset"].items()
+                if was.get(k) != v
+            ]
         )
         raise FileExistsError(
             f"{out} holds a shapes dataset made with other arguments "

@@ -9,8 +9,8 @@
    now with ``configs/shapes/teacher.yaml``;
 3. for every run seed, the plain student (``configs/shapes/student.yaml``) and the distilled
    student (``configs/shapes/distill.yaml``) on the same schedule, plus, for the first seed only,
-   the ``ABLATIONS`` (each term of the recipe alone; MGD alone, CrossKD alone, CrossKD + CWD
-   and the recipe + CrossKD).
+   the ``ABLATIONS`` (each term of the recipe alone, MGD alone, CrossKD + CWD and the recipe
+   without CrossKD).
    The models of one seed train in **lockstep** (``train_group``: one data stream, one teacher
    forward per batch), and each ends with the weights a separate ``distill run`` gives, so
    grouping changes the cost, not the result;
@@ -61,23 +61,31 @@ from distill.train import train, train_group
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "shapes"
 METRICS = ("map", "ap50", "aps", "apm", "apl")
-NO_KD = [f"{key}=0" for key in KD_WEIGHT_KEYS]
-# The terms the recipe does not use, at the weights their sweeps chose (configs/shapes/distill.yaml
-# has the sweeps' figures in its header).
+
+
+def only(*keep: str) -> list[str]:
+    """Overrides of the default recipe that switch off every KD weight but those in ``keep``."""
+    return [f"{key}=0" for key in KD_WEIGHT_KEYS if key not in keep]
+
+
+FEATURE, LOGIT, BOX = "distill.feature.weight", "distill.logit.weight", "distill.box.weight"
+CROSSKD = ("distill.crosskd.cls_weight", "distill.crosskd.box_weight")
+# A term the recipe does not use, at the weight its sweep chose (configs/shapes/distill.yaml has
+# the sweeps' figures in its header).
 MGD = ["distill.feature.kind=mgd", "distill.feature.weight=1.0e-8"]
-CROSSKD = ["distill.crosskd.cls_weight=3", "distill.crosskd.box_weight=1",
-           "distill.crosskd.teacher_layer=3"]  # fmt: skip
-# Rows of the first seed only, as overrides of configs/shapes/distill.yaml (the default recipe):
-# each of its terms alone, then the newer terms alone and CrossKD beside the best feature term.
+# Rows of the first seed only, as overrides of configs/shapes/distill.yaml (the default recipe:
+# CWD + soft labels + box KD + CrossKD): each of its terms alone, MGD alone, CrossKD beside the
+# feature term, and the recipe without CrossKD (the default before CrossKD joined it).
 ABLATIONS = {
-    "feature KD only": ["distill.logit.weight=0", "distill.box.weight=0"],
-    "logit KD only": ["distill.feature.weight=0", "distill.box.weight=0"],
-    "box KD only": ["distill.feature.weight=0", "distill.logit.weight=0"],
-    "MGD only": [*NO_KD, *MGD],
-    "CrossKD only": [*NO_KD, *CROSSKD],
-    "CrossKD + CWD": [*NO_KD, "distill.feature.kind=cwd", "distill.feature.weight=6", *CROSSKD],
-    "student + KD + CrossKD": CROSSKD,  # the recipe with CrossKD added
+    "feature KD only": only(FEATURE),
+    "logit KD only": only(LOGIT),
+    "box KD only": only(BOX),
+    "MGD only": [*only(), *MGD],
+    "CrossKD only": only(*CROSSKD),
+    "CrossKD + CWD": only(FEATURE, *CROSSKD),
+    "student + KD without CrossKD": only(FEATURE, LOGIT, BOX),
 }
+
 QUICK = [
     "data.image_size=64",
     "data.batch_size=4",

@@ -20,6 +20,39 @@ def load_bench_kd() -> ModuleType:
     return load_script("bench_kd")
 
 
+def test_each_ablation_keeps_exactly_the_terms_its_name_says() -> None:
+    """The ablations are overrides of the default recipe: "X only" leaves X's weights as the
+    recipe has them and every other KD weight at 0; the recipe without CrossKD drops only it."""
+    from distill.config import KD_WEIGHT_KEYS, flatten, load_config
+
+    bench = load_bench_kd()
+    recipe_cfg = load_config(bench.CONFIGS / "distill.yaml")
+
+    def weights(overrides: list[str]) -> dict[str, float]:
+        flat = flatten(load_config(bench.CONFIGS / "distill.yaml", overrides))
+        return {key: flat[key] for key in KD_WEIGHT_KEYS}
+
+    recipe = weights([])
+    assert all(w > 0 for w in recipe.values()), recipe  # the default uses every term
+    assert recipe_cfg.distill.feature.kind == "cwd"  # so "CrossKD + CWD" is CrossKD + the recipe's
+    crosskd = {"distill.crosskd.cls_weight", "distill.crosskd.box_weight"}
+    kept = {
+        "feature KD only": {"distill.feature.weight"},
+        "logit KD only": {"distill.logit.weight"},
+        "box KD only": {"distill.box.weight"},
+        "CrossKD only": crosskd,
+        "CrossKD + CWD": {"distill.feature.weight", *crosskd},
+        "student + KD without CrossKD": set(KD_WEIGHT_KEYS) - crosskd,
+    }
+    for name, keys in kept.items():
+        got = weights(bench.ABLATIONS[name])
+        assert got == {k: (recipe[k] if k in keys else 0.0) for k in KD_WEIGHT_KEYS}, name
+    mgd = load_config(bench.CONFIGS / "distill.yaml", bench.ABLATIONS["MGD only"])
+    assert mgd.distill.feature.kind == "mgd" and weights(bench.ABLATIONS["MGD only"]) == {
+        k: (1.0e-8 if k == "distill.feature.weight" else 0.0) for k in KD_WEIGHT_KEYS
+    }
+
+
 def test_a_dataset_made_with_other_arguments_is_refused_not_reused(tmp_path: Path) -> None:
     from distill.data.shapes import generate_shapes
 
@@ -46,7 +79,9 @@ def test_quick_benchmark_writes_every_model_and_the_gap(
     saved = json.loads(out.read_text())
     assert saved["seeds"] == [0, 1] and saved["quick"] is True
     names = ["teacher", "student", "student + KD", *bench.ABLATIONS]
-    assert {"MGD only", "CrossKD only", "CrossKD + CWD"} <= set(bench.ABLATIONS)
+    assert {"MGD only", "CrossKD only", "CrossKD + CWD", "student + KD without CrossKD"} <= set(
+        bench.ABLATIONS
+    )
     assert list(saved["models"]) == names
     for name in names:
         model = saved["models"][name]
@@ -154,7 +189,7 @@ def test_aggregation_from_known_per_seed_maps(
         "MGD only": [0.23],
         "CrossKD only": [0.24],
         "CrossKD + CWD": [0.26],
-        "student + KD + CrossKD": [0.27],
+        "student + KD without CrossKD": [0.27],
     }
     assert list(maps)[2:] == ["student + KD", *bench.ABLATIONS][1:]  # the order of the groups
     calls: list[int] = []

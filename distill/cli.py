@@ -27,7 +27,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from distill.checkpoint import CheckpointError
 from distill.config import Config, ConfigError, load_config
 from distill.data.coco import DatasetError
 from distill.data.shapes import (
@@ -37,6 +36,7 @@ from distill.data.shapes import (
     DEMO_OUT,
     generate_shapes,
 )
+from distill.engine.checkpoint import CheckpointError
 
 
 class UserError(Exception):
@@ -220,9 +220,10 @@ def _last_line(err: Exception) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(_onnx_first(list(sys.argv[1:] if argv is None else argv)))
-    from distill.export import ExportError, MissingExtraError
-    from distill.train import NonFiniteLoss, TrainingStopped
-    from distill.weights import WeightsError
+    # imported here, not at the top: keeps the CLI's start-up fast
+    from distill.deploy.onnx_runtime import ExportError, MissingExtraError
+    from distill.engine.loop import NonFiniteLoss, TrainingStopped
+    from distill.models.weights import WeightsError
 
     try:
         return _dispatch(args)
@@ -256,17 +257,20 @@ def _dispatch(args: argparse.Namespace) -> int:
             seed=args.seed,
             difficulty=args.difficulty,
         )
+        # imported here, not at the top: keeps the CLI's start-up fast
         from distill.data.stats import format_stats
 
         print(format_stats(args.out, ["train.json", "val.json"], "images"))
         return 0
     if args.command == "data" and args.data_command == "stats":
+        # imported here, not at the top: keeps the CLI's start-up fast
         from distill.data.stats import format_stats
 
         print(format_stats(args.root, args.ann or ["train.json", "val.json"], args.images))
         return 0
     if args.command == "summary":
-        from distill.summary import format_summary, summarize
+        # imported here, not at the top: keeps the CLI's start-up fast
+        from distill.evaluation.cost import format_summary, summarize
 
         cfg = load_config(args.config, args.overrides)
         result = summarize(cfg, deploy=not args.no_deploy)
@@ -278,14 +282,16 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(format_summary(result))
         return 0
     if args.command in ("train-teacher", "run"):
-        from distill.train import train
+        # imported here, not at the top: keeps the CLI's start-up fast
+        from distill.engine.loop import train
 
         cfg = load_config(args.config, args.overrides)
         job = "teacher" if args.command == "train-teacher" else "student"
         train(cfg, job=job, resume=args.resume, fallback=args.resume_fallback)
         return 0
     if args.command == "eval":
-        from distill.evaluate import eval_command
+        # imported here, not at the top: keeps the CLI's start-up fast
+        from distill.evaluation.evaluate import eval_command
 
         if _names_weights(args):
             cfg, args.weights = _run_config(args)
@@ -299,7 +305,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         eval_command(cfg, list(zip(models, args.weights)), out=args.out)
         return 0
     if args.command == "predict":
-        from distill.predict import predict_images
+        # imported here, not at the top: keeps the CLI's start-up fast
+        from distill.deploy.predict import predict_images
 
         for flag, value in (
             ("--score-thresh", args.score_thresh),
@@ -321,14 +328,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return 0
     if args.command == "export":
-        from distill.export import export_command
+        # imported here, not at the top: keeps the CLI's start-up fast
+        from distill.deploy.export import export_command
 
         if args.fmt != "onnx":
             raise UserError(f"--format {args.fmt}: unknown format; known: onnx")
         export_command(args.path, args.model, args.fmt, args.out, args.raw)
         return 0
     if args.command == "sweep":
-        from distill.sweep import sweep_command
+        # imported here, not at the top: keeps the CLI's start-up fast
+        from distill.experiments.sweep import sweep_command
 
         cfg = load_config(args.config, args.overrides)
         sweep_command(
@@ -341,7 +350,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return 0
     if args.command == "demo":
-        from distill.demo import demo
+        # imported here, not at the top: keeps the CLI's start-up fast
+        from distill.experiments.demo import demo
 
         if args.teacher is not None and not args.teacher.is_file():
             raise UserError(f"--teacher {args.teacher}: no such file (a teacher.pt to reuse)")
@@ -358,7 +368,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return 0
     if args.command == "report":
-        from distill.report import ReportError, report_command
+        # imported here, not at the top: keeps the CLI's start-up fast
+        from distill.report.collect import report_command
+        from distill.report.model import ReportError
 
         try:
             report_command(
@@ -393,7 +405,8 @@ def _names_weights(args: argparse.Namespace) -> bool:
 def _run_config(args: argparse.Namespace) -> tuple[Config, list[str]]:
     """``distill eval RUN_DIR_OR_WEIGHTS``: the run's config.yaml (it names the validation set)
     and the weights file."""
-    from distill.deploy import find_weights
+    # imported here, not at the top: keeps the CLI's start-up fast
+    from distill.deploy.rebuild import find_weights
 
     kind = (args.model or ["student"])[0]
     weights = find_weights(args.config, kind)
@@ -409,7 +422,8 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, list[str]]:
 def _predict_source(args: argparse.Namespace) -> tuple[Config, str, list[Path]]:
     """(config, weights, inputs) of ``distill predict``: CONFIG is a YAML config (with
     --weights), a run directory or a weights file with its card; with --onnx there is none."""
-    from distill.deploy import card_config
+    # imported here, not at the top: keeps the CLI's start-up fast
+    from distill.deploy.rebuild import card_config
 
     if args.config.suffix == ".onnx":
         args.onnx = args.config

@@ -43,20 +43,20 @@ from typing import Any
 
 import torch
 
-from distill.checkpoint import (
+from distill.config import KD_WEIGHT_KEYS, Config, load_config
+from distill.data.shapes import BENCHMARK_TRAIN, BENCHMARK_VAL, generate_shapes
+from distill.engine.checkpoint import (
     CheckpointError,
     TeacherMismatchError,
     find_checkpoint,
     has_checkpoint,
 )
-from distill.config import KD_WEIGHT_KEYS, Config, load_config
-from distill.data.shapes import BENCHMARK_TRAIN, BENCHMARK_VAL, generate_shapes
-from distill.evaluate import evaluate_checkpoints, run_metrics, write_json
-from distill.goals import Goal, check_goals
-from distill.report import report_command
-from distill.report_figures import bench_figure
-from distill.summary import summarize
-from distill.train import train, train_group
+from distill.engine.loop import train, train_group
+from distill.evaluation.cost import summarize
+from distill.evaluation.evaluate import evaluate_checkpoints, run_metrics, write_json
+from distill.experiments.goals import Goal, check_goals
+from distill.report.collect import report_command
+from distill.report.figures import bench_figure
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "shapes"

@@ -17,7 +17,7 @@ variants, each on the same batch within an iteration:
   sweep_step       transform + teacher forward + K student KD steps, each with its own module,
                    optimizer and scheduler: a ``distill sweep`` lockstep step
 
-A student step is the body of the loop in ``distill.train.train_group`` for one trainee:
+A student step is the body of the loop in ``distill.engine.loop.train_group`` for one trainee:
 forward, detection loss, KD terms, combine, the non-finite check, backward, clip, optimizer
 step, scheduler step. Iterations are round-robin: each runs one timed step of every variant,
 starting one variant later than the iteration before, so that machine noise (and the order)
@@ -72,17 +72,12 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection.image_list import ImageList
 
-from distill.build import (
-    Trainee,
-    build_accelerator,
-    build_train_loader,
-    build_trainee,
-    native_bf16,
-)
 from distill.config import KD_WEIGHT_KEYS, Config, load_config, replace
-from distill.dense import DenseOutputs, build_transform
-from distill.machine import machine
-from distill.train import SKIPPED, teacher_forward, train_step
+from distill.engine.accelerator import native_bf16
+from distill.engine.build import Trainee, build_accelerator, build_train_loader, build_trainee
+from distill.engine.step import SKIPPED, teacher_forward, train_step
+from distill.experiments.machine import machine
+from distill.models.retinanet import DenseOutputs, build_transform
 
 log = logging.getLogger("bench_speed")
 
@@ -694,7 +689,7 @@ def deployment(settings: Settings) -> dict[str, Any]:
     """``distill summary``'s deployment numbers for the benchmark's config and size: per model
     {pytorch_ms, onnxruntime_ms, weights_mb, onnx_mb, threads} and student / teacher ratios
     (the deployed graph at batch 1 on the CPU, median of ``iters`` runs after ``warmup``)."""
-    from distill.summary import summarize
+    from distill.evaluation.cost import summarize
 
     cfg = load_config(settings.config, [*settings.overrides, f"data.image_size={settings.size}"])
     result = summarize(cfg, warmup=settings.warmup, iterations=settings.iters, deploy=True)

@@ -5,7 +5,7 @@
 tests/test_coco_parity.py checks the same at 96 / 160 to stay cheap; this measures the largest
 box and score differences between ``model.eval()(images)`` of torchvision's builder (seeded
 random weights, classification bias raised so that there are detections) and the project's
-detections (``distill.evaluate.detect``) with the weights loaded through the COCO config.
+detections (``distill.evaluation.evaluate.detect``) with the weights loaded through the COCO config.
 About 2 CPU-minutes per arch on 2 cores.
 """
 
@@ -20,10 +20,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from distill.build import make_accelerator  # noqa: E402
 from distill.config import load_config  # noqa: E402
-from distill.dense import build_transform  # noqa: E402
-from distill.evaluate import detect, load_detector  # noqa: E402
+from distill.engine.accelerator import make_accelerator  # noqa: E402
+from distill.evaluation.evaluate import detect, load_detector  # noqa: E402
+from distill.models.retinanet import build_transform  # noqa: E402
 from tests.test_coco_parity import ARCHS, NUM_CLASSES, raise_bias  # noqa: E402
 
 SIZES = ((480, 640), (200, 150))  # (H, W): a COCO-like landscape, a portrait below min_size

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from distill.files import import_script
+from distill.fileio import import_script
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -31,9 +31,10 @@ def _script(name: str) -> ModuleType:
 
 
 def _formatter(name: str) -> ModuleType:
-    """What formats results file ``name``: ``distill.demo`` for ``demo*``, else its script."""
+    """What formats results file ``name``: ``distill.experiments.demo`` for ``demo*``, else its
+    script."""
     if name.startswith("demo"):
-        return importlib.import_module("distill.demo")
+        return importlib.import_module("distill.experiments.demo")
     return _script(name)
 
 

@@ -28,9 +28,9 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.resnet import Bottleneck
 
 from distill.config import Config, register_choices, resize_bounds
-from distill.dense import build_anchor_generator
-from distill.settings import check_trained_settings, torchvision_file_names
-from distill.weights import (
+from distill.models.provenance import check_trained_settings, torchvision_file_names
+from distill.models.retinanet import build_anchor_generator
+from distill.models.weights import (
     FreezableRetinaNet,
     load_detector_weights,
     load_state_dict_file,

@@ -9,9 +9,10 @@ SPEC is a JSON list of commands, run in order in the same process (one process g
      "nan_rank": 1, "nan_steps": [1, 2],          # optional: non-finite total loss on that rank
      "digest_dir": "DIR"}                         # optional: DIR/digest.rank{R}.json, see below
 
-The non-finite loss replaces ``distill.train.combine``'s total on the chosen rank and steps, so
-only that process sees it. The digest file records, for the detector that rank evaluates at the
-end of training, SHA-256 digests taken before anything is broadcast and at the evaluation:
+The non-finite loss replaces ``distill.engine.step.combine``'s total on the chosen rank and
+steps, so only that process sees it. The digest file records, for the detector that rank
+evaluates at the end of training, SHA-256 digests taken before anything is broadcast and at
+the evaluation:
 
     {"broadcast_before": digest of the tensors the loop broadcasts from process 0 (BatchNorm
                          buffers), as this rank held them after its last training step,
@@ -35,15 +36,16 @@ from typing import Any
 
 import torch
 
-import distill.train
-from distill.checkpoint import state_digest
+import distill.engine.loop
+import distill.engine.step
 from distill.cli import main
+from distill.engine.checkpoint import state_digest
 
 RANK = int(os.environ.get("RANK", "0"))
 
 
 def patched(spec: dict[str, Any]) -> None:
-    """Install (or remove) this command's patches of ``distill.train``."""
+    """Install (or remove) this command's patches of ``distill.engine.loop``."""
     nan_steps = set(spec.get("nan_steps") or ()) if spec.get("nan_rank") == RANK else set()
 
     def combine(*args: Any, **kwargs: Any) -> Any:
@@ -75,9 +77,9 @@ def patched(spec: dict[str, Any]) -> None:
             path.write_text(json.dumps(digests))
         return _evaluate(detector, *args, **kwargs)
 
-    distill.train.combine = combine
-    distill.train.broadcast = broadcast
-    distill.train.evaluate = evaluate
+    distill.engine.step.combine = combine
+    distill.engine.loop.broadcast = broadcast
+    distill.engine.loop.evaluate = evaluate
 
 
 def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
@@ -89,9 +91,9 @@ def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-_combine = distill.train.combine
-_broadcast = distill.train.broadcast
-_evaluate = distill.train.evaluate
+_combine = distill.engine.step.combine
+_broadcast = distill.engine.loop.broadcast
+_evaluate = distill.engine.loop.evaluate
 
 
 def run(specs: list[dict[str, Any]]) -> int:

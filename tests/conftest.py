@@ -8,7 +8,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from distill.files import import_script
+from distill.fileio import import_script
 
 # Two cores are shared by the test process and its data-loader workers: keep torch to one thread
 # per process so that multi-process tests do not oversubscribe the machine.

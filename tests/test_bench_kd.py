@@ -11,8 +11,8 @@ from types import ModuleType
 
 import pytest
 
-from distill.goals import goal_met, goal_text
-from distill.weights import load_state_dict_file, save_state_dict_file
+from distill.experiments.goals import goal_met, goal_text
+from distill.models.weights import load_state_dict_file, save_state_dict_file
 from tests.conftest import load_script
 
 

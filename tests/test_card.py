@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.card import CARD_VERSION, CardError, card_path, read_card, write_card
 from distill.config import TORCHVISION_ANCHORS, load_config, replace
+from distill.models.card import CARD_VERSION, CardError, card_path, read_card, write_card
 from tests.conftest import REPO
 
 CATEGORIES = [{"id": 1, "name": "person", "label": 1}, {"id": 3, "name": "car", "label": 3}]

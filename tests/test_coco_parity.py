@@ -26,12 +26,13 @@ from torchvision.models.detection import (
     retinanet_resnet50_fpn_v2,
 )
 
-from distill.build import build_models, make_accelerator
 from distill.cli import main
 from distill.config import TORCHVISION_ANCHORS, Config, load_config
 from distill.data import load_image
-from distill.dense import build_anchor_generator, build_transform, detection_loss
-from distill.evaluate import detect, load_detector
+from distill.engine.accelerator import make_accelerator
+from distill.engine.build import build_models
+from distill.evaluation.evaluate import detect, load_detector
+from distill.models.retinanet import build_anchor_generator, build_transform, detection_loss
 from tests.conftest import REPO
 
 ARCHS = {

@@ -12,9 +12,9 @@ from torch import nn
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import box_iou
 
-from distill.checkpoint import state_digest
 from distill.config import CrossKDConfig, DistillConfig, load_config
-from distill.dense import DenseOutputs
+from distill.engine.checkpoint import state_digest
+from distill.engine.loop import train, train_group
 from distill.losses import (
     CrossHead,
     combine,
@@ -25,9 +25,9 @@ from distill.losses import (
     mgd_mask,
 )
 from distill.losses.crosskd import align_scale, channel_stats, held_tower_outputs, match_anchors
-from distill.module import StudentModule
-from distill.train import train, train_group
-from distill.weights import load_state_dict_file
+from distill.models.retinanet import DenseOutputs
+from distill.models.trainable import StudentModule
+from distill.models.weights import load_state_dict_file
 from tests.conftest import REPO
 from tests.test_gpu_path import QUIET_EVAL, assert_same_weights
 
@@ -325,7 +325,7 @@ def test_mgd_loss_is_zero_when_the_generator_reproduces_the_teacher() -> None:
 
 def test_the_student_modules_masks_change_each_step_and_a_checkpoint_keeps_their_stream() -> None:
     cfg = load_config(SMOKE, ["distill.feature.kind=mgd", "distill.feature.weight=1"])
-    from distill.build import build_models
+    from distill.engine.build import build_models
 
     module, _ = build_models(cfg, "student", 9)
     module.train()
@@ -375,9 +375,9 @@ def test_mgd_and_crosskd_train_in_lockstep_as_alone_and_leave_no_blocks_in_stude
 
 
 def test_the_kd_terms_of_a_crosskd_step_are_finite_and_reach_the_student(shapes_root: Path) -> None:
-    from distill.build import build_models
-    from distill.dense import build_transform
-    from distill.train import teacher_forward
+    from distill.engine.build import build_models
+    from distill.engine.step import teacher_forward
+    from distill.models.retinanet import build_transform
 
     cfg = load_config(SMOKE, [f"data.root={shapes_root}", *MGD, *CROSSKD])
     module, teacher = build_models(cfg, "student", 9)
@@ -437,8 +437,8 @@ def test_the_kd_terms_of_a_crosskd_step_are_finite_and_reach_the_student(shapes_
 
 
 def test_a_crosskd_layer_beyond_a_head_is_a_config_error_naming_the_key() -> None:
-    from distill.build import build_models
     from distill.config import ConfigError
+    from distill.engine.build import build_models
 
     for extra, key in (("distill.crosskd.layer=2", "layer 2"),
                        ("distill.crosskd.teacher_layer=5", "teacher_layer 5")):  # fmt: skip

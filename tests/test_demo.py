@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-import distill.demo as demo_module
-from distill.build import check_lockstep
+import distill.experiments.demo as demo_module
 from distill.config import load_config
+from distill.engine.build import check_lockstep
 from tests.conftest import REPO, load_script
 
 
@@ -154,9 +154,9 @@ def test_demo_configs_carry_the_planned_schedule(tmp_path: Path) -> None:
 
 
 def test_a_teacher_of_another_task_is_not_reused(tmp_path: Path) -> None:
-    from distill.card import write_card
     from distill.config import Config
     from distill.data.shapes import CLASSES, generate_shapes
+    from distill.models.card import write_card
 
     data = tmp_path / "data"
     generate_shapes(data, num_train=1, num_val=1, size=96, difficulty="demo")

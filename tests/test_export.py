@@ -12,20 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.card import dataset_categories, write_card
 from distill.cli import main
 from distill.config import Config, load_config
 from distill.data import build_dataset
-from distill.evaluate import coco_metrics
-from distill.export import DeployedDetector, ExportError, export_command, require_onnx
-from distill.weights import save_state_dict_file
+from distill.deploy.export import DeployedDetector, export_command
+from distill.deploy.onnx_runtime import ExportError, require_onnx
+from distill.evaluation.evaluate import coco_metrics
+from distill.models.card import dataset_categories, write_card
+from distill.models.weights import save_state_dict_file
 from students import STUDENTS, build_student
 from teachers import build_teacher
 from tests.conftest import REPO, smoke_overrides
 
 pytest.importorskip("onnxruntime", reason="the 'export' extra: pip install -e '.[export]'")
 
-from distill.onnxrun import (
+from distill.deploy.onnx_runtime import (
     check_export,
     detect_onnx,
     match_detections,
@@ -181,10 +182,10 @@ def test_eval_a_run_directory(run_dir: Path, shapes_root: Path, tmp_path: Path) 
 def test_onnx_map_equals_pytorch_on_shapes_val(
     exported: Path, run_dir: Path, shapes_root: Path
 ) -> None:
-    from distill.build import make_accelerator
     from distill.data import predictions_to_coco
-    from distill.dense import build_transform
-    from distill.evaluate import predict
+    from distill.engine.accelerator import make_accelerator
+    from distill.evaluation.evaluate import predict
+    from distill.models.retinanet import build_transform
 
     cfg = load_config(SMOKE, smoke_overrides(shapes_root, run_dir))
     dataset = build_dataset(cfg.data, "val")
@@ -244,7 +245,7 @@ def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch, run_dir: Path, 
 
 
 def test_summary_deployment_numbers(shapes_root: Path, tmp_path: Path) -> None:
-    from distill.summary import deploy_latency, format_deploy
+    from distill.evaluation.cost import deploy_latency, format_deploy
 
     cfg = load_config(SMOKE, smoke_overrides(shapes_root, tmp_path))
     save_model(cfg, "student", tmp_path)
@@ -270,6 +271,6 @@ def test_summary_deployment_numbers(shapes_root: Path, tmp_path: Path) -> None:
 
 
 def _load(run_dir: Path):  # type: ignore[no-untyped-def]
-    from distill.deploy import load_from_card
+    from distill.deploy.rebuild import load_from_card
 
     return load_from_card(run_dir)

@@ -21,22 +21,19 @@ from accelerate import PartialState
 from accelerate.utils import GradScalerKwargs, set_seed
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import distill.build
-import distill.train
-from distill.build import build_models, check_lockstep, make_accelerator
+import distill.engine.accelerator
+import distill.engine.loop
+import distill.engine.step
 from distill.config import Config, ConfigError, load_config
 from distill.data import build_dataset, collate
-from distill.dense import build_transform, detection_loss
+from distill.engine.accelerator import make_accelerator
+from distill.engine.build import build_models, check_lockstep
+from distill.engine.loop import TrainingStopped, train, train_group
+from distill.engine.step import mean_over_processes, teacher_forward
+from distill.experiments.sweep import is_lockstep, parse_grid, sweep_command
 from distill.losses import combine, distill_terms, feature_kd_loss
-from distill.sweep import is_lockstep, parse_grid, sweep_command
-from distill.train import (
-    TrainingStopped,
-    mean_over_processes,
-    teacher_forward,
-    train,
-    train_group,
-)
-from distill.weights import load_state_dict_file
+from distill.models.retinanet import build_transform, detection_loss
+from distill.models.weights import load_state_dict_file
 from tests.conftest import REPO, smoke_overrides
 
 SMOKE = REPO / "configs" / "shapes" / "smoke.yaml"
@@ -62,9 +59,11 @@ def test_fp16_overflows_shrink_the_scale_and_a_resume_keeps_it(
     1000x an overflow): the first two steps are the scaler's own skips. The run, stopped
     after the first one and resumed, goes on; they are not non-finite losses, the LR schedule
     waits for them, and the resumed run starts from the saved scale."""
-    monkeypatch.setenv(distill.build.CPU_FP16_ENV, "1")
+    monkeypatch.setenv(distill.engine.accelerator.CPU_FP16_ENV, "1")
     monkeypatch.setattr(
-        distill.build, "GRAD_SCALER", GradScalerKwargs(init_scale=1e10, backoff_factor=1e-3)
+        distill.engine.accelerator,
+        "GRAD_SCALER",
+        GradScalerKwargs(init_scale=1e10, backoff_factor=1e-3),
     )
 
     def config(out: Path) -> Config:
@@ -156,9 +155,9 @@ def project_imports(path: Path) -> set[str]:
 
 
 def test_the_config_is_a_leaf_and_the_registries_declare_their_names() -> None:
-    """distill.config imports no registry (only distill.files, which imports nothing of the
+    """distill.config imports no registry (only distill.fileio, which imports nothing of the
     project); the names it checks come from the registries, which declare them."""
-    assert project_imports(REPO / "distill" / "config.py") <= {"distill.files"}
+    assert project_imports(REPO / "distill" / "config.py") <= {"distill.fileio"}
     assert project_imports(REPO / "distill" / "files.py") == set()
     import students
     import teachers
@@ -206,7 +205,7 @@ def test_a_kd_step_that_does_not_log_syncs_with_the_host_at_most_twice(
     divides by ``max(1, num_foreground)`` of each image (a device sync on a GPU, torchvision's
     code, in the plain student's step too). The loader runs in a worker, as in real runs."""
     counter, at_batch = HostSyncs(), []
-    trace_batch = distill.train._trace_batch
+    trace_batch = distill.engine.loop._trace_batch
 
     def traced(*args: Any) -> None:
         at_batch.append(dict(counter.counts))
@@ -217,10 +216,12 @@ def test_a_kd_step_that_does_not_log_syncs_with_the_host_at_most_twice(
         module.forward = counter.counting_as("transform", module.forward)  # type: ignore[method-assign]
         return module
 
-    monkeypatch.setattr(distill.train, "_trace_batch", traced)
-    monkeypatch.setattr(distill.train, "build_transform", transform)
+    monkeypatch.setattr(distill.engine.loop, "_trace_batch", traced)
+    monkeypatch.setattr(distill.engine.loop, "build_transform", transform)
     monkeypatch.setattr(
-        distill.train, "detection_loss", counter.counting_as("focal", distill.train.detection_loss)
+        distill.engine.step,
+        "detection_loss",
+        counter.counting_as("focal", distill.engine.step.detection_loss),
     )
     out = tmp_path / "kd"
     overrides = [*smoke_overrides(shapes_root, out), "train.log_every=100", "train.max_steps=3",
@@ -293,7 +294,7 @@ def sweep_report(shapes_root: Path, out: Path) -> None:
     def fake_group(cfgs: list[Config], *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
         return [fake_train(c) for c in cfgs]
 
-    distill.train.train, distill.train.train_group = fake_train, fake_group
+    distill.engine.loop.train, distill.engine.loop.train_group = fake_train, fake_group
     sweep_args = [f"data.root={shapes_root}", f"output.dir={out / f'sweep.rank{rank}'}"]
     sweep_cfg = load_config(SMOKE, sweep_args)
     grid = ["distill.logit.temperature=1,2"]

@@ -11,12 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.checkpoint import CheckpointError, RunExistsError, check_fresh, find_checkpoint
 from distill.cli import main
 from distill.config import load_config
 from distill.data import build_dataset
 from distill.data.coco import DatasetError
-from distill.weights import WeightsError, WeightsMismatchError, read_weights, save_state_dict_file
+from distill.engine.checkpoint import CheckpointError, RunExistsError, check_fresh, find_checkpoint
+from distill.models.weights import (
+    WeightsError,
+    WeightsMismatchError,
+    read_weights,
+    save_state_dict_file,
+)
 from students import build_student
 from tests.conftest import REPO
 

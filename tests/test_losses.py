@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.config import BoxKDConfig, DistillConfig, FeatureKDConfig, LogitKDConfig
-from distill.dense import DenseOutputs
 from distill.losses import (
     GlobalContextBlock,
     box_distill_loss,
@@ -31,6 +30,7 @@ from distill.losses import (
     soft_label_loss,
     teacher_confidence,
 )
+from distill.models.retinanet import DenseOutputs
 
 
 @pytest.fixture(autouse=True)

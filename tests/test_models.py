@@ -19,10 +19,11 @@ from torchvision.models import mobilenet_v3_large, mobilenet_v3_small
 from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights, retinanet_resnet50_fpn
 from torchvision.models.detection.image_list import ImageList
 
-import distill.summary as summary_module
+import distill.evaluation.cost as summary_module
 from distill.cli import main
 from distill.config import AnchorConfig, Config, load_config, replace
-from distill.dense import (
+from distill.evaluation.cost import DEFAULT_NUM_CLASSES, _num_classes, format_summary
+from distill.models.retinanet import (
     LEVELS,
     STRIDES,
     DenseOutputs,
@@ -34,8 +35,7 @@ from distill.dense import (
     feature_strides,
     postprocess,
 )
-from distill.summary import DEFAULT_NUM_CLASSES, _num_classes, format_summary
-from distill.weights import (
+from distill.models.weights import (
     CLS_LOGITS_KEYS,
     FreezableRetinaNet,
     WeightsMismatchError,

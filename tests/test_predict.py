@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.build import make_accelerator
-from distill.card import dataset_categories, write_card
 from distill.cli import main
 from distill.config import Config, load_config
 from distill.data import build_dataset
-from distill.dense import build_transform
-from distill.evaluate import load_detector, predict
-from distill.predict import find_categories
-from distill.weights import save_state_dict_file
+from distill.deploy.predict import find_categories
+from distill.engine.accelerator import make_accelerator
+from distill.evaluation.evaluate import load_detector, predict
+from distill.models.card import dataset_categories, write_card
+from distill.models.retinanet import build_transform
+from distill.models.weights import save_state_dict_file
 from students import build_student
 from tests.conftest import REPO, smoke_overrides
 

@@ -34,21 +34,23 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import distill.train
-from distill.build import build_models, build_optimizer, check_not_optimized, make_accelerator
-from distill.checkpoint import (
+import distill.engine.loop
+import distill.engine.step
+from distill.cli import main
+from distill.config import ConfigError, load_config
+from distill.data import build_dataset, predictions_to_coco
+from distill.engine.accelerator import make_accelerator
+from distill.engine.build import build_models, build_optimizer, check_not_optimized
+from distill.engine.checkpoint import (
     ModelsMismatchError,
     find_checkpoint,
     state_digest,
     write_text_atomic,
 )
-from distill.cli import main
-from distill.config import ConfigError, load_config
-from distill.data import build_dataset, predictions_to_coco
-from distill.dense import build_transform
-from distill.evaluate import coco_metrics, evaluate, write_json
-from distill.train import TrainingStopped, train, train_group
-from distill.weights import load_state_dict_file, save_state_dict_file
+from distill.engine.loop import TrainingStopped, train, train_group
+from distill.evaluation.evaluate import coco_metrics, evaluate, write_json
+from distill.models.retinanet import build_transform
+from distill.models.weights import load_state_dict_file, save_state_dict_file
 from students import build_student
 from teachers import build_teacher
 from tests.conftest import REPO
@@ -758,7 +760,7 @@ def test_yaml_with_a_python_tag_is_refused(
 
 
 def nan_on(steps: set[int], calls: list[int] | None = None) -> Callable[..., Any]:
-    real = distill.train.combine
+    real = distill.engine.step.combine
 
     def combine(det: Any, kd: Any, cfg: Any, step: int, epoch: int) -> Any:
         if calls is not None:
@@ -776,7 +778,7 @@ def test_nonfinite_step_is_skipped_and_counted(
     included), and the skip is counted in metrics.json and TensorBoard."""
     out = tmp_path / "run"
     cfg = load_config(SMOKE, plain(shapes_root, out, "train.max_steps=1", "data.max_val_images=1"))
-    monkeypatch.setattr(distill.train, "combine", nan_on({0}))
+    monkeypatch.setattr(distill.engine.step, "combine", nan_on({0}))
     train(cfg)
     num_classes = build_dataset(cfg.data, "train").num_categories + 1
     set_seed(cfg.train.seed)
@@ -795,7 +797,7 @@ def test_too_many_nonfinite_losses_in_a_row_stop_the_run(
 ) -> None:  # fmt: skip
     """NaN at steps 0, 2, 3 with max_nonfinite=2: step 1 resets the count, step 3 stops."""
     calls: list[int] = []
-    monkeypatch.setattr(distill.train, "combine", nan_on({0, 2, 3}, calls))
+    monkeypatch.setattr(distill.engine.step, "combine", nan_on({0, 2, 3}, calls))
     out = tmp_path / "run"
     overrides = plain(shapes_root, out, "train.max_nonfinite=2")
     assert main(["run", str(SMOKE), *sets(*overrides)]) == 1
@@ -921,14 +923,14 @@ def test_run_raises_if_the_teacher_changes(
     shapes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A teacher forward in training mode (its BatchNorm statistics move) fails the run."""
-    real = distill.train.dense_forward
+    real = distill.engine.step.dense_forward
 
     def forward_in_train_mode(model: torch.nn.Module, *args: Any) -> Any:
         for m in model.modules():  # what a bug that bypasses the pinned eval mode would do
             m.training = True
         return real(model, *args)
 
-    monkeypatch.setattr(distill.train, "dense_forward", forward_in_train_mode)
+    monkeypatch.setattr(distill.engine.step, "dense_forward", forward_in_train_mode)
     cfg = load_config(SMOKE, [f"data.root={shapes_root}", f"output.dir={tmp_path}",
                               "train.max_steps=1", "data.max_val_images=1",
                               "eval.images_logged=0"])  # fmt: skip

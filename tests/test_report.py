@@ -15,9 +15,10 @@ from PIL import Image
 
 from distill.cli import main
 from distill.config import load_config
-from distill.report import Model, ReportError, collect, gain_and_gap
-from distill.report_figures import bench_figure
-from distill.report_html import training_section
+from distill.report.collect import collect
+from distill.report.figures import bench_figure
+from distill.report.html import training_section
+from distill.report.model import Model, ReportError, gain_and_gap
 from tests.conftest import REPO, smoke_overrides
 from tests.test_bench_kd import load_bench_kd
 
@@ -47,7 +48,7 @@ def trained(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     import torch
 
     from distill.data import build_dataset
-    from distill.weights import save_state_dict_file
+    from distill.models.weights import save_state_dict_file
     from teachers import build_teacher
 
     root = tmp_path_factory.mktemp("report")

@@ -11,8 +11,8 @@ import re
 import pytest
 from torch import nn
 
-from distill.build import build_optimizer, build_scheduler
 from distill.config import TrainConfig
+from distill.engine.build import build_optimizer, build_scheduler
 
 LR = 0.1
 

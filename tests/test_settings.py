@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 from torchvision.models.detection import RetinaNet_ResNet50_FPN_V2_Weights
 
-from distill.card import write_card
 from distill.cli import main
 from distill.config import (
     TORCHVISION_ANCHORS,
@@ -20,8 +19,9 @@ from distill.config import (
     replace,
     resize_bounds,
 )
-from distill.dense import build_transform
-from distill.settings import SettingsError, check_trained_settings, trained_settings
+from distill.models.card import write_card
+from distill.models.provenance import SettingsError, check_trained_settings, trained_settings
+from distill.models.retinanet import build_transform
 from tests.conftest import REPO
 
 COCO = REPO / "configs" / "coco"

@@ -1,5 +1,5 @@
-"""``distill.signals.StopFlag``: the first SIGTERM / SIGINT asks the loop to stop after its step,
-a second one stops at once. (The first signal's checkpoint and exit 3 under a real run are
+"""``distill.engine.signals.StopFlag``: the first SIGTERM / SIGINT asks the loop to stop after its
+step, a second one stops at once. (The first signal's checkpoint and exit 3 under a real run are
 tested in tests/test_reliability.py.)"""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 import textwrap
 from types import FrameType
 
-from distill.signals import StopFlag
+from distill.engine.signals import StopFlag
 
 
 def test_second_signal_falls_back_to_the_previous_handler_at_once() -> None:
@@ -39,7 +39,7 @@ def test_second_sigterm_ends_the_process_without_waiting() -> None:
     code = textwrap.dedent(
         """
         import os, signal, time
-        from distill.signals import StopFlag
+        from distill.engine.signals import StopFlag
         flag = StopFlag.install()
         os.kill(os.getpid(), signal.SIGTERM)
         print("after the first:", flag.requested, flush=True)

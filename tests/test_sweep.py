@@ -12,8 +12,14 @@ import torch
 
 from distill.cli import main
 from distill.config import ConfigError, load_config, parse_value
-from distill.sweep import _value_text, is_lockstep, parse_grid, teacher_reference, write_report
-from distill.weights import load_state_dict_file
+from distill.experiments.sweep import (
+    _value_text,
+    is_lockstep,
+    parse_grid,
+    teacher_reference,
+    write_report,
+)
+from distill.models.weights import load_state_dict_file
 from tests.conftest import REPO
 
 SMOKE = REPO / "configs" / "shapes" / "smoke.yaml"

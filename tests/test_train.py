@@ -17,13 +17,13 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 
-from distill.build import build_optimizer
-from distill.card import read_card
 from distill.cli import main
 from distill.config import ConfigError, load_config, replace
 from distill.data import build_dataset, collate
-from distill.dense import build_transform
-from distill.weights import load_state_dict_file
+from distill.engine.build import build_optimizer
+from distill.models.card import read_card
+from distill.models.retinanet import build_transform
+from distill.models.weights import load_state_dict_file
 from students import build_student
 from tests.conftest import REPO, smoke_overrides
 
@@ -147,17 +147,17 @@ def test_fp16_on_cpu_is_a_clear_error(
 def test_auto_precision_is_bf16_only_where_it_is_native(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from distill import build
+    from distill.engine import accelerator as build
 
     monkeypatch.setattr(build, "native_bf16", lambda: False)
     assert build.check_mixed_precision("auto") == "no"
-    with caplog.at_level(logging.WARNING, logger="distill.build"):
+    with caplog.at_level(logging.WARNING, logger="distill.engine.accelerator"):
         assert build.check_mixed_precision("bf16") == "bf16"  # honoured, with a warning
     assert "without native bf16" in caplog.text and "train.mixed_precision=auto" in caplog.text
     caplog.clear()
     monkeypatch.setattr(build, "native_bf16", lambda: True)
     assert build.check_mixed_precision("auto") == "bf16"
-    with caplog.at_level(logging.WARNING, logger="distill.build"):
+    with caplog.at_level(logging.WARNING, logger="distill.engine.accelerator"):
         assert build.check_mixed_precision("bf16") == "bf16"
         assert build.check_mixed_precision("no") == "no"
     assert caplog.text == ""
@@ -168,7 +168,7 @@ def test_auto_precision_is_bf16_only_where_it_is_native(
 def test_native_bf16_matches_the_cpu_flags() -> None:
     """On x86 Linux, PyTorch's oneDNN has bf16 kernels where the CPU has AVX-512 (avx512bw,
     avx512vl, avx512dq), AMX or AVX-NE-CONVERT; without them bf16 is emulated and slow."""
-    from distill.build import native_bf16
+    from distill.engine.accelerator import native_bf16
 
     cpuinfo = Path("/proc/cpuinfo")
     if torch.cuda.is_available() or platform.machine() != "x86_64" or not cpuinfo.is_file():
@@ -193,7 +193,7 @@ def test_plain_student_step_equals_torchvision_training_step(
         "train.grad_clip=null", "eval.images_logged=0",
     ]  # fmt: skip
     cfg = load_config(SMOKE, overrides)
-    from distill.train import train
+    from distill.engine.loop import train
 
     train(cfg, job="student")
     ours = load_state_dict_file(out / "student.pt")
@@ -220,7 +220,7 @@ def test_bf16_autocast_step_runs(shapes_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "bf16"
     cfg = load_config(SMOKE, [*smoke_overrides(shapes_root, out), "train.mixed_precision=bf16",
                               "train.max_steps=2", "eval.images_logged=0"])  # fmt: skip
-    from distill.train import train
+    from distill.engine.loop import train
 
     cfg = replace(cfg, **{"teacher.weights": None})
     metrics = train(cfg, job="student")

@@ -1,7 +1,7 @@
 """Per-image augmentations applied to an image and its boxes together.
 
 Resizing and normalisation are not here: the detector's ``GeneralizedRCNNTransform`` does them
-once per batch, shared by teacher and student (see ``distill.dense``).
+once per batch, shared by teacher and student (see ``distill.models.retinanet``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
 - ``crosskd``: CrossKD's cross-head path and its two losses
 - ``combine``: which terms are on, their warmup/stop schedule, the total loss
 
-The plain detection loss (focal + box vs ground truth) is torchvision's, in ``distill.dense``.
+The plain detection loss (focal + box vs ground truth) is torchvision's, in
+``distill.models.retinanet``.
 """
 
 from distill.config import register_choices

@@ -15,10 +15,10 @@ from collections.abc import Callable, Mapping, Sequence
 from torch import Tensor
 
 from distill.config import DistillConfig
-from distill.dense import DenseOutputs
 from distill.losses.crosskd import crosskd_box_loss, kd_quality_focal_loss, match_anchors
 from distill.losses.features import feature_kd_loss
 from distill.losses.logits import box_distill_loss, soft_label_loss, teacher_confidence
+from distill.models.retinanet import DenseOutputs
 
 __all__ = [
     "combine",

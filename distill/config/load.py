@@ -1,0 +1,310 @@
+"""Reading a YAML config into the frozen dataclasses of ``distill.config.schema``: checking,
+``key.path=value`` overrides, writing it back.
+
+Files are read with ``yaml.safe_load`` only; unknown keys and wrong types are errors that name
+the key, the file and (for unknown keys) the closest known key.
+
+    cfg = load_config("configs/shapes/distill.yaml", ["distill.logit.temperature=2"])
+    cfg.distill.logit.temperature  # 2.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import yaml
+
+from distill.config.schema import (
+    ANCHOR_PRESETS,
+    LEVEL_NAMES,
+    NON_NEGATIVE,
+    POSITIVE,
+    Config,
+    ConfigError,
+    choices,
+)
+from distill.fileio import write_text_atomic
+
+# --------------------------------------------------------------------------------------------
+# Reading, checking, overriding, writing
+# --------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config (``None``: all defaults), apply ``key.path=value`` overrides, check it."""
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml_mapping(Path(path))
+    cfg = _build(raw, source)  # the file alone: its errors name the file
+    sources = [source]
+    for item in overrides:
+        _apply_override(raw, item)
+        cfg = _build(raw, f"--set {item}")  # an override's errors name the override
+        sources.append(f"--set {item}")
+    # a pair of keys, checked once all overrides are in (they may set one key each)
+    if (cfg.data.min_size is None) != (cfg.data.max_size is None):
+        given, other = (
+            ("min_size", "max_size") if cfg.data.max_size is None else ("max_size", "min_size")
+        )
+        raise ConfigError(
+            f"data.{given} in {' / '.join(sources)}: give data.{other} too (torchvision's resize "
+            "needs both; neither: data.image_size)"
+        )
+    return cfg
+
+
+def _build(raw: dict[str, Any], source: str) -> Config:
+    cfg = from_dict(Config, raw, source)
+    check_values(cfg, source)
+    return _named_anchors(cfg, raw.get("anchors") or {}, source)
+
+
+def _named_anchors(cfg: Config, raw_anchors: Mapping[str, Any], source: str) -> Config:
+    """Fill in the numbers of ``anchors.name``; numbers given beside the name must be its own
+    (a resolved config.yaml holds both), anything else is an error naming the key."""
+    if cfg.anchors.name is None:
+        return cfg
+    preset = ANCHOR_PRESETS[cfg.anchors.name]
+    for key in ("sizes", "scales", "aspect_ratios"):
+        given, wanted = getattr(cfg.anchors, key), getattr(preset, key)
+        if key in raw_anchors and given != wanted:
+            raise ConfigError(
+                f"anchors.{key} in {source}: {list(given)} contradicts anchors.name "
+                f"{cfg.anchors.name} ({list(wanted)}); give the name or the numbers, not both"
+            )
+    return dataclasses.replace(cfg, anchors=preset)
+
+
+def check_values(cfg: Config, source: str) -> None:
+    """Names and ranges that types alone do not check; errors name the key and the source."""
+    flat = flatten(cfg)
+    for key, allowed in choices().items():
+        if flat[key] not in allowed:
+            names = " | ".join("null" if a is None else str(a) for a in allowed)
+            raise ConfigError(f"{key} in {source}: {flat[key]!r} is not one of {names}")
+    for keys, low, words in ((POSITIVE, False, "> 0"), (NON_NEGATIVE, True, ">= 0")):
+        for key in keys:
+            value = flat[key]
+            if value is not None and not (value >= 0 if low else value > 0):
+                raise ConfigError(f"{key} in {source}: {value!r} must be {words}")
+    if not 0 <= cfg.data.hflip <= 1:  # also NaN
+        raise ConfigError(f"data.hflip in {source}: {cfg.data.hflip!r} must be between 0 and 1")
+    if not 0 <= cfg.distill.feature.mgd_ratio < 1:  # also NaN
+        raise ConfigError(
+            f"distill.feature.mgd_ratio in {source}: {cfg.distill.feature.mgd_ratio!r} "
+            "must be in [0, 1)"
+        )
+    if not 0 < cfg.eval.nms_threshold <= 1:
+        raise ConfigError(
+            f"eval.nms_threshold in {source}: {cfg.eval.nms_threshold!r} must be in (0, 1]"
+        )
+    levels = cfg.distill.feature.levels
+    if not levels or any(level not in LEVEL_NAMES for level in levels):
+        raise ConfigError(
+            f"distill.feature.levels in {source}: {list(levels)} must be a non-empty list of "
+            f"{', '.join(LEVEL_NAMES)}"
+        )
+    if len(cfg.anchors.sizes) != len(LEVEL_NAMES):
+        raise ConfigError(
+            f"anchors.sizes in {source}: one base size per level {', '.join(LEVEL_NAMES)}, "
+            f"got {list(cfg.anchors.sizes)}"
+        )
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML would keep the
+    last one silently: a second ``train:`` section would drop the first)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} given twice", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """``yaml.safe_load`` a file that must hold a mapping; errors name the file."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # safe_load, unique keys
+    except yaml.YAMLError as err:  # includes Python tags, which safe_load refuses
+        raise ConfigError(f"cannot parse {path}: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"cannot read {path}: not a text (UTF-8) file ({err.reason})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value read as YAML (``4``, ``null``, ``[p3, p4]``), except that YAML 1.1's
+    word booleans (no, yes, on, off) stay words: ``train.mixed_precision=no`` is the string."""
+    value = yaml.safe_load(text) if text.strip() else None
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text.strip()
+    return value
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    try:
+        value = parse_value(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: cannot read the value: {err}") from None
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type[T], raw: Mapping[str, Any], source: str, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, checking keys and types recursively."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'config'} in {source} must be a mapping, "
+            f"got {type(raw).__name__} {raw!r}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown key {prefix}{key} in {source}{hint}")
+    values = {}
+    for key, value in raw.items():
+        values[key] = _convert(hints[key], value, f"{prefix}{key}", source)
+    return cls(**values)
+
+
+def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source, prefix=f"{key}.")  # type: ignore[arg-type]
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, key, source)
+            except ConfigError as err:
+                errors.append(err)
+        raise _type_error(key, value, tp, source)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise _type_error(key, value, tp, source)
+        return tuple(_convert(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _type_error(key, value, tp, source)
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(key, value, tp, source)
+        return value
+    if tp in (bool, str):
+        if not isinstance(value, tp):
+            raise _type_error(key, value, tp, source)
+        return value
+    raise TypeError(f"config field {key} has an unsupported type {tp}")  # a bug in this file
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _type_error(key: str, value: Any, tp: Any, source: str) -> ConfigError:
+    hint = ""
+    if isinstance(value, bool) and tp is str:
+        hint = ' (YAML reads an unquoted no, yes, on or off as a boolean: quote it, "no")'
+    return ConfigError(
+        f"{key} in {source}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}{hint}"
+    )
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict (tuples as lists) of a config, suitable for YAML or JSON."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """``{"train.lr": 0.01, ...}``: every leaf of a config under its dotted key."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                walk(f"{prefix}{key}.", sub)
+        else:
+            flat[prefix[:-1]] = value
+
+    walk("", to_dict(cfg))
+    return flat
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML; ``load_config(path)`` reads back the same object."""
+    write_text_atomic(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """``dataclasses.replace`` with dotted keys: ``replace(cfg, **{"train.epochs": 3})``."""
+    nested: dict[str, dict[str, Any]] = {}
+    direct: dict[str, Any] = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    for head, sub in nested.items():
+        direct[head] = replace(getattr(cfg, head), **sub)
+    return dataclasses.replace(cfg, **direct)  # type: ignore[type-var]

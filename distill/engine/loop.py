@@ -1,0 +1,543 @@
+"""The training loop under HuggingFace Accelerate.
+
+One loop serves three jobs:
+  * ``job="teacher"``: train the teacher architecture on the dataset (no KD);
+  * ``job="student"`` with every KD weight 0: the plain student baseline (the teacher is not run);
+  * ``job="student"`` with KD weights: distillation from the frozen teacher.
+
+``train_group`` trains several students in lockstep on one stream of batches (``distill sweep``):
+the data, the shared transform and the teacher forward happen once per batch for all of them.
+``train`` is the group of one. ``train_group`` is setup, resume, the loop and the finish; read
+``train_batch`` and ``train_step`` top to bottom for one batch: it goes through the shared
+transform once, into the frozen teacher (no_grad, autocast, never prepared) and each prepared
+student module, and the detection and KD terms are summed in ``combine``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast
+from torch import nn
+from tqdm import tqdm
+
+from distill.config import Config, ConfigError, check_resume_config, dump_config, replace
+from distill.data import CocoDetection, build_dataset
+from distill.engine.build import (
+    Trainee,
+    build_accelerator,
+    build_train_loader,
+    build_trainee,
+    check_lockstep,
+    check_not_optimized,
+)
+from distill.engine.checkpoint import (
+    CheckpointError,
+    MismatchError,
+    Progress,
+    check_fresh,
+    check_models,
+    find_checkpoint,
+    load_checkpoint,
+    previous_checkpoint,
+    read_progress,
+    save_checkpoint,
+    state_digest,
+)
+from distill.engine.signals import StopFlag
+from distill.engine.step import OVERFLOW, SKIPPED, teacher_forward, train_step
+from distill.evaluation.draw import log_detections
+from distill.evaluation.evaluate import evaluate, write_json
+from distill.models.card import dataset_categories, write_card
+from distill.models.retinanet import build_transform
+from distill.models.trainable import student_state_dict
+from distill.models.weights import save_state_dict_file
+
+__all__ = [
+    "NonFiniteLoss",
+    "TrainingStopped",
+    "train",
+    "train_group",
+]
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStopped(Exception):
+    """Training stopped on request (signal) after saving a checkpoint; resume with --resume."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+def train(
+    cfg: Config,
+    job: str = "student",
+    resume: Path | None = None,
+    fallback: bool = False,
+    stop_after: int | None = None,
+    resume_hint: str = "",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Train and evaluate one model; returns the final COCO metrics (also in ``metrics.json``).
+
+    resume: a run directory to continue from its last complete checkpoint (its output.dir).
+    fallback: if that checkpoint is missing or corrupt, use the previous whole one.
+    stop_after: behave as if a stop signal arrived after this many optimizer steps (tests).
+    overwrite: a fresh start may replace a run already in output.dir (callers that own it).
+    """
+    checkpoint_dir = Path(resume) if resume is not None else Path(cfg.output.dir)
+    if resume is not None:
+        cfg = replace(cfg, **{"output.dir": str(resume)})
+    return train_group(
+        [cfg],
+        job,
+        checkpoint_dir,
+        resume=resume is not None,
+        fallback=fallback,
+        stop_after=stop_after,
+        resume_hint=resume_hint,
+        overwrite=overwrite,
+    )[0]
+
+
+def train_group(
+    cfgs: list[Config],
+    job: str,
+    checkpoint_dir: Path,
+    resume: bool = False,
+    fallback: bool = False,
+    stop_after: int | None = None,
+    resume_hint: str = "",
+    overwrite: bool = False,
+) -> list[dict[str, Any]]:
+    """Train ``len(cfgs)`` models in lockstep on the same batches; one checkpoint for all.
+
+    The configs may differ only in their ``distill`` and ``output`` sections. Each model is
+    built right after ``set_seed(seed)``, so it starts from the weights a separate run has.
+    resume_hint: how to resume, for the message of a stop (default: ``--resume DIR``).
+    overwrite: a fresh start may replace runs already in these directories; otherwise it is
+    refused before anything is written.
+    """
+    checkpoint = check_start(cfgs, checkpoint_dir, resume, fallback, overwrite)
+    run = setup(cfgs, job, checkpoint_dir)
+    if checkpoint is not None:
+        resume_from(run, checkpoint, fallback)
+    if run.accelerator.is_main_process:
+        for t in run.trainees:
+            dump_config(t.cfg, t.run_dir / "config.yaml")
+    train_loop(run, stop_after, resume_hint or f"resume with --resume {checkpoint_dir}")
+    return finish(run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup and resume
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """A training session of one lockstep group: what ``setup`` builds and the loop uses."""
+
+    job: str
+    cfg: Config  # the group's shared sections (data, train, eval, ...): its first config
+    accelerator: Accelerator
+    train_set: CocoDetection
+    train_loader: Any  # prepared DataLoader
+    val_set: CocoDetection
+    transform: nn.Module  # the shared resize + normalise
+    teacher: nn.Module | None  # frozen, not prepared; None for a teacher job or a plain student
+    trainees: list[Trainee]
+    total_steps: int
+    checkpoint_dir: Path
+    progress: Progress
+
+
+def check_start(
+    cfgs: list[Config], checkpoint_dir: Path, resume: bool, fallback: bool, overwrite: bool
+) -> Path | None:
+    """Refusals before anything is built or written; returns the checkpoint to resume from."""
+    check_lockstep(cfgs)
+    checkpoint = find_checkpoint(checkpoint_dir, fallback) if resume else None
+    if not resume and not overwrite:
+        for run_dir in {checkpoint_dir, *(Path(c.output.dir) for c in cfgs)}:
+            check_fresh(run_dir)
+    if checkpoint is not None:  # another run's or grid's checkpoint
+        try:
+            stored = read_progress(checkpoint)
+        except CheckpointError:
+            stored = None  # unreadable: load_checkpoint reports it (or falls back)
+        if stored is not None:
+            check_models(checkpoint, stored, _model_names(cfgs, checkpoint_dir))
+        for c in cfgs:
+            check_resume_config(c, Path(c.output.dir))
+    return checkpoint
+
+
+def _model_names(cfgs: list[Config], checkpoint_dir: Path) -> list[str]:
+    """The models trained together, as the checkpoint records them ("." for a single run)."""
+    return [os.path.relpath(c.output.dir, checkpoint_dir) for c in cfgs]
+
+
+def setup(cfgs: list[Config], job: str, checkpoint_dir: Path) -> Run:
+    """The accelerator, the data, the shared transform, the frozen teacher and the trainees."""
+    cfg = cfgs[0]
+    accelerator = build_accelerator(cfg)
+    _setup_logging(accelerator)
+    train_set, train_loader = build_train_loader(accelerator, cfg)
+    val_set = build_dataset(cfg.data, "val")
+    num_classes = train_set.num_categories + 1  # + background (label 0), torchvision's convention
+    if len(train_loader) < cfg.train.grad_accum:
+        raise ConfigError(
+            f"{len(train_set)} training images (data.root {cfg.data.root}) make no optimizer step:"
+            f" data.batch_size {cfg.data.batch_size} x {accelerator.num_processes} processes x "
+            f"train.grad_accum {cfg.train.grad_accum} needs more (incomplete batches are dropped)"
+        )
+    steps_per_epoch = len(train_loader) // cfg.train.grad_accum  # per-process batches
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+
+    transform = build_transform(cfg).to(accelerator.device)  # ONE resize + normalise for all
+    teacher: nn.Module | None = None
+    trainees = []
+    for run_cfg in cfgs:
+        trainee, teacher = build_trainee(
+            accelerator, run_cfg, job, num_classes, total_steps, teacher
+        )
+        trainees.append(trainee)
+    teacher_digest = ""
+    if teacher is not None:
+        teacher.to(accelerator.device)  # frozen: not prepared, not in an optimizer, not in DDP
+        check_not_optimized(teacher, trainees)
+        teacher_digest = state_digest(teacher)
+    log.info(
+        "job=%s models=%d processes=%d device=%s mixed_precision=%s steps=%d (%d per epoch)",
+        job, len(trainees), accelerator.num_processes, accelerator.device,
+        accelerator.mixed_precision, total_steps, steps_per_epoch,
+    )  # fmt: skip
+    progress = Progress(teacher_digest=teacher_digest, models=_model_names(cfgs, checkpoint_dir))
+    return Run(
+        job, cfg, accelerator, train_set, train_loader, val_set, transform, teacher, trainees,
+        total_steps, checkpoint_dir, progress,
+    )  # fmt: skip
+
+
+def resume_from(run: Run, checkpoint: Path, fallback: bool) -> None:
+    """Load models, optimizers, schedulers, grad scaler, RNG and progress from ``checkpoint``
+    (with ``fallback``, from the previous whole one if it is corrupt)."""
+    teacher_digest, models = run.progress.teacher_digest or "", run.progress.models
+    try:
+        progress = load_checkpoint(run.accelerator, checkpoint, teacher_digest, models)
+    except CheckpointError as err:
+        previous = previous_checkpoint(checkpoint) if fallback else None
+        if previous is None or isinstance(err, MismatchError):
+            raise
+        log.warning("%s; falling back to %s", err, previous)
+        checkpoint = previous
+        progress = load_checkpoint(run.accelerator, checkpoint, teacher_digest, models)
+    progress.models = models
+    if progress.teacher_digest is None:
+        log.warning(
+            "%s records no teacher fingerprint (an older checkpoint): resuming without "
+            "checking that the teacher is the one it was trained against",
+            checkpoint,
+        )
+        progress.teacher_digest = teacher_digest
+    log.info(
+        "resumed from %s at epoch %d, batch %d, step %d",
+        checkpoint, progress.epoch, progress.batch, progress.step,
+    )  # fmt: skip
+    run.progress = progress
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def train_loop(run: Run, stop_after: int | None, resume_hint: str) -> None:
+    """Epochs of batches until ``run.total_steps`` optimizer steps; logs, checkpoints, stops."""
+    cfg, accelerator, progress = run.cfg, run.accelerator, run.progress
+    stop = StopFlag.install()
+    loop_start, seconds_before = time.perf_counter(), progress.seconds
+
+    def clock() -> None:  # progress.seconds: training wall time, summed over resumed sessions
+        progress.seconds = seconds_before + time.perf_counter() - loop_start
+
+    images_per_step = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum
+    try:
+        for epoch in range(progress.epoch, cfg.train.epochs):
+            if progress.step >= run.total_steps:
+                break
+            bar = _epoch_batches(run, epoch)
+            tic = time.perf_counter()
+            for images, targets in bar:
+                _trace_batch(run.trainees[0], accelerator, progress, targets)
+                logs = train_batch(run, images, targets, epoch)
+                progress.batch += 1
+                if not accelerator.sync_gradients:
+                    continue
+                progress.step += 1
+                toc = time.perf_counter()
+                images_per_s, tic = images_per_step / max(toc - tic, 1e-9), toc
+                if progress.step % cfg.train.log_every == 0 or progress.step == 1:
+                    # reading the losses waits for the device: only at the steps that log
+                    loss = float(logs["loss/total"])
+                    # refresh=False: the bar redraws at its mininterval (log files)
+                    bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_per_s:.1f}", refresh=False)
+                    for t in run.trainees:
+                        _log_scalars(t, progress.step, epoch, images_per_s)
+                if progress.step >= run.total_steps:
+                    break
+                every = cfg.train.checkpoint_every_steps
+                stop_now = _any_process(accelerator, stop.requested or progress.step == stop_after)
+                if stop_now or (every > 0 and progress.step % every == 0):
+                    clock()
+                    save_checkpoint(accelerator, run.checkpoint_dir, progress)
+                if stop_now:
+                    raise TrainingStopped(
+                        f"stopped at epoch {epoch}, step {progress.step} "
+                        f"({stop.reason or 'on request'}); checkpoint saved: {resume_hint}"
+                    )
+            bar.close()
+            progress.epoch, progress.batch = epoch + 1, 0
+            last = epoch + 1 == cfg.train.epochs or progress.step >= run.total_steps
+            every = cfg.eval.every_epochs
+            if last or (every > 0 and (epoch + 1) % every == 0):
+                for t in run.trainees:
+                    t.metrics["eval"] = _evaluate_and_log(t, run)
+            clock()
+            save_checkpoint(accelerator, run.checkpoint_dir, progress)
+            if _any_process(accelerator, stop.requested) and not last:
+                raise TrainingStopped(f"stopped after epoch {epoch} ({stop.reason}); {resume_hint}")
+    finally:
+        stop.uninstall()
+        for t in run.trainees:
+            if t.writer is not None:
+                t.writer.flush()
+
+
+def train_batch(
+    run: Run, images: list[torch.Tensor], targets: list[dict[str, Any]], epoch: int
+) -> dict[str, torch.Tensor | float]:
+    """One batch for every trainee; returns the last trainee's logs (device scalars).
+
+    images: (3, H_i, W_i) each, on the device; targets: per image {"boxes", "labels", ...}
+    """
+    accelerator, step = run.accelerator, run.progress.step
+    # Shared transform, once: teacher and students see one ImageList, one anchor set.
+    image_list, targets = run.transform(images, targets)
+    teacher_out = None
+    if run.teacher is not None:
+        cfgs = [t.cfg for t in run.trainees]
+        teacher_out = teacher_forward(accelerator, run.teacher, image_list, cfgs)
+    # One accumulation window for all: each trainee's own accumulate() would advance the one
+    # shared counter K times a batch (optimizers stepping off the window).
+    with accelerator.accumulate(*(t.module for t in run.trainees)):
+        for t in run.trainees:
+            # student forward, detection + KD terms summed in combine(), backward, step
+            outcome, logs = train_step(
+                accelerator, t, image_list, targets, teacher_out, step, epoch
+            )
+            if outcome is not None:
+                _after_step(t, outcome, run.progress, logs)
+    return logs
+
+
+def _epoch_batches(run: Run, epoch: int) -> tqdm:
+    """The epoch's batches (resuming mid-epoch: the same order, without those consumed)."""
+    run.train_set.set_epoch(epoch)  # flips of this epoch
+    run.train_loader.set_epoch(epoch)  # shuffle order of this epoch
+    loader = run.train_loader
+    if run.progress.batch > 0:
+        loader = run.accelerator.skip_first_batches(run.train_loader, run.progress.batch)
+    for t in run.trainees:
+        t.module.train()
+    return tqdm(
+        loader,
+        desc=f"epoch {epoch}",
+        disable=not run.accelerator.is_main_process,
+        leave=False,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,  # log files: a line per 30 s
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The finish
+# ---------------------------------------------------------------------------------------------
+
+
+def finish(run: Run) -> list[dict[str, Any]]:
+    """Check the frozen teacher, evaluate where the loop did not, write weights and metrics."""
+    accelerator, progress = run.accelerator, run.progress
+    teacher_digest = progress.teacher_digest or ""
+    if run.teacher is not None and state_digest(run.teacher) != teacher_digest:
+        raise RuntimeError(
+            "the frozen teacher's weights or BatchNorm statistics changed during training"
+        )
+    results = []
+    for t in run.trainees:
+        metrics = t.metrics.get("eval") or _evaluate_and_log(t, run)
+        metrics = {
+            **metrics,
+            "job": run.job,
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,  # what train.mixed_precision became
+            "nonfinite_skipped": progress.nonfinite.get(str(t.run_dir), 0),
+            "scaler_skipped": progress.scaler_skipped.get(str(t.run_dir), 0),  # fp16 overflows
+            "teacher_digest": teacher_digest,
+            "train_minutes": progress.seconds / 60,  # of the whole lockstep group
+        }
+        if accelerator.is_main_process:
+            weights_name = "teacher.pt" if run.job == "teacher" else "student.pt"
+            # the card first: a weights file on disk always has its card (teacher.json, ...)
+            num_classes = run.train_set.num_categories + 1  # + background, as in setup
+            write_card(
+                t.run_dir / weights_name,
+                t.cfg,
+                run.job,
+                num_classes,
+                dataset_categories(run.train_set),
+            )
+            save_state_dict_file(
+                student_state_dict(accelerator.unwrap_model(t.module)), t.run_dir / weights_name
+            )
+            write_json(metrics, t.run_dir / "metrics.json")
+            log.info(
+                "%s: mAP %.4f (AP50 %.4f); wrote %s, its card and metrics.json",
+                t.run_dir, metrics["map"], metrics["ap50"], weights_name,
+            )  # fmt: skip
+            if t.writer is not None:
+                t.writer.close()
+        results.append(metrics)
+    accelerator.wait_for_everyone()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps, logging, evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def _after_step(
+    t: Trainee, outcome: str, progress: Progress, logs: dict[str, torch.Tensor | float]
+) -> None:
+    """Count non-finite steps (stop after ``train.max_nonfinite`` in a row) and fp16 overflow
+    steps, and keep the logs."""
+    key = str(t.run_dir)
+    if outcome == SKIPPED:
+        t.nonfinite_in_a_row += 1
+        progress.nonfinite[key] = progress.nonfinite.get(key, 0) + 1
+        log.warning(
+            "%s: non-finite loss at step %d, step skipped (%d in a row): %s",
+            t.run_dir, progress.step, t.nonfinite_in_a_row, _floats(logs),
+        )  # fmt: skip
+        if t.writer is not None:
+            t.writer.add_scalar("train/nonfinite_skipped", progress.nonfinite[key], progress.step)
+        if t.nonfinite_in_a_row >= t.cfg.train.max_nonfinite:
+            raise NonFiniteLoss(
+                f"{t.nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite="
+                f"{t.cfg.train.max_nonfinite}) in {t.run_dir}; last terms {_floats(logs)}. Lower "
+                "train.lr, set train.grad_clip, or resume from the last checkpoint with --resume"
+            )
+        return
+    t.nonfinite_in_a_row = 0
+    if outcome == OVERFLOW:  # the fp16 grad scaler's own skip: not an error
+        progress.scaler_skipped[key] = progress.scaler_skipped.get(key, 0) + 1
+    t.metrics["logs"] = logs
+
+
+def _log_scalars(t: Trainee, step: int, epoch: int, images_per_s: float) -> None:
+    if t.writer is None:
+        return
+    logs = dict(t.metrics.get("logs", {}))
+    logs["train/lr"] = t.scheduler.get_last_lr()[0]
+    grad_norm = t.metrics.get("grad_norm")
+    if grad_norm is not None:
+        logs["train/grad_norm"] = float(grad_norm)
+    logs["train/images_per_s"] = images_per_s
+    logs["train/epoch"] = epoch
+    for key, value in _floats(logs).items():
+        t.writer.add_scalar(key, value, step)
+
+
+def _floats(logs: dict[str, Any]) -> dict[str, float]:
+    """Logged values as python floats (each device tensor read is a host sync)."""
+    return {key: float(value) for key, value in logs.items()}
+
+
+def _evaluate_and_log(t: Trainee, run: Run) -> dict[str, Any]:
+    accelerator, teacher, transform, val_set = (
+        run.accelerator,
+        run.teacher,
+        run.transform,
+        run.val_set,
+    )
+    step = run.progress.step
+    cfg = t.cfg
+    batch_size = cfg.eval.batch_size or cfg.data.batch_size
+    if accelerator.num_processes > 1:
+        # DDP broadcasts buffers only at the start of a training forward, so each process still
+        # holds the BatchNorm statistics of its own last batch: evaluate process 0's, the ones
+        # student.pt gets (broadcast is in place).
+        broadcast(list(t.detector.buffers()), from_process=0)
+    metrics = evaluate(
+        t.detector, transform, val_set, accelerator, batch_size, cfg.data.num_workers
+    )
+    if t.writer is not None:
+        for key, value in metrics.items():
+            if isinstance(value, float):
+                t.writer.add_scalar(f"eval/{key}", value, step)
+        for name, value in metrics.get("per_class", {}).items():
+            t.writer.add_scalar(f"eval_class/{name}", value, step)
+        if cfg.eval.images_logged > 0:
+            log_detections(
+                t.writer, t.detector, teacher, transform, val_set, cfg.eval.images_logged, step
+            )
+        log.info("%s step %d: mAP %.4f AP50 %.4f", t.run_dir, step, metrics["map"], metrics["ap50"])
+    return metrics
+
+
+def _trace_batch(
+    t: Trainee, accelerator: Accelerator, progress: Progress, targets: list[dict[str, Any]]
+) -> None:
+    """With ``train.trace_batches``: append the image ids of every batch to a per-process file."""
+    if not t.cfg.train.trace_batches:
+        return
+    path = t.run_dir / f"batches.rank{accelerator.process_index}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "epoch": progress.epoch,
+        "batch": progress.batch,
+        "ids": [int(x["image_id"]) for x in targets],
+    }
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process when ``flag`` is true on at least one (one all-reduce)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor(1.0 if flag else 0.0, device=accelerator.device)
+    return bool(accelerator.reduce(value, "sum").item() > 0)
+
+
+def _setup_logging(accelerator: Accelerator) -> None:
+    level = logging.INFO if accelerator.is_main_process else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("distill").setLevel(level)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise

@@ -1,0 +1,154 @@
+"""One training step of one trainee: the batch, already through the shared transform, goes into
+the frozen teacher (``teacher_forward``, once for all trainees) and into the trainee's prepared
+module; the detection loss and the KD terms are summed in ``combine``; backward; and at the end
+of an accumulation window the optimizer step, or a skip that every process agrees on.
+
+Read this file first: it is the whole of what distillation adds to a training step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torchvision.models.detection.image_list import ImageList
+
+from distill.config import Config
+from distill.engine.build import (
+    Trainee,
+)
+from distill.losses import combine, crosskd_teacher_layer, distill_terms, uses_crosskd
+from distill.losses.crosskd import BRANCHES, channel_stats, held_tower_outputs
+from distill.models.retinanet import DenseOutputs, dense_forward, detection_loss
+
+__all__ = ["OVERFLOW", "SKIPPED", "STEPPED", "end_window", "teacher_forward", "train_step"]
+
+log = logging.getLogger(__name__)
+
+
+def teacher_forward(
+    accelerator: Accelerator,
+    teacher: nn.Module,
+    image_list: ImageList,
+    cfgs: Sequence[Config] = (),
+) -> DenseOutputs:
+    """The frozen teacher on the shared batch: no_grad, autocast, never prepared.
+
+    For the trainees ``cfgs`` that use CrossKD, also the per-level channel statistics of the
+    teacher's tower conv ``j``'s output before its activation (``held_tower_outputs``; ``j`` 0:
+    the FPN features), each branch's as ``extras["crosskd/<branch>/<j>"]`` (L, 2, C_t)
+    (CrossKD aligns the student's features, held before the activation too, to them)."""
+    layers = sorted({crosskd_teacher_layer(c.distill) for c in cfgs if uses_crosskd(c.distill)})
+    with torch.no_grad(), accelerator.autocast(), ExitStack() as stack:
+        held = {j: stack.enter_context(held_tower_outputs(teacher.head, j)) for j in layers}
+        out = dense_forward(teacher, image_list)
+    for j in layers:
+        for branch in BRANCHES:
+            features = held[j][branch] if j > 0 else list(out.features.values())
+            out.extras[f"crosskd/{branch}/{j}"] = torch.stack([channel_stats(f) for f in features])
+    return out
+
+
+def train_step(
+    accelerator: Accelerator,
+    t: Trainee,
+    image_list: ImageList,
+    targets: list[dict[str, Any]],
+    teacher_out: DenseOutputs | None,
+    step: int,
+    epoch: int,
+) -> tuple[str | None, dict[str, torch.Tensor | float]]:
+    """Forward and backward of trainee ``t`` on a transformed batch and, at the end of an
+    accumulation window, the optimizer step. Runs inside ``accelerator.accumulate`` of every
+    trainee's module (one window for all of them).
+
+    Returns ``(outcome, logs)``; outcome is None inside an accumulation window, else
+      ``STEPPED``:  the optimizer and the LR schedule stepped;
+      ``OVERFLOW``: fp16's grad scaler found inf/NaN gradients of a finite loss (its scale was
+                    too large): no step, the scale shrinks, the LR schedule waits;
+      ``SKIPPED``:  the loss (or, without a scaler, the gradient norm) of the window was not
+                    finite on some process: every process drops the gradients, puts the
+                    BatchNorm statistics back and leaves weights, optimizer and LR untouched.
+    """
+    if t.saved_buffers is None:  # first micro-batch of the window
+        t.saved_buffers = [b.detach().clone() for b in t.module.buffers()]
+    student_out = t.module(
+        image_list.tensors,
+        image_list.image_sizes,
+        teacher_out.features if teacher_out is not None else None,
+        teacher_out.extras if teacher_out is not None else None,
+    )
+    det_losses = detection_loss(t.detector, student_out, targets)  # vs the ground truth
+    kd_terms: dict[str, torch.Tensor] = {}
+    if teacher_out is not None:  # vs the teacher, anchor by anchor and level by level
+        size, reduce = _hw(image_list.tensors), mean_over_processes(accelerator)
+        kd_terms = distill_terms(student_out, teacher_out, targets, size, t.cfg.distill, reduce)
+    total, logs = combine(det_losses, kd_terms, t.cfg.distill, step, epoch)
+    bad = ~torch.isfinite(total.detach())  # on the device: no host sync per micro-batch
+    t.window_bad = bad if t.window_bad is None else t.window_bad | bad
+    accelerator.backward(total)  # fp16: of the loss times the grad scaler's scale
+    if not accelerator.sync_gradients:
+        return None, logs
+    return end_window(accelerator, t), logs
+
+
+def end_window(accelerator: Accelerator, t: Trainee) -> str:
+    """Clip, then step the optimizer and the LR schedule, or skip (see ``train_step``)."""
+    max_norm = t.cfg.train.grad_clip or math.inf
+    # fp16: unscales the gradients first (once per step); an overflow makes the norm inf
+    grad_norm = accelerator.clip_grad_norm_(t.module.parameters(), max_norm)
+    assert t.window_bad is not None and t.saved_buffers is not None  # set by train_step
+    outcome = _window_outcome(accelerator, t.window_bad, grad_norm, accelerator.scaler)
+    if outcome == STEPPED:
+        t.optimizer.step()  # fp16: the prepared optimizer's step also updates the scaler
+        t.scheduler.step()
+    else:
+        if outcome == SKIPPED:
+            with torch.no_grad():
+                for buffer, saved in zip(t.module.buffers(), t.saved_buffers):
+                    buffer.copy_(saved)
+        if accelerator.scaler is not None:
+            # Close the step that unscale_ opened (the next unscale_ would fail) and shrink
+            # the scale. The optimizer is not called: torch's fused SGD, told to skip its
+            # first step, keeps an uninitialised momentum buffer (torch 2.14).
+            accelerator.scaler.update()
+    t.metrics["grad_norm"] = grad_norm.detach() if outcome == STEPPED else None
+    t.optimizer.zero_grad(set_to_none=True)
+    t.saved_buffers, t.window_bad = None, None
+    return outcome
+
+
+STEPPED, OVERFLOW, SKIPPED = "stepped", "overflow", "skipped"
+
+
+def _window_outcome(
+    accelerator: Accelerator, loss_bad: torch.Tensor, grad_norm: torch.Tensor, scaler: Any
+) -> str:
+    """What to do at the end of a window, the same on every process: one all-reduce of two
+    flags and one host sync. A non-finite gradient of a finite loss is the grad scaler's
+    overflow under fp16 (``OVERFLOW``), an error (``SKIPPED``) without one."""
+    # gradients are averaged over processes already (so is the norm), the loss flags are not
+    flags = torch.stack([loss_bad, ~torch.isfinite(grad_norm)]).float()  # (2,)
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, "sum")
+    verdict = int((2 * (flags[0] > 0) + (flags[1] > 0)).item())  # the host sync
+    if verdict == 0:
+        return STEPPED
+    return OVERFLOW if verdict == 1 and scaler is not None else SKIPPED
+
+
+def mean_over_processes(accelerator: Accelerator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The mean of a scalar over all processes (an all-reduce, no host sync); None for one."""
+    if accelerator.num_processes == 1:
+        return None
+    return lambda value: accelerator.reduce(value, "mean")
+
+
+def _hw(tensors: torch.Tensor) -> tuple[int, int]:
+    return int(tensors.shape[-2]), int(tensors.shape[-1])

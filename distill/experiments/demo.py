@@ -1,0 +1,452 @@
+"""``distill demo``: distillation end to end on CPU within ~15 minutes, measured in this run.
+
+1. generate the demo's shapes task once (kept while it matches): ``DEMO_TRAIN`` + ``DEMO_VAL``
+   images of ``DEMO_SIZE`` px, difficulty ``demo`` (circle, square and triangle, 2-6 objects an
+   image; made for a from-scratch ResNet50-FPN to converge within minutes, not for fidelity to
+   the benchmark),
+2. fit the schedule to the time budget (``--minutes``): time a few training steps of each model
+   on this machine and shorten the reference schedule if it would not fit,
+3. train the teacher (``configs/demo/teacher.yaml``), or reuse ``OUT/teacher/teacher.pt`` or
+   ``--teacher FILE`` (if its card's classes are the task's); a reused teacher leaves the whole
+   budget to the students,
+4. train the plain student and the distilled student (``configs/demo/distill.yaml``, the plain
+   one with every KD weight 0) in lockstep: one data loader and one teacher forward per batch,
+5. print one table (mAP, AP50, params, GFLOPs, latency) and the verdict those numbers imply;
+   ``--record FILE`` writes them as JSON (``scripts/readme_tables.py`` puts them in the README).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import shlex
+import statistics
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill.config import Config, load_config, replace
+from distill.data.shapes import DEMO_DATA, DEMO_OUT, generate_shapes
+from distill.engine.build import build_accelerator, build_train_loader, build_trainee
+from distill.engine.loop import train, train_group
+from distill.engine.step import teacher_forward, train_step
+from distill.evaluation.cost import summarize
+from distill.evaluation.evaluate import run_metrics, write_json
+from distill.experiments.goals import Goal, check_goals
+from distill.experiments.machine import machine
+from distill.experiments.sweep import KD_WEIGHTS
+from distill.models.card import read_card
+from distill.models.retinanet import build_transform
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "demo"
+BENCH_KD = REPO / "results" / "bench_kd.json"
+
+DEMO_TRAIN, DEMO_VAL, DEMO_SIZE, DEMO_DIFFICULTY = 2000, 200, 96, "demo"
+# The reference schedule (configs/demo/*.yaml train.max_steps): the steps the teacher needs to
+# converge, the rest to the students (their curves: the configs' headers).
+TEACHER_STEPS = 500
+STUDENT_STEPS = 600  # both students, in lockstep
+MINUTES = 15.0
+TRAIN_SHARE = 0.85  # of the budget for training steps; the rest: evaluation, model builds, probe
+MIN_STEPS = 20
+# With a reused teacher the students get the whole budget, up to this many times their
+# reference schedule (the KD recipe was measured up to there on the benchmark: 750-900 steps).
+MAX_STUDENT_SCALE = 3.0
+STUDENTS = ("student", "student + KD")
+# What "distillation clearly helped" means here (issue 25's goals for a host with native bf16).
+GOALS: dict[str, Goal] = {
+    "teacher_map": ("teacher mAP", ">=", 0.30),
+    "kd_gain": ("student + KD minus student (mAP)", ">=", 0.05),
+    "gap_closed": ("share of the teacher-student gap closed", ">=", 0.30),
+    "gflops_ratio": ("student / teacher GFLOPs", "<=", 0.20),
+    "total_minutes": ("demo wall time (min)", "<=", 15.0),
+}
+
+log = logging.getLogger(__name__)
+AGAIN = "run distill demo again (a finished teacher is reused)"  # after a stop
+
+
+def check_teacher_task(teacher_weights: Path, data_root: Path, given: bool = False) -> None:
+    """FileExistsError unless the teacher's card (``teacher.json`` beside it) names the classes
+    of the dataset in ``data_root``: a teacher of an earlier demo task, say, is not reused. A
+    teacher without a card is reused with a warning. ``given``: it came from ``--teacher``."""
+
+    card = read_card(teacher_weights)  # CardError for a broken card
+    if card is None:
+        log.warning(
+            "%s has no card: cannot check that it learnt the demo's classes", teacher_weights
+        )
+        return
+    learnt = sorted((int(c["id"]), str(c["name"])) for c in card["categories"])
+    coco = json.loads((data_root / "val.json").read_text())
+    task = sorted((int(c["id"]), str(c["name"])) for c in coco["categories"])
+    if learnt == task:
+        return
+    names = ", ".join(name for _, name in learnt)
+    advice = (
+        "give a teacher of this task, or leave out --teacher"
+        if given
+        else f"move {teacher_weights.parent} away, or give --out another folder"
+    )
+    raise FileExistsError(
+        f"{teacher_weights} learnt other classes ({names}) than the demo's task in {data_root} "
+        f"({', '.join(name for _, name in task)}): {advice}"
+    )
+
+
+def reference_steps() -> dict[str, int]:
+    return {"teacher": TEACHER_STEPS, "student": STUDENT_STEPS, "student + KD": STUDENT_STEPS}
+
+
+def demo_configs(
+    out: Path, data_root: Path, teacher_weights: Path, steps: Mapping[str, int] | None = None
+) -> dict[str, Config]:
+    """The three demo configs: ``configs/demo/*.yaml`` with the demo's data, schedule (``steps``
+    per model; the reference schedule by default) and dirs. The two students share every
+    section but ``distill`` and ``output`` (lockstep)."""
+
+    reference = reference_steps()
+    steps = steps or reference
+
+    def scheduled(cfg: Config, name: str) -> Config:
+        """``cfg`` with ``steps[name]`` steps and its warm-up scaled as its schedule is."""
+        warmup = max(1, round(cfg.train.warmup_steps * steps[name] / reference[name]))
+        return replace(cfg, **{"train.max_steps": steps[name], "train.warmup_steps": warmup})
+
+    common = [f"data.root={data_root}", f"data.image_size={DEMO_SIZE}"]
+    teacher = load_config(CONFIGS / "teacher.yaml", [*common, f"output.dir={out / 'teacher'}"])
+    students = [*common, f"teacher.weights={teacher_weights}"]
+    plain = load_config(
+        CONFIGS / "distill.yaml", [*students, *KD_WEIGHTS, f"output.dir={out / 'student'}"]
+    )
+    distilled = load_config(CONFIGS / "distill.yaml", [*students, f"output.dir={out / 'distill'}"])
+    teacher = scheduled(teacher, "teacher")
+    plain, distilled = scheduled(plain, "student"), scheduled(distilled, "student + KD")
+    return {"teacher": teacher, "student": plain, "student + KD": distilled}
+
+
+def demo(
+    out: Path = DEMO_OUT,
+    data_root: Path = DEMO_DATA,
+    teacher: Path | None = None,
+    minutes: float = MINUTES,
+    record: Path | None = None,
+) -> dict[str, Any]:
+    """minutes: the time budget the schedule is fitted to (0: the reference schedule as is).
+    record: also write the result (table, verdict, goals, machine, date) to this JSON file."""
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    start = time.perf_counter()
+    # Made once; a complete dataset of these arguments is kept, any other one is refused.
+    generate_shapes(
+        data_root,
+        num_train=DEMO_TRAIN,
+        num_val=DEMO_VAL,
+        size=DEMO_SIZE,
+        seed=0,
+        difficulty=DEMO_DIFFICULTY,
+    )
+    teacher_weights = teacher or out / "teacher" / "teacher.pt"
+    reuse_teacher = teacher_weights.is_file()
+    if reuse_teacher:
+        check_teacher_task(teacher_weights, data_root, given=teacher is not None)
+    configs = demo_configs(out, data_root, teacher_weights)
+    plan: dict[str, Any] = {"scale": 1.0, "steps": reference_steps(), "seconds": {}}
+    if minutes > 0:
+        names = [n for n in configs if not (reuse_teacher and n == "teacher")]
+        seconds = probe_seconds({n: configs[n] for n in names})
+        plan = plan_steps(seconds, minutes - (time.perf_counter() - start) / 60)
+        log.info("%s", describe_plan(plan, minutes))
+        configs = demo_configs(out, data_root, teacher_weights, plan["steps"])
+    steps = plan["steps"]
+
+    rows: dict[str, dict[str, Any]] = {}
+    spent: dict[str, float] = {}
+    if reuse_teacher:
+        log.info("reusing the teacher in %s", teacher_weights)
+        rows["teacher"] = run_metrics(teacher_weights) or {}
+        spent["teacher"] = float("nan")
+        teacher_run = f"teacher reused from {teacher_weights}"
+    else:
+        tic = time.perf_counter()
+        rows["teacher"] = train(
+            configs["teacher"], job="teacher", overwrite=True, resume_hint=AGAIN
+        )
+        spent["teacher"] = (time.perf_counter() - tic) / 60
+        teacher_run = f"teacher {steps['teacher']} steps"
+    tic = time.perf_counter()
+    student_rows = train_group(
+        [configs[n] for n in STUDENTS], "student", out / "students", overwrite=True,
+        resume_hint=AGAIN,
+    )  # fmt: skip
+    for name, metrics in zip(STUDENTS, student_rows):
+        rows[name] = metrics
+        spent[name] = (time.perf_counter() - tic) / 60  # the lockstep pair's wall time
+
+    sizes = summarize(configs["student + KD"])
+    size_of = {"teacher": sizes["teacher"], **{n: sizes["student"] for n in STUDENTS}}
+    total = (time.perf_counter() - start) / 60
+    note = (
+        f"{'cuda' if torch.cuda.is_available() else 'cpu'}, total {total:.1f} min; {teacher_run}, "
+        f"students {steps['student']} steps in lockstep (batch "
+        f"{configs['student'].data.batch_size}, {configs['student'].data.image_size} px)."
+    )
+    result: dict[str, Any] = {
+        "models": {
+            name: {
+                **{
+                    k: rows[name].get(k, float("nan")) for k in ("map", "ap50", "aps", "apm", "apl")
+                },
+                "steps": None if name == "teacher" and reuse_teacher else steps[name],
+                "train_minutes": spent[name],
+                **{k: size_of[name][k] for k in ("params", "gflops", "latency_ms")},
+            }
+            for name in ("teacher", *STUDENTS)
+        },
+        "teacher_reused": reuse_teacher,
+        "plan": plan,
+        "budget_minutes": minutes,
+        "total_minutes": total,
+        "note": note,
+    }
+    result["goals"] = goals(result)
+    result["verdict"] = verdict(result)
+    print()
+    print(format_demo_table(result))
+    print(f"\n{note} Runs in {out}; `tensorboard --logdir {out}` shows the curves and detections.")
+    if plan["scale"] != 1:
+        print(describe_plan(plan, minutes))
+    print(f"\n{result['verdict']}{benchmark_sentence(BENCH_KD)}")
+    if record is not None:
+        # the load average tells a run on a shared CPU from one on an idle one
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        result["machine"] = {**machine(), "load_average": load}
+        result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        flags = {"--out": out, "--data": data_root, "--teacher": teacher, "--minutes": minutes}
+        defaults = {
+            "--out": DEMO_OUT,
+            "--data": DEMO_DATA,
+            "--minutes": MINUTES,
+        }
+        given = [
+            f"{k} {shlex.quote(str(v))}"
+            for k, v in flags.items()
+            if v not in (None, defaults.get(k))
+        ]
+        result["command"] = " ".join(
+            ["distill demo", *given, f"--record {shlex.quote(str(record))}"]
+        )
+        write_json(result, record)
+        log.info("wrote %s", record)
+    # callers (tests) get the rows and sizes by model, as before
+    return {**result, "rows": rows, "sizes": size_of, "minutes": spent}
+
+
+def probe_seconds(configs: Mapping[str, Config], steps: int = 3) -> dict[str, float]:
+    """Seconds per training step of each demo model on this machine: the median of ``steps``
+    steps after one warm-up step, on one real batch, through the loop's own ``train_step`` (and
+    ``teacher_forward`` for the distilled student, so that the two students' sum is the cost of
+    one lockstep step). The teacher has random weights here: its cost does not depend on them."""
+
+    seconds = {}
+    with tempfile.TemporaryDirectory(prefix="distill-probe-") as scratch:
+        for name, cfg in configs.items():
+            job = "teacher" if name == "teacher" else "student"
+            cfg = replace(
+                cfg,
+                **{"teacher.weights": None, "data.num_workers": 0, "output.dir": scratch},
+            )
+            accelerator = build_accelerator(cfg)
+            train_set, loader = build_train_loader(accelerator, cfg)
+            images, targets = next(iter(loader))
+            transform = build_transform(cfg).to(accelerator.device)
+            t, frozen = build_trainee(
+                accelerator, cfg, job, train_set.num_categories + 1, steps + 1
+            )
+            if frozen is not None:
+                frozen.to(accelerator.device)
+            times = []
+            for step in range(steps + 1):
+                tic = time.perf_counter()
+                image_list, batch_targets = transform(images, targets)
+                teacher_out = None
+                if frozen is not None:  # the distilled student
+                    teacher_out = teacher_forward(accelerator, frozen, image_list, [cfg])
+                train_step(accelerator, t, image_list, batch_targets, teacher_out, step, 0)
+                if accelerator.device.type == "cuda":
+                    torch.cuda.synchronize(accelerator.device)
+                times.append(time.perf_counter() - tic)
+            if t.writer is not None:
+                t.writer.close()
+            seconds[name] = statistics.median(times[1:])
+    return seconds
+
+
+def plan_steps(seconds: Mapping[str, float], minutes: float) -> dict[str, Any]:
+    """The schedule whose training steps take ``TRAIN_SHARE`` of ``minutes``, given the seconds
+    per step of the models in ``seconds``: the reference schedule scaled by one factor. With the
+    teacher to train, never longer than the reference (the schedule the demo was measured with);
+    with a reused teacher (no "teacher" in ``seconds``) the students get the whole budget, up to
+    ``MAX_STUDENT_SCALE`` times their reference."""
+    reference = reference_steps()
+    predicted = sum(reference[name] * s for name, s in seconds.items())
+    budget = max(minutes, 0.0) * 60 * TRAIN_SHARE
+    longest = 1.0 if "teacher" in seconds else MAX_STUDENT_SCALE
+    scale = min(longest, budget / predicted) if predicted > 0 else 1.0
+    steps = {  # at least MIN_STEPS, unless the reference itself is shorter
+        name: min(round(n * longest), max(MIN_STEPS, round(n * scale)))
+        for name, n in reference.items()
+    }
+    if "teacher" not in seconds:
+        steps["teacher"] = reference["teacher"]  # not trained in this run
+    return {"scale": scale, "steps": steps, "seconds": dict(seconds), "predicted": predicted}
+
+
+def describe_plan(plan: Mapping[str, Any], minutes: float) -> str:
+    per_step = ", ".join(f"{name} {s:.2f} s" for name, s in plan["seconds"].items())
+    steps = plan["steps"]
+    trains_teacher = "teacher" in plan["seconds"]
+    schedule = (
+        f"teacher {steps['teacher']}, students {steps['student']} steps"
+        if trains_teacher
+        else f"students {steps['student']} steps (teacher reused)"
+    )
+    if plan["scale"] == 1:
+        return f"Budget {minutes:g} min: the reference schedule fits ({schedule}; {per_step})."
+    if plan["scale"] > 1:
+        return (
+            f"Budget {minutes:g} min with the teacher reused: the students train "
+            f"{plan['scale']:.1f}x their reference {STUDENT_STEPS} steps ({schedule}; {per_step} "
+            "a step)."
+        )
+    reference = (
+        f"{TEACHER_STEPS}/{STUDENT_STEPS} steps" if trains_teacher else f"{STUDENT_STEPS} steps"
+    )
+    floor = ""
+    if MIN_STEPS in steps.values() and plan["scale"] * min(reference_steps().values()) < MIN_STEPS:
+        trained = sum(steps[name] * s for name, s in plan["seconds"].items()) / 60
+        floor = (
+            f" No model trains fewer than {MIN_STEPS} steps, so training alone will take "
+            f"{trained:.0f} min here: is the CPU busy with other work?"
+        )
+    return (
+        f"Budget {minutes:g} min: the reference schedule ({reference}) "
+        f"would train for {plan['predicted'] / 60:.0f} min on this machine ({per_step} a step), "
+        f"so it was shortened to {plan['scale']:.2g}x of it: {schedule}.{floor} "
+        "`distill demo --minutes 0` runs the reference schedule."
+    )
+
+
+def goals(result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each of ``GOALS`` with this run's value and whether it was met."""
+    models = result["models"]
+    teacher, plain, kd = (models[n]["map"] for n in ("teacher", *STUDENTS))
+    gap = teacher - plain
+    values = {
+        "teacher_map": teacher,
+        "kd_gain": kd - plain,
+        "gap_closed": (kd - plain) / gap if gap > 0 else float("nan"),
+        "gflops_ratio": models["student"]["gflops"] / models["teacher"]["gflops"],
+        "total_minutes": result["total_minutes"],
+    }
+    return check_goals(GOALS, values)
+
+
+def verdict(result: Mapping[str, Any]) -> str:
+    """What this run's numbers show (nothing else: the benchmark is quoted apart)."""
+    models = result["models"]
+    teacher, plain, kd = (models[n]["map"] for n in ("teacher", *STUDENTS))
+    if not teacher > plain:
+        return (
+            f"The teacher (mAP {teacher:.3f}) is not better than the plain student "
+            f"({plain:.3f}): it has not converged in this run's schedule, so there is nothing to "
+            "distil. Give it the reference schedule once (`distill demo --minutes 0`); later "
+            "demos reuse it and give the students the whole budget."
+        )
+    gap = teacher - plain
+    moved = (
+        f"it moved the student from mAP {plain:.3f} to {kd:.3f} "
+        f"({kd - plain:+.3f}, {(kd - plain) / gap:+.0%} of the {gap:.3f} gap to the teacher's "
+        f"{teacher:.3f})"
+    )
+    met = result["goals"]
+    if met["kd_gain"]["met"] and met["gap_closed"]["met"]:
+        return f"Distillation clearly helped: {moved}."
+    if kd > plain:
+        return (
+            f"Distillation helped a little: {moved}; less than the demo's goal "
+            f"({met['kd_gain']['goal']} mAP and {met['gap_closed']['goal']} of the gap)."
+        )
+    return f"Distillation did not help in this run: {moved}."  # or made it worse
+
+
+def benchmark_sentence(path: Path) -> str:
+    """The committed full benchmark (``scripts/bench_kd.py``), quoted as such with its date and
+    machine, from its JSON ("" when there is none or it was a quick run)."""
+    try:
+        result = json.loads(path.read_text())
+        if result.get("quick"):
+            return ""
+        models = result["models"]
+        teacher, plain, kd = (models[k] for k in ("teacher", "student", "student + KD"))
+        # A teacher given with --teacher has no training time on record (NaN in the JSON).
+        minutes = teacher.get("train_minutes")
+        took = "" if minutes is None or _nan(minutes) else f" for {minutes:.0f} min"
+        return (
+            f" Not measured in this run: the committed benchmark ({path.name}, "
+            f"{result['date'][:10]}, {result['machine']['cpu']}) trained its teacher on the "
+            f"harder benchmark task{took} to mAP "
+            f"{teacher['map']['mean']:.3f}, and distillation moved its student from "
+            f"{plain['map']['mean']:.3f} to {kd['map']['mean']:.3f} ({result['gap_closed']:.0%} "
+            f"of the gap, mean of seeds {result['seeds']})."
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def format_demo_table(result: Mapping[str, Any]) -> str:
+    """Markdown: one row per model (students: the lockstep pair's minutes), then the goals."""
+    lines = [
+        "| model | steps | mAP | AP50 | params (M) | GFLOPs | latency (ms) | train (min) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in result["models"].items():
+        steps = "reused" if m["steps"] is None else str(m["steps"])
+        minutes = "–" if _nan(m["train_minutes"]) else f"{m['train_minutes']:.1f}"
+        lines.append(
+            f"| {name} | {steps} | {m['map']:.3f} | {m['ap50']:.3f} | {m['params'] / 1e6:.2f} "
+            f"| {m['gflops']:.2f} | {m['latency_ms']:.1f} | {minutes} |"
+        )
+    lines += ["", "| goal | measured | target | met? |", "|---|---:|---|---|"]
+    for name, g in result["goals"].items():
+        value = "–" if _nan(g["value"]) else f"{g['value']:.3f}"
+        lines.append(
+            f"| {GOALS[name][0]} | {value} | {g['goal']} | {'yes' if g['met'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    """The README section of a ``--record`` file (``scripts/readme_tables.py``)."""
+    text = f"{format_demo_table(result)}\n\n{result['note']} {result['verdict']}"
+    host = result.get("machine", {})
+    if host.get("load_average") is not None:  # a shared CPU runs every step slower
+        text += (
+            f" Load average at the end of the run: {host['load_average']:.1f} on "
+            f"{host['cores']} cores."
+        )
+    return text
+
+
+def _nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)

@@ -1,0 +1,38 @@
+"""The machine a measurement ran on, as the results files record it."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import accelerate
+import torch
+import torchvision
+
+from distill.engine.accelerator import native_bf16
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, library versions, device and whether bf16 is native there."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "native_bf16": native_bf16(),  # bf16 computed natively (else emulated, slow)
+    }

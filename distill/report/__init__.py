@@ -1,0 +1,3 @@
+"""``distill report``: the models compared (``model``), read and evaluated (``collect``), and
+shown in one HTML page (``html``) with its figures (``figures``, ``detections``).
+"""

@@ -1,0 +1,122 @@
+"""The package's layout: no import cycles, few files at the top of ``distill/``, lazy imports only
+where they keep the command line's start-up fast."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.conftest import REPO
+
+PACKAGES = ("distill", "teachers", "students")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def project_modules() -> dict[str, Path]:
+    return {
+        module_name(path): path
+        for package in PACKAGES
+        for path in sorted((REPO / package).rglob("*.py"))
+    }
+
+
+def imports_of(path: Path, modules: dict[str, Path]) -> list[tuple[str, int, bool]]:
+    """(module imported, line, at module level?) for every import of a project module.
+
+    ``from a.b import c`` imports ``a.b.c`` where that is a module, else ``a.b``. Parent
+    packages that Python initialises on the way are not counted: a package's ``__init__`` may
+    import its submodules without that being a cycle."""
+    tree = ast.parse(path.read_text(), str(path))
+    top_level = {id(node) for node in tree.body}
+    here = module_name(path)
+    found = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module is not None:
+            base = node.module
+            if node.level:  # relative import
+                package = here.split(".")[
+                    : len(here.split(".")) - node.level + (path.name == "__init__.py")
+                ]
+                base = ".".join([*package, node.module])
+            names = [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names
+            ]
+        for name in names:
+            if name in modules and name != here:
+                found.append((name, node.lineno, id(node) in top_level))
+    return found
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_one_and_only_one() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"a"}}) == ["a", "a"]
+
+
+def test_no_module_imports_one_that_imports_it_back() -> None:
+    """Every import counts, those inside functions too: a lazy import that closes a circle is
+    a layering error that merely happens not to fail at import time."""
+    modules = project_modules()
+    graph = {name: {m for m, _, _ in imports_of(path, modules)} for name, path in modules.items()}
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
+
+
+def test_few_files_at_the_top_of_the_package() -> None:
+    top = sorted(p.name for p in (REPO / "distill").glob("*.py"))
+    assert len(top) <= 8, top
+
+
+# Modules whose imports inside functions keep ``distill --help`` and the CLI's start-up fast:
+# the command line imports a command's module only when that command runs.
+LAZY_ALLOWED = {"distill.cli"}
+
+
+def test_lazy_imports_only_where_they_keep_start_up_fast() -> None:
+    """Project imports inside functions are for the CLI's start-up alone, each with a comment
+    saying so (on its line or the line above)."""
+    modules = project_modules()
+    offenders = []
+    for name, path in modules.items():
+        lines = path.read_text().splitlines()
+        for imported, lineno, top in sorted(set(imports_of(path, modules))):
+            if top:
+                continue
+            first = lineno - 1  # the import's line, then up through the imports above it
+            while first > 0 and lines[first - 1].lstrip().startswith(("from ", "import ")):
+                first -= 1
+            near = " ".join(lines[max(first - 1, 0) : lineno])
+            if name not in LAZY_ALLOWED or "start-up" not in near:
+                offenders.append(f"{name}:{lineno} imports {imported}")
+    assert not offenders, "\n".join(offenders)

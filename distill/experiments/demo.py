@@ -45,7 +45,7 @@ from distill.experiments.sweep import KD_WEIGHTS
 from distill.models.card import read_card
 from distill.models.retinanet import build_transform
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # distill/experiments/demo.py
 CONFIGS = REPO / "configs" / "demo"
 BENCH_KD = REPO / "results" / "bench_kd.json"
 

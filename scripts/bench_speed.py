@@ -75,7 +75,7 @@ from torchvision.models.detection.image_list import ImageList
 from distill.config import KD_WEIGHT_KEYS, Config, load_config, replace
 from distill.engine.accelerator import native_bf16
 from distill.engine.build import Trainee, build_accelerator, build_train_loader, build_trainee
-from distill.engine.step import SKIPPED, teacher_forward, train_step
+from distill.engine.step import StepOutcome, teacher_forward, train_step
 from distill.experiments.machine import machine
 from distill.models.retinanet import DenseOutputs, build_transform
 
@@ -130,8 +130,8 @@ class Health:
 
     skipped: dict[str, int] = field(default_factory=dict)
 
-    def count(self, t: Trainee, outcome: str | None, logs: Mapping[str, Any]) -> None:
-        if outcome == SKIPPED:
+    def count(self, t: Trainee, outcome: StepOutcome | None, logs: Mapping[str, Any]) -> None:
+        if outcome is StepOutcome.SKIPPED:
             name = t.run_dir.name
             self.skipped[name] = self.skipped.get(name, 0) + 1
             log.warning("%s: non-finite loss or gradient norm, step skipped: %s", name, logs)

@@ -191,7 +191,8 @@ def build_scheduler(
 
 @dataclass
 class Trainee:
-    """One model being trained: its config, prepared module/optimizer/scheduler and outputs."""
+    """One model being trained: its config, its prepared module, optimizer and scheduler, and
+    what its last steps and evaluation left for the loop to log."""
 
     cfg: Config
     run_dir: Path
@@ -199,9 +200,17 @@ class Trainee:
     optimizer: Any  # AcceleratedOptimizer
     scheduler: Any  # AcceleratedScheduler
     detector: nn.Module  # the unwrapped torchvision RetinaNet inside ``module``
-    writer: SummaryWriter | None
+    writer: SummaryWriter | None  # TensorBoard, on the main process only
+    # windows skipped in a row for a non-finite loss (the loop stops at train.max_nonfinite)
     nonfinite_in_a_row: int = 0
-    metrics: dict[str, Any] = field(default_factory=dict)
+    # the total gradient norm (before clipping, a device scalar) of the last window if it
+    # stepped; None after an fp16 overflow or a skip
+    grad_norm: torch.Tensor | None = None
+    # the loss terms of the last window that was not skipped (device scalars), logged by name
+    last_logs: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    # COCO metrics of the last evaluation (``evaluate``'s dict); None until one ran
+    last_eval: dict[str, Any] | None = None
+    # within an accumulation window (set by train_step, cleared by end_window):
     saved_buffers: list[torch.Tensor] | None = None  # BatchNorm state at the window's start
     window_bad: torch.Tensor | None = None  # (bool) a non-finite loss in the current window
 

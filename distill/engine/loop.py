@@ -1,4 +1,6 @@
-"""The training loop under HuggingFace Accelerate.
+"""The training loop under HuggingFace Accelerate. Read ``distill.engine.step`` first: it is one
+step (the teacher, the student, the KD terms summed, backward, the optimizer step or a skip);
+this file is what runs it: epochs of batches, logging, checkpoints, stopping, evaluation.
 
 One loop serves three jobs:
   * ``job="teacher"``: train the teacher architecture on the dataset (no KD);
@@ -7,10 +9,11 @@ One loop serves three jobs:
 
 ``train_group`` trains several students in lockstep on one stream of batches (``distill sweep``):
 the data, the shared transform and the teacher forward happen once per batch for all of them.
-``train`` is the group of one. ``train_group`` is setup, resume, the loop and the finish; read
-``train_batch`` and ``train_step`` top to bottom for one batch: it goes through the shared
-transform once, into the frozen teacher (no_grad, autocast, never prepared) and each prepared
-student module, and the detection and KD terms are summed in ``combine``.
+``train`` is the group of one. ``train_group`` is setup, resume, the loop and the finish;
+``train_loop`` is one screen: the epochs, the batches, ``train_batch`` and, after each optimizer
+step, logging, checkpoints and stops; after each epoch, evaluation and a checkpoint. For one
+batch read ``train_batch``: it goes through the shared transform once, into the frozen teacher
+(no_grad, autocast, never prepared) and each trainee's ``train_step``.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from distill.engine.checkpoint import (
     state_digest,
 )
 from distill.engine.signals import StopFlag
-from distill.engine.step import OVERFLOW, SKIPPED, teacher_forward, train_step
+from distill.engine.step import StepOutcome, teacher_forward, train_step
 from distill.evaluation.draw import log_detections
 from distill.evaluation.evaluate import evaluate, write_json
 from distill.models.card import dataset_categories, write_card
@@ -267,60 +270,30 @@ def resume_from(run: Run, checkpoint: Path, fallback: bool) -> None:
 
 
 def train_loop(run: Run, stop_after: int | None, resume_hint: str) -> None:
-    """Epochs of batches until ``run.total_steps`` optimizer steps; logs, checkpoints, stops."""
+    """Epochs of batches until ``run.total_steps`` optimizer steps, from ``run.progress`` (mid-
+    epoch on a resume); logs, checkpoints, evaluates, stops on a signal or at ``stop_after``."""
     cfg, accelerator, progress = run.cfg, run.accelerator, run.progress
     stop = StopFlag.install()
-    loop_start, seconds_before = time.perf_counter(), progress.seconds
-
-    def clock() -> None:  # progress.seconds: training wall time, summed over resumed sessions
-        progress.seconds = seconds_before + time.perf_counter() - loop_start
-
-    images_per_step = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum
+    clock = _Clock(progress, cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum)
     try:
         for epoch in range(progress.epoch, cfg.train.epochs):
             if progress.step >= run.total_steps:
                 break
             bar = _epoch_batches(run, epoch)
-            tic = time.perf_counter()
+            clock.start_epoch()
             for images, targets in bar:
                 _trace_batch(run.trainees[0], accelerator, progress, targets)
                 logs = train_batch(run, images, targets, epoch)
                 progress.batch += 1
                 if not accelerator.sync_gradients:
-                    continue
+                    continue  # inside an accumulation window: no optimizer step yet
                 progress.step += 1
-                toc = time.perf_counter()
-                images_per_s, tic = images_per_step / max(toc - tic, 1e-9), toc
-                if progress.step % cfg.train.log_every == 0 or progress.step == 1:
-                    # reading the losses waits for the device: only at the steps that log
-                    loss = float(logs["loss/total"])
-                    # refresh=False: the bar redraws at its mininterval (log files)
-                    bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_per_s:.1f}", refresh=False)
-                    for t in run.trainees:
-                        _log_scalars(t, progress.step, epoch, images_per_s)
+                _log_step(run, bar, logs, epoch, clock.images_per_s())
                 if progress.step >= run.total_steps:
-                    break
-                every = cfg.train.checkpoint_every_steps
-                stop_now = _any_process(accelerator, stop.requested or progress.step == stop_after)
-                if stop_now or (every > 0 and progress.step % every == 0):
-                    clock()
-                    save_checkpoint(accelerator, run.checkpoint_dir, progress)
-                if stop_now:
-                    raise TrainingStopped(
-                        f"stopped at epoch {epoch}, step {progress.step} "
-                        f"({stop.reason or 'on request'}); checkpoint saved: {resume_hint}"
-                    )
+                    break  # the end of the epoch below evaluates and saves
+                _checkpoint_or_stop(run, epoch, stop, stop_after, clock, resume_hint)
             bar.close()
-            progress.epoch, progress.batch = epoch + 1, 0
-            last = epoch + 1 == cfg.train.epochs or progress.step >= run.total_steps
-            every = cfg.eval.every_epochs
-            if last or (every > 0 and (epoch + 1) % every == 0):
-                for t in run.trainees:
-                    t.metrics["eval"] = _evaluate_and_log(t, run)
-            clock()
-            save_checkpoint(accelerator, run.checkpoint_dir, progress)
-            if _any_process(accelerator, stop.requested) and not last:
-                raise TrainingStopped(f"stopped after epoch {epoch} ({stop.reason}); {resume_hint}")
+            _end_epoch(run, epoch, stop, clock, resume_hint)
     finally:
         stop.uninstall()
         for t in run.trainees:
@@ -373,6 +346,84 @@ def _epoch_batches(run: Run, epoch: int) -> tqdm:
     )
 
 
+def _log_step(
+    run: Run, bar: tqdm, logs: dict[str, torch.Tensor | float], epoch: int, images_per_s: float
+) -> None:
+    """At the first step and every ``train.log_every``: the loss and images/s on the progress
+    bar, each trainee's scalars to TensorBoard."""
+    step = run.progress.step
+    if step % run.cfg.train.log_every != 0 and step != 1:
+        return
+    loss = float(logs["loss/total"])  # waits for the device: only at the steps that log
+    # refresh=False: the bar redraws at its mininterval (log files)
+    bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_per_s:.1f}", refresh=False)
+    for t in run.trainees:
+        _log_scalars(t, step, epoch, images_per_s)
+
+
+def _checkpoint_or_stop(
+    run: Run,
+    epoch: int,
+    stop: StopFlag,
+    stop_after: int | None,
+    clock: _Clock,
+    resume_hint: str,
+) -> None:
+    """After an optimizer step: a checkpoint every ``train.checkpoint_every_steps``; on a stop
+    signal on any process (asked at every step: one all-reduce, so that all stop at the same
+    step) or at step ``stop_after``, a checkpoint and ``TrainingStopped``."""
+    accelerator, progress = run.accelerator, run.progress
+    every = run.cfg.train.checkpoint_every_steps
+    stop_now = _any_process(accelerator, stop.requested or progress.step == stop_after)
+    if stop_now or (every > 0 and progress.step % every == 0):
+        clock.record()
+        save_checkpoint(accelerator, run.checkpoint_dir, progress)
+    if stop_now:
+        raise TrainingStopped(
+            f"stopped at epoch {epoch}, step {progress.step} "
+            f"({stop.reason or 'on request'}); checkpoint saved: {resume_hint}"
+        )
+
+
+def _end_epoch(run: Run, epoch: int, stop: StopFlag, clock: _Clock, resume_hint: str) -> None:
+    """After the epoch's batches (or the last step): every ``eval.every_epochs`` epochs and at
+    the end, evaluate each trainee; a checkpoint at the epoch's boundary; stop on a signal
+    unless training is over anyway."""
+    accelerator, progress = run.accelerator, run.progress
+    progress.epoch, progress.batch = epoch + 1, 0
+    last = epoch + 1 == run.cfg.train.epochs or progress.step >= run.total_steps
+    every = run.cfg.eval.every_epochs
+    if last or (every > 0 and (epoch + 1) % every == 0):
+        for t in run.trainees:
+            t.last_eval = _evaluate_and_log(t, run)
+    clock.record()
+    save_checkpoint(accelerator, run.checkpoint_dir, progress)
+    if _any_process(accelerator, stop.requested) and not last:
+        raise TrainingStopped(f"stopped after epoch {epoch} ({stop.reason}); {resume_hint}")
+
+
+class _Clock:
+    """The loop's wall time: ``progress.seconds`` (summed over resumed sessions, recorded before
+    each checkpoint) and the images per second of each optimizer step."""
+
+    def __init__(self, progress: Progress, images_per_step: int) -> None:
+        self.progress, self.images_per_step = progress, images_per_step
+        self.start, self.seconds_before = time.perf_counter(), progress.seconds
+        self.tic = self.start
+
+    def start_epoch(self) -> None:
+        self.tic = time.perf_counter()
+
+    def images_per_s(self) -> float:
+        """Of the step since the last call (or the epoch's start)."""
+        toc = time.perf_counter()
+        images_per_s, self.tic = self.images_per_step / max(toc - self.tic, 1e-9), toc
+        return images_per_s
+
+    def record(self) -> None:
+        self.progress.seconds = self.seconds_before + time.perf_counter() - self.start
+
+
 # ---------------------------------------------------------------------------------------------
 # The finish
 # ---------------------------------------------------------------------------------------------
@@ -388,7 +439,7 @@ def finish(run: Run) -> list[dict[str, Any]]:
         )
     results = []
     for t in run.trainees:
-        metrics = t.metrics.get("eval") or _evaluate_and_log(t, run)
+        metrics = t.last_eval or _evaluate_and_log(t, run)
         metrics = {
             **metrics,
             "job": run.job,
@@ -433,12 +484,12 @@ def finish(run: Run) -> list[dict[str, Any]]:
 
 
 def _after_step(
-    t: Trainee, outcome: str, progress: Progress, logs: dict[str, torch.Tensor | float]
+    t: Trainee, outcome: StepOutcome, progress: Progress, logs: dict[str, torch.Tensor | float]
 ) -> None:
     """Count non-finite steps (stop after ``train.max_nonfinite`` in a row) and fp16 overflow
     steps, and keep the logs."""
     key = str(t.run_dir)
-    if outcome == SKIPPED:
+    if outcome is StepOutcome.SKIPPED:
         t.nonfinite_in_a_row += 1
         progress.nonfinite[key] = progress.nonfinite.get(key, 0) + 1
         log.warning(
@@ -455,19 +506,18 @@ def _after_step(
             )
         return
     t.nonfinite_in_a_row = 0
-    if outcome == OVERFLOW:  # the fp16 grad scaler's own skip: not an error
+    if outcome is StepOutcome.OVERFLOW:  # the fp16 grad scaler's own skip: not an error
         progress.scaler_skipped[key] = progress.scaler_skipped.get(key, 0) + 1
-    t.metrics["logs"] = logs
+    t.last_logs = logs
 
 
 def _log_scalars(t: Trainee, step: int, epoch: int, images_per_s: float) -> None:
     if t.writer is None:
         return
-    logs = dict(t.metrics.get("logs", {}))
+    logs = dict(t.last_logs)
     logs["train/lr"] = t.scheduler.get_last_lr()[0]
-    grad_norm = t.metrics.get("grad_norm")
-    if grad_norm is not None:
-        logs["train/grad_norm"] = float(grad_norm)
+    if t.grad_norm is not None:
+        logs["train/grad_norm"] = float(t.grad_norm)
     logs["train/images_per_s"] = images_per_s
     logs["train/epoch"] = epoch
     for key, value in _floats(logs).items():

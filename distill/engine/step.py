@@ -3,11 +3,14 @@ the frozen teacher (``teacher_forward``, once for all trainees) and into the tra
 module; the detection loss and the KD terms are summed in ``combine``; backward; and at the end
 of an accumulation window the optimizer step, or a skip that every process agrees on.
 
-Read this file first: it is the whole of what distillation adds to a training step.
+Read this file first: it is the whole of what distillation adds to a training step. The loop
+around it (epochs, logging, checkpoints, stopping) is ``distill.engine.loop``; the trainee it
+steps, ``distill.engine.build.Trainee``.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -27,9 +30,22 @@ from distill.losses import combine, crosskd_teacher_layer, distill_terms, uses_c
 from distill.losses.crosskd import BRANCHES, channel_stats, held_tower_outputs
 from distill.models.retinanet import DenseOutputs, dense_forward, detection_loss
 
-__all__ = ["OVERFLOW", "SKIPPED", "STEPPED", "end_window", "teacher_forward", "train_step"]
+__all__ = ["StepOutcome", "end_window", "teacher_forward", "train_step"]
 
 log = logging.getLogger(__name__)
+
+
+class StepOutcome(enum.Enum):
+    """How an accumulation window ended, the same on every process (``end_window``)."""
+
+    STEPPED = "stepped"  # the optimizer and the LR schedule stepped
+    # fp16's grad scaler found inf/NaN gradients of a finite loss (its scale was too large): no
+    # step, the scale shrinks, the LR schedule waits
+    OVERFLOW = "overflow"
+    # the loss (or, without a scaler, the gradient norm) of the window was not finite on some
+    # process: every process drops the gradients, puts the BatchNorm statistics back and
+    # leaves weights, optimizer and LR untouched
+    SKIPPED = "skipped"
 
 
 def teacher_forward(
@@ -63,18 +79,13 @@ def train_step(
     teacher_out: DenseOutputs | None,
     step: int,
     epoch: int,
-) -> tuple[str | None, dict[str, torch.Tensor | float]]:
+) -> tuple[StepOutcome | None, dict[str, torch.Tensor | float]]:
     """Forward and backward of trainee ``t`` on a transformed batch and, at the end of an
     accumulation window, the optimizer step. Runs inside ``accelerator.accumulate`` of every
     trainee's module (one window for all of them).
 
-    Returns ``(outcome, logs)``; outcome is None inside an accumulation window, else
-      ``STEPPED``:  the optimizer and the LR schedule stepped;
-      ``OVERFLOW``: fp16's grad scaler found inf/NaN gradients of a finite loss (its scale was
-                    too large): no step, the scale shrinks, the LR schedule waits;
-      ``SKIPPED``:  the loss (or, without a scaler, the gradient norm) of the window was not
-                    finite on some process: every process drops the gradients, puts the
-                    BatchNorm statistics back and leaves weights, optimizer and LR untouched.
+    Returns ``(outcome, logs)``: outcome is None inside an accumulation window, else how the
+    window ended (a ``StepOutcome``); logs are the loss terms (device scalars) by name.
     """
     if t.saved_buffers is None:  # first micro-batch of the window
         t.saved_buffers = [b.detach().clone() for b in t.module.buffers()]
@@ -98,18 +109,18 @@ def train_step(
     return end_window(accelerator, t), logs
 
 
-def end_window(accelerator: Accelerator, t: Trainee) -> str:
+def end_window(accelerator: Accelerator, t: Trainee) -> StepOutcome:
     """Clip, then step the optimizer and the LR schedule, or skip (see ``train_step``)."""
     max_norm = t.cfg.train.grad_clip or math.inf
     # fp16: unscales the gradients first (once per step); an overflow makes the norm inf
     grad_norm = accelerator.clip_grad_norm_(t.module.parameters(), max_norm)
     assert t.window_bad is not None and t.saved_buffers is not None  # set by train_step
     outcome = _window_outcome(accelerator, t.window_bad, grad_norm, accelerator.scaler)
-    if outcome == STEPPED:
+    if outcome is StepOutcome.STEPPED:
         t.optimizer.step()  # fp16: the prepared optimizer's step also updates the scaler
         t.scheduler.step()
     else:
-        if outcome == SKIPPED:
+        if outcome is StepOutcome.SKIPPED:
             with torch.no_grad():
                 for buffer, saved in zip(t.module.buffers(), t.saved_buffers):
                     buffer.copy_(saved)
@@ -118,18 +129,15 @@ def end_window(accelerator: Accelerator, t: Trainee) -> str:
             # the scale. The optimizer is not called: torch's fused SGD, told to skip its
             # first step, keeps an uninitialised momentum buffer (torch 2.14).
             accelerator.scaler.update()
-    t.metrics["grad_norm"] = grad_norm.detach() if outcome == STEPPED else None
+    t.grad_norm = grad_norm.detach() if outcome is StepOutcome.STEPPED else None
     t.optimizer.zero_grad(set_to_none=True)
     t.saved_buffers, t.window_bad = None, None
     return outcome
 
 
-STEPPED, OVERFLOW, SKIPPED = "stepped", "overflow", "skipped"
-
-
 def _window_outcome(
     accelerator: Accelerator, loss_bad: torch.Tensor, grad_norm: torch.Tensor, scaler: Any
-) -> str:
+) -> StepOutcome:
     """What to do at the end of a window, the same on every process: one all-reduce of two
     flags and one host sync. A non-finite gradient of a finite loss is the grad scaler's
     overflow under fp16 (``OVERFLOW``), an error (``SKIPPED``) without one."""
@@ -139,8 +147,10 @@ def _window_outcome(
         flags = accelerator.reduce(flags, "sum")
     verdict = int((2 * (flags[0] > 0) + (flags[1] > 0)).item())  # the host sync
     if verdict == 0:
-        return STEPPED
-    return OVERFLOW if verdict == 1 and scaler is not None else SKIPPED
+        return StepOutcome.STEPPED
+    if verdict == 1 and scaler is not None:
+        return StepOutcome.OVERFLOW
+    return StepOutcome.SKIPPED
 
 
 def mean_over_processes(accelerator: Accelerator) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import distill.engine.accelerator
 import distill.engine.loop
+import distill.engine.setup
 import distill.engine.step
 import distill.experiments.sweep
 from distill.config import Config, ConfigError, load_config
@@ -221,7 +222,7 @@ def test_a_kd_step_that_does_not_log_syncs_with_the_host_at_most_twice(
         return module
 
     monkeypatch.setattr(distill.engine.loop, "_trace_batch", traced)
-    monkeypatch.setattr(distill.engine.loop, "build_transform", transform)
+    monkeypatch.setattr(distill.engine.setup, "build_transform", transform)
     monkeypatch.setattr(
         distill.engine.step,
         "detection_loss",

@@ -15,18 +15,12 @@ from torchvision.ops import box_iou
 from distill.config import CrossKDConfig, DistillConfig, load_config
 from distill.engine.checkpoint import state_digest
 from distill.engine.loop import train, train_group
-from distill.losses import (
-    CrossHead,
-    combine,
-    crosskd_box_loss,
-    distill_terms,
-    kd_quality_focal_loss,
-    mgd_loss,
-    mgd_mask,
-)
-from distill.losses.crosskd import align_scale, channel_stats, held_tower_outputs, match_anchors
+from distill.kd import combine, distill_terms
+from distill.kd.feature import mgd_mask
+from distill.losses import crosskd_box_loss, kd_quality_focal_loss, match_anchors, mgd_loss
+from distill.models.crosshead import CrossHead, align_scale, channel_stats, held_tower_outputs
 from distill.models.retinanet import DenseOutputs
-from distill.models.trainable import StudentModule
+from distill.models.trainable import TrainableModule
 from distill.models.weights import load_state_dict_file
 from tests.conftest import REPO
 from tests.test_gpu_path import QUIET_EVAL, assert_same_weights
@@ -381,7 +375,7 @@ def test_the_kd_terms_of_a_crosskd_step_are_finite_and_reach_the_student(shapes_
 
     cfg = load_config(SMOKE, [f"data.root={shapes_root}", *MGD, *CROSSKD])
     module, teacher = build_models(cfg, "student", 9)
-    assert teacher is not None and isinstance(module, StudentModule)
+    assert teacher is not None and isinstance(module, TrainableModule)
     images = [torch.rand(3, 64, 64), torch.rand(3, 64, 48)]
     targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * 2
     image_list, targets = build_transform(cfg)(images, targets)
@@ -391,9 +385,7 @@ def test_the_kd_terms_of_a_crosskd_step_are_finite_and_reach_the_student(shapes_
     assert teacher_out.extras["crosskd/cls/3"].shape == (5, 2, 256)
     # statistics of the features before the ReLU: some channel means are negative
     assert all((teacher_out.extras[f"crosskd/{b}/3"][:, 0] < 0).any() for b in ("cls", "reg"))
-    out = module(
-        image_list.tensors, image_list.image_sizes, teacher_out.features, teacher_out.extras
-    )
+    out = module(image_list.tensors, image_list.image_sizes, teacher_out)
     terms = distill_terms(out, teacher_out, targets, (64, 64), cfg.distill)
     assert set(terms) == {"feature", "logit", "box", "crosskd_cls", "crosskd_box"}
     assert all(torch.isfinite(v) for v in terms.values())

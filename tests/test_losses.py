@@ -12,20 +12,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.config import BoxKDConfig, DistillConfig, FeatureKDConfig, LogitKDConfig
+from distill.kd import combine, distill_terms, kd_scale, needs_teacher
+from distill.kd.feature import GlobalContextBlock, build_adapters, build_global_blocks
 from distill.losses import (
-    GlobalContextBlock,
     box_distill_loss,
-    build_adapters,
-    build_global_blocks,
-    combine,
     cwd_loss,
-    distill_terms,
     feature_kd_loss,
     fgd_loss,
     fgd_masks,
-    kd_scale,
     mse_loss,
-    needs_teacher,
     pkd_loss,
     soft_label_loss,
     teacher_confidence,

@@ -912,7 +912,8 @@ def test_teacher_is_outside_the_optimizer_and_stays_in_eval_mode(shapes_root: Pa
     teacher.train()  # pinned: stays in eval mode
     assert not any(m.training for m in teacher.modules())
     assert not any(p.requires_grad for p in teacher.parameters())
-    assert len(module.global_t) > 0  # FGD's blocks on teacher features are the student's
+    # FGD's blocks on teacher features are in the trainable module
+    assert len(module.kd["feature"].global_t) > 0
     check_not_optimized(teacher, [SimpleNamespace(optimizer=optimizer)])  # type: ignore[list-item]
     optimizer.add_param_group({"params": [next(teacher.parameters())]})
     with pytest.raises(RuntimeError, match="teacher parameter is in an optimizer"):

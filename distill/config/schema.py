@@ -246,7 +246,7 @@ NON_NEGATIVE = (
 )  # fmt: skip
 
 
-# The names a key accepts. A registry (students, teachers, distill.losses) declares the names of
+# The names a key accepts. A registry (students, teachers, distill.kd) declares the names of
 # its keys when it is imported (``register_choices``): this module imports none of them, and
 # ``import distill`` imports them all, so every config read checks every name.
 _CHOICES: dict[str, tuple[Any, ...]] = {

@@ -21,18 +21,9 @@ from torch.utils.tensorboard import SummaryWriter
 from distill.config import Config, ConfigError, TrainConfig
 from distill.data import CocoDetection, build_dataset, collate, seed_worker
 from distill.engine.accelerator import make_accelerator
-from distill.losses import (
-    CrossHead,
-    build_adapters,
-    build_global_blocks,
-    build_mgd_generators,
-    crosskd_teacher_layer,
-    needs_teacher,
-    uses_crosskd,
-)
-from distill.losses.crosskd import tower_depth, tower_width
+from distill.kd import kd_terms
 from distill.models.retinanet import check_compatible, set_postprocess
-from distill.models.trainable import StudentModule
+from distill.models.trainable import TrainableModule
 from students import build_student
 from teachers import build_teacher
 
@@ -69,73 +60,27 @@ def build_train_loader(accelerator: Accelerator, cfg: Config) -> tuple[CocoDetec
 
 def build_models(
     cfg: Config, job: str, num_classes: int, teacher: nn.Module | None = None
-) -> tuple[StudentModule, nn.Module | None]:
+) -> tuple[TrainableModule, nn.Module | None]:
     """The trainable module and the frozen teacher (None when not needed; ``teacher`` is reused
-    when given). The student is built first, so its initial weights depend only on the seed."""
+    when given). The student is built first, so its initial weights depend only on the seed,
+    then the trainable parts of the configured KD terms, in their registry's order."""
     if job == "teacher":
-        return StudentModule(build_teacher(cfg, num_classes, frozen=False)), None
+        return TrainableModule(build_teacher(cfg, num_classes, frozen=False)), None
     if job != "student":
         raise ValueError(f"unknown job {job!r}: teacher | student")
     student = build_student(cfg, num_classes)
-    if not needs_teacher(cfg.distill):
-        return StudentModule(student), teacher
+    terms = kd_terms(cfg.distill)
+    if not terms:
+        return TrainableModule(student), teacher
     if teacher is None:
-        # The teacher's (random) init must not consume the global RNG: the adapters built below
+        # The teacher's (random) init must not consume the global RNG: the KD parts built below
         # then get the same init whether the teacher is built here or shared (lockstep sweeps).
         with torch.random.fork_rng(devices=[]):
             teacher = build_teacher(cfg, num_classes, frozen=True)
     check_compatible(teacher, student)
-    feature = cfg.distill.feature
-    levels = feature.levels if feature.weight > 0 else ()
-    s_ch, t_ch = _out_channels(student), _out_channels(teacher)
-    adapters = None
-    if levels and (feature.kind == "mse" or s_ch != t_ch):
-        adapters = build_adapters(levels, s_ch, t_ch)
-    global_s = global_t = None
-    if levels and feature.kind == "fgd" and feature.fgd_lambda > 0:
-        blocks = build_global_blocks(levels, t_ch)  # {"student_p3": ..., "teacher_p3": ...}
-        global_s = nn.ModuleDict({lv: blocks[f"student_{lv}"] for lv in levels})
-        global_t = nn.ModuleDict({lv: blocks[f"teacher_{lv}"] for lv in levels})
-    generators = build_mgd_generators(levels, t_ch) if levels and feature.kind == "mgd" else None
-    cross_head = None
-    if uses_crosskd(cfg.distill):
-        layer, depth = cfg.distill.crosskd.layer, tower_depth(student.head)
-        if layer > depth:
-            raise ConfigError(
-                f"distill.crosskd.layer {layer} is beyond the {depth} tower convs of the "
-                f"student's head (student.head_convs)"
-            )
-        teacher_layer, depth = crosskd_teacher_layer(cfg.distill), tower_depth(teacher.head)
-        if teacher_layer > depth:
-            which = "teacher_layer" if cfg.distill.crosskd.teacher_layer is not None else "layer"
-            raise ConfigError(
-                f"distill.crosskd.{which} {teacher_layer} is beyond the {depth} tower convs of "
-                "the teacher's head"
-            )
-        crosskd = cfg.distill.crosskd
-        weights = {"cls": crosskd.cls_weight, "reg": crosskd.box_weight}
-        branches = [branch for branch, weight in weights.items() if weight > 0]
-        cross_head = CrossHead(
-            teacher.head, tower_width(student.head, layer), layer, teacher_layer, branches
-        )
-    module = StudentModule(
-        student,
-        levels,
-        adapters,
-        global_s,
-        global_t,
-        generators,
-        feature.mgd_ratio,
-        cfg.train.seed,
-        cross_head,
-    )
-    return module, teacher
-
-
-def _out_channels(model: nn.Module) -> int:
-    """FPN width of a RetinaNet (torchvision's backbones carry ``out_channels``)."""
-    backbone: Any = model.backbone
-    return int(backbone.out_channels)
+    parts = {name: term.build(student, teacher, cfg.train.seed) for name, term in terms.items()}
+    kd = {name: part for name, part in parts.items() if part is not None}
+    return TrainableModule(student, kd), teacher
 
 
 def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -196,7 +141,7 @@ class Trainee:
 
     cfg: Config
     run_dir: Path
-    module: nn.Module  # prepared StudentModule (DDP-wrapped under several processes)
+    module: nn.Module  # prepared TrainableModule (DDP-wrapped under several processes)
     optimizer: Any  # AcceleratedOptimizer
     scheduler: Any  # AcceleratedScheduler
     detector: nn.Module  # the unwrapped torchvision RetinaNet inside ``module``

@@ -26,8 +26,7 @@ from distill.config import Config
 from distill.engine.build import (
     Trainee,
 )
-from distill.losses import combine, crosskd_teacher_layer, distill_terms, uses_crosskd
-from distill.losses.crosskd import BRANCHES, channel_stats, held_tower_outputs
+from distill.kd import combine, distill_terms, kd_terms
 from distill.models.retinanet import DenseOutputs, dense_forward, detection_loss
 
 __all__ = ["StepOutcome", "end_window", "teacher_forward", "train_step"]
@@ -56,18 +55,20 @@ def teacher_forward(
 ) -> DenseOutputs:
     """The frozen teacher on the shared batch: no_grad, autocast, never prepared.
 
-    For the trainees ``cfgs`` that use CrossKD, also the per-level channel statistics of the
-    teacher's tower conv ``j``'s output before its activation (``held_tower_outputs``; ``j`` 0:
-    the FPN features), each branch's as ``extras["crosskd/<branch>/<j>"]`` (L, 2, C_t)
-    (CrossKD aligns the student's features, held before the activation too, to them)."""
-    layers = sorted({crosskd_teacher_layer(c.distill) for c in cfgs if uses_crosskd(c.distill)})
+    With the hooks that the KD terms of the trainees ``cfgs`` need around it (their
+    ``teacher_probes``, each distinct one once: CrossKD's tower statistics), whose tensors are
+    added to the outputs' ``extras`` after the forward."""
+    probes = dict.fromkeys(
+        probe
+        for c in cfgs
+        for term in kd_terms(c.distill).values()
+        for probe in term.teacher_probes()
+    )
     with torch.no_grad(), accelerator.autocast(), ExitStack() as stack:
-        held = {j: stack.enter_context(held_tower_outputs(teacher.head, j)) for j in layers}
+        extras_of = [stack.enter_context(probe.watch(teacher)) for probe in probes]
         out = dense_forward(teacher, image_list)
-    for j in layers:
-        for branch in BRANCHES:
-            features = held[j][branch] if j > 0 else list(out.features.values())
-            out.extras[f"crosskd/{branch}/{j}"] = torch.stack([channel_stats(f) for f in features])
+    for extras in extras_of:
+        out.extras.update(extras(out))
     return out
 
 
@@ -89,18 +90,14 @@ def train_step(
     """
     if t.saved_buffers is None:  # first micro-batch of the window
         t.saved_buffers = [b.detach().clone() for b in t.module.buffers()]
-    student_out = t.module(
-        image_list.tensors,
-        image_list.image_sizes,
-        teacher_out.features if teacher_out is not None else None,
-        teacher_out.extras if teacher_out is not None else None,
-    )
+    # the detector and the KD terms' trainable parts, which may read the teacher's outputs
+    student_out = t.module(image_list.tensors, image_list.image_sizes, teacher_out)
     det_losses = detection_loss(t.detector, student_out, targets)  # vs the ground truth
-    kd_terms: dict[str, torch.Tensor] = {}
+    kd_losses: dict[str, torch.Tensor] = {}
     if teacher_out is not None:  # vs the teacher, anchor by anchor and level by level
         size, reduce = _hw(image_list.tensors), mean_over_processes(accelerator)
-        kd_terms = distill_terms(student_out, teacher_out, targets, size, t.cfg.distill, reduce)
-    total, logs = combine(det_losses, kd_terms, t.cfg.distill, step, epoch)
+        kd_losses = distill_terms(student_out, teacher_out, targets, size, t.cfg.distill, reduce)
+    total, logs = combine(det_losses, kd_losses, t.cfg.distill, step, epoch)
     bad = ~torch.isfinite(total.detach())  # on the device: no host sync per micro-batch
     t.window_bad = bad if t.window_bad is None else t.window_bad | bad
     accelerator.backward(total)  # fp16: of the loss times the grad scaler's scale

@@ -2,7 +2,8 @@
 
 Every loss compares one level, student (N, C, H, W) against teacher (N, C, H, W) with the same
 shape: the student's features have already gone through a learnable 1x1 adapter to the
-teacher's channel count (``build_adapters``; the adapters live in the trainable student module).
+teacher's channel count (the feature term's adapters, ``distill.kd.feature``, which also holds
+FGD's global-context blocks and MGD's generators: the learnable parts live with the term).
 ``feature_kd_loss`` sums one of them over the selected levels (as MMRazor, FGD and the papers
 do: a weight from a paper means the same here), or averages them with ``reduction="mean"``.
 
@@ -15,23 +16,18 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from distill.losses.logits import autocast_off
 
 __all__ = [
     "FEATURE_KINDS",
     "LEVEL_REDUCTIONS",
-    "GlobalContextBlock",
-    "build_adapters",
-    "build_global_blocks",
-    "build_mgd_generators",
     "cwd_loss",
     "feature_kd_loss",
     "fgd_loss",
     "fgd_masks",
     "mgd_loss",
-    "mgd_mask",
     "mse_loss",
     "pkd_loss",
 ]
@@ -222,24 +218,6 @@ def fgd_loss(
         return loss
 
 
-def mgd_mask(
-    shape: Sequence[int], ratio: float, generator: torch.Generator | None = None
-) -> Tensor:
-    """MGD's random spatial mask (Yang et al., ECCV 2022): which positions the student keeps.
-
-    shape: (N, C, H, W) of the feature to mask; ratio: probability that a position is masked
-    generator: the random stream (its device is the mask's); None: torch's global one, on CPU
-    returns (N, 1, H, W) float32 of 0 (masked, with probability ``ratio``) and 1 (kept), the
-    same for every channel of a position
-    """
-    if not 0 <= ratio < 1:
-        raise ValueError(f"MGD mask ratio must be in [0, 1), got {ratio}")
-    n, _, h, w = shape
-    device = generator.device if generator is not None else None
-    draws = torch.rand((n, 1, h, w), generator=generator, device=device)
-    return (draws >= ratio).float()
-
-
 def mgd_loss(generated: Tensor, t: Tensor) -> Tensor:
     """Masked generative distillation's loss on one level.
 
@@ -331,94 +309,3 @@ def feature_kd_loss(
             )
     stacked = torch.stack(per_level)  # (L,)
     return stacked.sum() if reduction == "sum" else stacked.mean()
-
-
-class GlobalContextBlock(nn.Module):
-    """FGD's GcBlock (after GCNet, Cao et al. 2019): x + a transform of one global context.
-
-    (N, C, H, W) -> (N, C, H, W):
-        a = softmax_hw(conv_mask(x))                      (N, 1, H*W)  attention over positions
-        context = sum_hw x[:, :, hw] * a[:, hw]           (N, C, 1, 1)
-        out = x + conv(relu(layernorm(conv(context))))    C -> C/2 -> C
-    As FGD, ``conv_mask`` is Kaiming-initialised (fan_in) and the last conv starts at zero, so
-    the block starts as the identity.
-    """
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        if channels < 2:
-            raise ValueError(f"GlobalContextBlock needs at least 2 channels, got {channels}")
-        self.conv_mask = nn.Conv2d(channels, 1, kernel_size=1)
-        self.channel_add = nn.Sequential(
-            nn.Conv2d(channels, channels // 2, kernel_size=1),
-            nn.LayerNorm([channels // 2, 1, 1]),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(channels // 2, channels, kernel_size=1),
-        )
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_normal_(self.conv_mask.weight, mode="fan_in", nonlinearity="relu")
-        last = self.channel_add[-1]
-        assert isinstance(last, nn.Conv2d)
-        nn.init.zeros_(last.weight)
-        for conv in (self.conv_mask, last):
-            if conv.bias is not None:
-                nn.init.zeros_(conv.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, c, h, w = x.shape
-        attention = F.softmax(self.conv_mask(x).reshape(n, 1, h * w), dim=-1)  # (N, 1, H*W)
-        # (N, C, H*W) @ (N, H*W, 1) -> (N, C, 1)
-        context = torch.bmm(x.reshape(n, c, h * w), attention.transpose(1, 2))
-        return x + self.channel_add(context.reshape(n, c, 1, 1))
-
-
-def build_adapters(
-    levels: Sequence[str], student_channels: int, teacher_channels: int
-) -> nn.ModuleDict:
-    """{level: Conv2d(student_channels, teacher_channels, 1)} mapping student to teacher channels.
-
-    A 1x1 conv is built even when the channel counts are equal: it is FitNet's learnable
-    regressor, which lets the student's FPN keep its own basis instead of being forced to
-    copy the teacher's features channel by channel. All feature losses use adapted features.
-    """
-    return nn.ModuleDict(
-        {level: nn.Conv2d(student_channels, teacher_channels, kernel_size=1) for level in levels}
-    )
-
-
-def build_global_blocks(levels: Sequence[str], channels: int) -> nn.ModuleDict:
-    """FGD's learnable global-context blocks, one student/teacher pair per level.
-
-    Returns ``ModuleDict({"student_<level>": GlobalContextBlock, "teacher_<level>": ...})``
-    (flat, so ``blocks[f"student_{level}"](x)`` type-checks); the trainable module applies the
-    student block to the adapted student features and the teacher block to the teacher
-    features (``channels`` = the teacher's), and stores the outputs as
-    ``extras["global_s/<level>"]`` and ``extras["global_t/<level>"]``.
-    """
-    return nn.ModuleDict(
-        {
-            f"{side}_{level}": GlobalContextBlock(channels)
-            for side in ("student", "teacher")
-            for level in levels
-        }
-    )
-
-
-def build_mgd_generators(levels: Sequence[str], channels: int) -> nn.ModuleDict:
-    """MGD's generators, one per level: ``conv3x3 -> ReLU -> conv3x3``, ``channels`` -> same.
-
-    They turn the masked, adapted student feature into a guess of the teacher's; they train with
-    the student and are dropped from ``student.pt`` (the trainable module holds them).
-    """
-    return nn.ModuleDict(
-        {
-            level: nn.Sequential(
-                nn.Conv2d(channels, channels, kernel_size=3, padding=1),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(channels, channels, kernel_size=3, padding=1),
-            )
-            for level in levels
-        }
-    )

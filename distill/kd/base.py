@@ -1,0 +1,124 @@
+"""The interface of a KD term: what it is in the config, what it adds to the trainable module,
+what it needs from the teacher's forward, and its losses.
+
+    term = FeatureKD.from_config(cfg.distill)          # None when its weight is 0
+    part = term.build(student, teacher, seed)          # nn.Module in the trainable module, or None
+    probes = term.teacher_probes()                     # hooks around the teacher's forward
+    losses = term.losses(student_out, teacher_out, Batch(targets, image_size))
+
+The engine only loops over the configured terms (``distill.kd.registry``): building the parts
+(``distill.engine.build.build_models``), running them in the trainable module's ``forward``
+(``distill.models.trainable``), the teacher's forward (``distill.engine.step.teacher_forward``),
+the losses and their weighted sum (``distill.kd.combine``). The losses themselves are pure
+functions in ``distill.losses``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import Tensor, nn
+from torchvision.models.detection import RetinaNet
+
+from distill.config import DistillConfig
+from distill.models.retinanet import DenseOutputs
+
+__all__ = ["Batch", "KDTerm", "TeacherProbe", "TermModule"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What a term's losses know of the batch besides the two models' outputs.
+
+    targets: per image {"boxes": (B_i, 4) xyxy in the transformed frame, "labels": (B_i,)}
+    image_size: (H, W) of the padded batch
+    mean_over_processes: with several processes, the mean of a scalar over all of them (an
+        all-reduce: every process computes every loss); None: one process
+    """
+
+    targets: Sequence[Mapping[str, Tensor]]
+    image_size: tuple[int, int]
+    mean_over_processes: Callable[[Tensor], Tensor] | None = None
+
+    def mean(self, value: Tensor) -> Tensor:
+        """A scalar's mean over processes (itself with one process)."""
+        return value if self.mean_over_processes is None else self.mean_over_processes(value)
+
+    def weight_sum(self, weights: Tensor | None) -> Tensor | None:
+        """The normaliser of an anchor-weighted loss: the sum of its anchor weights averaged
+        over processes, so that 2 processes with batch B give the gradient of 1 process with
+        batch 2B (None with one process, or no weights: the loss takes its local sum)."""
+        if weights is None or self.mean_over_processes is None:
+            return None
+        return self.mean_over_processes(weights.detach().float().sum())
+
+
+class TermModule(nn.Module):
+    """The part of a KD term that runs inside the trainable module's ``forward``, so that DDP
+    sees its parameters (adapters, FGD's context blocks, MGD's generators, CrossKD's cross head).
+
+    The trainable module calls, for each term's part, ``watch`` around the detector's forward,
+    then the part itself on the detector's outputs."""
+
+    def watch(self, detector: RetinaNet) -> AbstractContextManager[Any]:
+        """Hooks on the detector being trained while its forward runs (CrossKD holds a tower
+        conv's output); what the context yields is ``forward``'s ``held``. Default: none."""
+        return nullcontext()
+
+    def forward(self, out: DenseOutputs, teacher: DenseOutputs | None, held: Any) -> None:
+        """Adds the term's tensors to the detector's outputs ``out`` (``out.adapted``,
+        ``out.extras``); ``teacher``: the frozen teacher's outputs (None without a teacher)."""
+        raise NotImplementedError
+
+
+class TeacherProbe(Protocol):
+    """What a term needs from the teacher's forward beyond its outputs (CrossKD: statistics of a
+    tower conv). Equal probes (frozen dataclasses) run once for all the trainees that share a
+    teacher forward."""
+
+    def watch(
+        self, teacher: RetinaNet
+    ) -> AbstractContextManager[Callable[[DenseOutputs], dict[str, Tensor]]]:
+        """Hooks on ``teacher`` while its forward runs (no_grad, autocast); yields a function of
+        the teacher's outputs, called after the forward, that returns the tensors to add to the
+        outputs' ``extras``."""
+        ...
+
+
+class KDTerm(ABC):
+    """One KD term. A subclass is registered by name in ``distill.kd.registry.TERMS`` (its
+    place there is its build order) and can also be used directly."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: DistillConfig) -> KDTerm | None:
+        """The term as ``cfg`` configures it, or None when all its weights are 0: then nothing
+        of it is built, run or computed."""
+
+    @abstractmethod
+    def weights(self) -> dict[str, float]:
+        """{loss name: weight > 0}: the losses ``losses`` returns, logged as ``kd/<name>``."""
+
+    def build(self, student: RetinaNet, teacher: RetinaNet, seed: int) -> TermModule | None:
+        """The term's trainable part, built from the student and the (frozen) teacher, or None
+        when it computes nothing in the forward. Its initial weights draw from the global RNG:
+        build the parts in a fixed order. ``seed``: the run's, for parts that draw while they
+        train (MGD's masks)."""
+        return None
+
+    def teacher_probes(self) -> tuple[TeacherProbe, ...]:
+        """What the term needs from the teacher's forward beyond its outputs."""
+        return ()
+
+    @abstractmethod
+    def losses(
+        self, student: DenseOutputs, teacher: DenseOutputs, batch: Batch
+    ) -> dict[str, Tensor]:
+        """The unweighted losses named in ``weights``, scalar float32: pure functions of
+        ``distill.losses`` on the outputs of the trainable module (``student``, with the term's
+        part's tensors) and of the teacher (with its probes' ``extras``), on the same
+        ``ImageList`` (same anchors)."""

@@ -1,0 +1,57 @@
+"""Soft-label logit KD (``distill.logit``): per anchor, the student's class logits against the
+teacher's at a temperature (``distill.losses.logits.soft_label_loss``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from distill.config import DistillConfig, LogitKDConfig, register_choices
+from distill.kd.base import Batch, KDTerm
+from distill.losses.logits import LOGIT_KINDS, soft_label_loss, teacher_confidence
+from distill.models.retinanet import DenseOutputs
+
+__all__ = ["ANCHOR_WEIGHTINGS", "LogitKD"]
+
+ANCHOR_WEIGHTINGS = ("none", "teacher_max")
+
+register_choices({"distill.logit.kind": LOGIT_KINDS,
+                  "distill.logit.anchor_weighting": ANCHOR_WEIGHTINGS})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LogitKD(KDTerm):
+    """``soft_label_loss`` at ``cfg.temperature``, anchors weighted by the teacher's max class
+    probability (``anchor_weighting: teacher_max``) or uniformly (``none``)."""
+
+    cfg: LogitKDConfig
+
+    @classmethod
+    def from_config(cls, cfg: DistillConfig) -> LogitKD | None:
+        return cls(cfg.logit) if cfg.logit.weight > 0 else None
+
+    def weights(self) -> dict[str, float]:
+        return {"logit": self.cfg.weight}
+
+    def losses(
+        self, student: DenseOutputs, teacher: DenseOutputs, batch: Batch
+    ) -> dict[str, Tensor]:
+        cfg = self.cfg
+        if cfg.anchor_weighting not in ANCHOR_WEIGHTINGS:
+            raise ValueError(
+                f"unknown distill.logit.anchor_weighting {cfg.anchor_weighting!r}; "
+                f"expected one of {ANCHOR_WEIGHTINGS}"
+            )
+        anchor_weights = None
+        if cfg.anchor_weighting == "teacher_max":
+            anchor_weights = teacher_confidence(teacher.cls_logits)  # (N, A)
+        loss = soft_label_loss(
+            student.cls_logits,
+            teacher.cls_logits,
+            cfg.temperature,
+            cfg.kind,
+            anchor_weights,
+            batch.weight_sum(anchor_weights),
+        )
+        return {"logit": loss}

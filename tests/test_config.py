@@ -206,3 +206,129 @@ def test_a_key_given_twice_in_a_file_is_an_error(tmp_path: Path) -> None:
     tagged = write(tmp_path, "data: !!python/object/apply:os.system ['true']\n", "tag.yaml")
     with pytest.raises(ConfigError, match="cannot parse"):
         load_config(tagged)
+
+
+# --------------------------------------------------------------------------------------------
+# Inheriting: _base_
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_chain_of_bases_merges_mappings_and_replaces_lists(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "train: {epochs: 7, lr: 0.5, seed: 3}\nanchors: {scales: [1.0, 1.5, 2.0]}\n",
+        "a.yaml",
+    )
+    write(tmp_path, "_base_: a.yaml\ntrain: {lr: 0.25}\ndata: {batch_size: 2}\n", "b.yaml")
+    (tmp_path / "sub").mkdir()
+    child = write(
+        tmp_path,
+        "_base_: ../b.yaml  # relative to this file\ntrain: {seed: 9}\nanchors: {scales: [1.0]}\n",
+        "sub/c.yaml",
+    )
+    cfg = load_config(child)
+    assert cfg.train.epochs == 7  # from a.yaml, through b.yaml
+    assert cfg.train.lr == 0.25  # b.yaml over a.yaml
+    assert cfg.train.seed == 9  # the file's own key wins
+    assert cfg.data.batch_size == 2
+    assert cfg.anchors.scales == (1.0,)  # a list is replaced whole, not merged item by item
+    assert cfg.train.weight_decay == Config().train.weight_decay  # no file names it: the default
+
+
+def test_bases_given_as_a_list_are_merged_in_order(tmp_path: Path) -> None:
+    write(tmp_path, "train: {epochs: 2, lr: 0.5}\ndata: {batch_size: 2}\n", "a.yaml")
+    write(tmp_path, "train: {lr: 0.25, seed: 4}\n", "b.yaml")
+    child = write(tmp_path, "_base_: [a.yaml, b.yaml]\ntrain: {seed: 5}\n", "c.yaml")
+    cfg = load_config(child)
+    assert (cfg.train.epochs, cfg.train.lr, cfg.train.seed) == (2, 0.25, 5)
+    assert cfg.data.batch_size == 2
+
+
+def test_a_cycle_of_bases_names_the_files(tmp_path: Path) -> None:
+    a = write(tmp_path, "_base_: b.yaml\n", "a.yaml")
+    b = write(tmp_path, "_base_: a.yaml\ntrain: {epochs: 1}\n", "b.yaml")
+    with pytest.raises(ConfigError, match="cycle") as err:
+        load_config(a)
+    assert f"{a} -> {b} -> {a}" in str(err.value)
+    itself = write(tmp_path, "_base_: [b.yaml, self.yaml]\n", "self.yaml")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(itself)
+
+
+def test_a_missing_base_names_the_file_that_refers_to_it(tmp_path: Path) -> None:
+    child = write(tmp_path, "_base_: ../nope/base.yaml\n", "c.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_config(child)
+    msg = str(err.value)
+    assert f"_base_ '../nope/base.yaml' in {child}" in msg
+    assert f"not found: {tmp_path.parent / 'nope' / 'base.yaml'}" in msg
+
+
+@pytest.mark.parametrize("value", ["3", "{a: b.yaml}", "[a.yaml, 3]", "''", "null"])
+def test_a_base_that_is_not_a_path_or_a_list_of_paths_is_an_error(
+    tmp_path: Path, value: str
+) -> None:
+    write(tmp_path, "train: {epochs: 1}\n", "a.yaml")
+    child = write(tmp_path, f"_base_: {value}\n", "c.yaml")
+    with pytest.raises(ConfigError, match=rf"_base_ in {child}: expected a path or a list"):
+        load_config(child)
+
+
+def test_an_error_names_the_file_that_holds_the_key(tmp_path: Path) -> None:
+    base = write(tmp_path, "train: {epochs: 1, lr: fast}\n", "base.yaml")
+    child = write(tmp_path, "_base_: base.yaml\ndata: {batch_size: 2}\n", "c.yaml")
+    with pytest.raises(ConfigError, match=rf"train\.lr in {base}: expected float"):
+        load_config(child)
+    write(tmp_path, "train: {epoch: 1}\n", "base.yaml")
+    with pytest.raises(ConfigError, match=rf"unknown key train\.epoch in {base}"):
+        load_config(child)
+    # keys that are right in each file but contradict each other once merged: both files named
+    write(tmp_path, "anchors: {name: torchvision}\n", "base.yaml")
+    write(tmp_path, "_base_: base.yaml\nanchors: {sizes: [8, 16, 32, 64, 128]}\n", "c.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_config(child)
+    assert f"anchors.sizes in {child} (with its bases {base})" in str(err.value)
+
+
+def test_set_overrides_an_inherited_key(tmp_path: Path) -> None:
+    write(tmp_path, "train: {epochs: 7, lr: 0.5}\n", "a.yaml")
+    child = write(tmp_path, "_base_: a.yaml\ntrain: {lr: 0.25}\n", "c.yaml")
+    cfg = load_config(child, ["train.epochs=3", "train.lr=0.125"])
+    assert (cfg.train.epochs, cfg.train.lr) == (3, 0.125)
+    with pytest.raises(ConfigError, match=r"unknown key _base_ in --set _base_=a\.yaml"):
+        load_config(child, ["_base_=a.yaml"])  # inheriting is for files, not a config key
+
+
+def test_an_inherited_config_dumps_merged_and_loads_back_equal(tmp_path: Path) -> None:
+    write(tmp_path, "train: {epochs: 7}\ndistill: {logit: {weight: 2.0}}\n", "a.yaml")
+    child = write(tmp_path, "_base_: a.yaml\ndistill: {logit: {temperature: 2.0}}\n", "c.yaml")
+    cfg = load_config(child, ["train.seed=1"])
+    dump_config(cfg, tmp_path / "run" / "config.yaml")
+    assert "_base_" not in (tmp_path / "run" / "config.yaml").read_text()
+    assert load_config(tmp_path / "run" / "config.yaml") == cfg
+    assert (cfg.train.epochs, cfg.distill.logit.weight, cfg.distill.logit.temperature) == (
+        7,
+        2.0,
+        2.0,
+    )
+
+
+def test_shipped_configs_that_derive_inherit_their_recipe() -> None:
+    """The demo runs the benchmark's recipe as it is, and each plain student is its distillation
+    config with every KD weight 0: nothing else differs but where it writes."""
+    from distill.config import KD_WEIGHT_KEYS
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    demo, recipe = (
+        load_config(root / "demo" / "distill.yaml"),
+        load_config(root / "shapes" / "distill.yaml"),
+    )
+    assert demo.distill == recipe.distill
+    assert demo.student == recipe.student
+    for folder in ("shapes", "coco"):
+        student, distill = (
+            load_config(root / folder / "student.yaml"),
+            load_config(root / folder / "distill.yaml"),
+        )
+        plain = replace(distill, **dict.fromkeys(KD_WEIGHT_KEYS, 0.0), output=student.output)
+        assert student == plain

@@ -1,8 +1,10 @@
 """Reading a YAML config into the frozen dataclasses of ``distill.config.schema``: checking,
-``key.path=value`` overrides, writing it back.
+inheriting (``_base_``), ``key.path=value`` overrides, writing it back.
 
 Files are read with ``yaml.safe_load`` only; unknown keys and wrong types are errors that name
-the key, the file and (for unknown keys) the closest known key.
+the key, the file and (for unknown keys) the closest known key. A file may inherit from others,
+as in mmdetection: ``_base_: ../shapes/distill.yaml`` (or a list, merged in order; paths are
+relative to the file that names them), then its own keys over theirs (see ``read_config``).
 
     cfg = load_config("configs/shapes/distill.yaml", ["distill.logit.temperature=2"])
     cfg.distill.logit.temperature  # 2.0
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -36,6 +39,7 @@ from distill.fileio import write_text_atomic
 # --------------------------------------------------------------------------------------------
 
 T = TypeVar("T")
+BASE_KEY = "_base_"  # the files a config file inherits from; not a config field
 
 
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Config:
@@ -43,8 +47,10 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Confi
     source = str(path) if path is not None else "<defaults>"
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = read_yaml_mapping(Path(path))
-    cfg = _build(raw, source)  # the file alone: its errors name the file
+        raw, files = read_config(Path(path))
+        if len(files) > 1:  # each file was checked alone: errors left come of the merge
+            source = f"{path} (with its bases {', '.join(map(str, files[:-1]))})"
+    cfg = _build(raw, source)  # the file (over its bases): its errors name the file
     sources = [source]
     for item in overrides:
         _apply_override(raw, item)
@@ -155,6 +161,62 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def read_config(path: Path) -> tuple[dict[str, Any], list[Path]]:
+    """The mapping of config file ``path`` merged over the files it inherits from, and the files
+    read: its bases first (each once), ``path`` last.
+
+    ``_base_: FILE`` or ``_base_: [FILE, ...]``, relative to the file that names them: the bases,
+    each merged over its own bases, are merged in order, then the file's own keys over them.
+    Mappings merge key by key (the later file's keys win); anything else, lists included, is
+    replaced whole. Every file is also checked on its own, so that a bad key is reported in the
+    file that holds it; a cycle or a missing base is an error naming the files.
+    """
+    return _read_inheriting(path, ())
+
+
+def _read_inheriting(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], list[Path]]:
+    """``read_config`` of ``path``, reached through the files in ``chain`` (the cycle check)."""
+    own = read_yaml_mapping(path)
+    bases = own.pop(BASE_KEY, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(
+            f"{BASE_KEY} in {path}: expected a path or a list of paths (relative to {path.parent}),"
+            f" got {type(bases).__name__} {bases!r}"
+        )
+    _build(own, str(path))  # the file alone: a bad key is reported in the file that holds it
+    chain = (*chain, path)
+    merged: dict[str, Any] = {}
+    files: list[Path] = []
+    for base in bases:
+        base_path = Path(os.path.normpath(path.parent / base))
+        seen = [p.resolve() for p in chain]
+        if base_path.resolve() in seen:
+            cycle = [*chain[seen.index(base_path.resolve()) :], base_path]
+            raise ConfigError(
+                f"{BASE_KEY} in {path}: config files inherit in a cycle: "
+                + " -> ".join(map(str, cycle))
+            )
+        if not base_path.is_file():
+            raise ConfigError(f"{BASE_KEY} {base!r} in {path}: config file not found: {base_path}")
+        raw, read = _read_inheriting(base_path, chain)
+        merged = _merge(merged, raw)
+        files += [f for f in read if f not in files]
+    return _merge(merged, own), [*files, path]
+
+
+def _merge(base: Mapping[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: mappings merge key by key, anything else is replaced whole."""
+    merged = dict(base)
+    for key, value in child.items():
+        old = merged.get(key)
+        merged[key] = (
+            _merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+        )
+    return merged
 
 
 def parse_value(text: str) -> Any:

@@ -61,7 +61,7 @@ BENCHMARK_TRAIN, BENCHMARK_VAL = 7200, 500
 # `distill demo`'s task: three classes that differ in outline, not in a detail, and 2-6 objects
 # an image (rarely fewer: a crowded placement may drop one), so that every step has many
 # positives to learn from. Learning curves of a from-scratch ResNet50-FPN on it and on the first
-# demo task: configs/demo/teacher.yaml.
+# demo task: README, "How the recipes were chosen".
 DEMO_CLASSES: tuple[str, ...] = ("circle", "square", "triangle")
 DEMO_MIN_OBJECTS, DEMO_MAX_OBJECTS, DEMO_MIN_SIZE, DEMO_MAX_SIZE = 2, 6, 24.0, 96.0
 # `distill demo`'s default folders for this task and its runs; the first demo task (4 classes,
@@ -102,7 +102,7 @@ DIFFICULTIES: dict[str, Difficulty] = {
     "medium": Difficulty(10, 10.0, 116.0, 5, 0.55, 0.4, 90.0),
     "hard": Difficulty(12, 8.0, 120.0, 10, 0.8, 0.5, 70.0),
     # `distill demo`: a task a from-scratch ResNet50-FPN learns within minutes on a CPU (many,
-    # large, high-contrast objects of DEMO_CLASSES); measured in configs/demo/teacher.yaml.
+    # large, high-contrast objects of DEMO_CLASSES; curves: README, "How the recipes were chosen").
     "demo": Difficulty(
         DEMO_MAX_OBJECTS,
         DEMO_MIN_SIZE,

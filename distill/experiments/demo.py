@@ -51,7 +51,7 @@ BENCH_KD = REPO / "results" / "bench_kd.json"
 
 DEMO_TRAIN, DEMO_VAL, DEMO_SIZE, DEMO_DIFFICULTY = 2000, 200, 96, "demo"
 # The reference schedule (configs/demo/*.yaml train.max_steps): the steps the teacher needs to
-# converge, the rest to the students (their curves: the configs' headers).
+# converge, the rest to the students (their curves: README, "How the recipes were chosen").
 TEACHER_STEPS = 500
 STUDENT_STEPS = 600  # both students, in lockstep
 MINUTES = 15.0

@@ -3,11 +3,12 @@
     distill data shapes OUT [--train N --val N --size PX --seed S --difficulty PRESET]
     distill data stats ROOT [--ann train.json]
     distill train-teacher CONFIG [--set key=value ...] [--resume RUN_DIR]
-    distill run CONFIG [--set key=value ...] [--resume RUN_DIR]
+    distill run CONFIG [--set key=value ...] [--resume RUN_DIR] [--no-check | --force]
+    distill check CONFIG [--set key=value ...] [--sample N] [--out FILE]
     distill eval CONFIG --weights FILE [--model student|teacher] [--out FILE]
     distill eval RUN_DIR_OR_WEIGHTS [--model student|teacher] [--out FILE]
     distill predict CONFIG --weights FILE [--model student|teacher] INPUT... --out DIR [--draw]
-                    [--score-thresh X] [--draw-thresh Y]
+                    [--score-thresh X] [--draw-thresh Y] [--precision P] [--batch-size N]
     distill predict RUN_DIR_OR_WEIGHTS [--model student|teacher] INPUT... --out DIR [...]
     distill predict --onnx FILE INPUT... --out DIR [...]
     distill export RUN_DIR_OR_WEIGHTS [--model student|teacher] [--format onnx] [--out FILE]
@@ -23,9 +24,13 @@ file, a bad config key) are printed as one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from distill.config import Config, ConfigError, load_config
 from distill.data.coco import DatasetError
@@ -37,6 +42,7 @@ from distill.data.shapes import (
     generate_shapes,
 )
 from distill.engine.checkpoint import CheckpointError
+from distill.fileio import write_text_atomic
 
 
 class UserError(Exception):
@@ -87,6 +93,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(run)
     run.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR")
     run.add_argument("--resume-fallback", action="store_true", help=FALLBACK_HELP)
+    run.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the checks of the setup before training (see distill check)",
+    )
+    run.add_argument(
+        "--force", action="store_true", help="train even if a check of the setup fails"
+    )
+
+    chk = sub.add_parser(
+        "check", help="before a run: teacher, classes, shapes and KD magnitudes on your data"
+    )
+    _add_config_args(chk)
+    chk.add_argument(
+        "--sample",
+        type=int,
+        default=50,
+        metavar="N",
+        help="validation images the teacher's mAP is measured on (0: skip that check)",
+    )
+    chk.add_argument(
+        "--out", type=Path, default=None, help="the JSON file (default: OUTPUT_DIR/check.json)"
+    )
 
     ev = sub.add_parser("eval", help="COCO mAP of a student and/or teacher checkpoint")
     _add_config_args(ev)
@@ -106,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="which architecture each --weights is (default student); repeat to compare",
     )
     ev.add_argument("--out", type=Path, default=None, help="write the metrics as JSON")
+    _add_precision_arg(ev)
 
     pred = sub.add_parser("predict", help="detections of a model on your own images")
     _add_config_args(
@@ -148,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.3,
         metavar="Y",
         help="lowest score drawn with --draw (default 0.3)",
+    )
+    _add_precision_arg(pred)
+    pred.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="images of one size per forward (default 1: each image's detections are exactly "
+        "torchvision's model([image]); more is faster on a GPU, equal to the last bits)",
     )
 
     exp = sub.add_parser(
@@ -209,6 +248,18 @@ def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("--min-score", type=float, default=0.3, help="score of a drawn detection")
     rep.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="KEY=VALUE", help="override a key of every run's config")  # fmt: skip
+    _add_precision_arg(rep)
+
+
+def _add_precision_arg(parser: argparse.ArgumentParser) -> None:
+    """``--precision`` of an inference command: its own, not the config's training precision."""
+    parser.add_argument(
+        "--precision",
+        choices=["no", "fp16", "bf16", "auto"],
+        default=None,
+        help="inference precision (default no: float32, as torchvision's published numbers); "
+        "the config's train.mixed_precision is a training setting and is not used",
+    )
 
 
 def _last_line(err: Exception) -> str:
@@ -275,19 +326,35 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         result = summarize(cfg, deploy=not args.no_deploy)
         if args.json:
-            import json
-
             print(json.dumps(result, indent=2))
         else:
             print(format_summary(result))
         return 0
+    if args.command == "check":
+        if args.sample < 0:
+            raise UserError(f"--sample {args.sample}: give a number of images >= 0")
+        cfg = load_config(args.config, args.overrides)
+        found = _check(cfg, args.sample)
+        out = args.out or Path(cfg.output.dir) / "check.json"
+        if int(os.environ.get("RANK", "0")) == 0:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(out, json.dumps(found, indent=2) + "\n")
+        return 1 if found["failed"] else 0
     if args.command in ("train-teacher", "run"):
         # imported here, not at the top: keeps the CLI's start-up fast
         from distill.engine.loop import train
 
         cfg = load_config(args.config, args.overrides)
         job = "teacher" if args.command == "train-teacher" else "student"
-        train(cfg, job=job, resume=args.resume, fallback=args.resume_fallback)
+        report: dict[str, Any] | None = None
+        if job == "student" and args.resume is None and not args.no_check:
+            report = _check(cfg, 0)  # written to the run's check.json once it has started
+            if report["failed"] and not args.force:
+                raise UserError(
+                    f"{', '.join(report['failed'])}: a check of the setup failed (above): fix "
+                    "it, or add --force to train anyway"
+                )
+        train(cfg, job=job, resume=args.resume, fallback=args.resume_fallback, check=report)
         return 0
     if args.command == "eval":
         # imported here, not at the top: keeps the CLI's start-up fast
@@ -302,7 +369,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         models = args.model or ["student"] * len(args.weights)
         if len(models) != len(args.weights):
             raise UserError("give one --model per --weights (or none: all are students)")
-        eval_command(cfg, list(zip(models, args.weights)), out=args.out)
+        eval_command(cfg, list(zip(models, args.weights)), out=args.out, precision=args.precision)
         return 0
     if args.command == "predict":
         # imported here, not at the top: keeps the CLI's start-up fast
@@ -314,6 +381,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         ):
             if value is not None and not 0 <= value <= 1:  # also NaN
                 raise UserError(f"{flag} {value}: give a score between 0 and 1")
+        if args.batch_size < 1:
+            raise UserError(f"--batch-size {args.batch_size}: give a number of images >= 1")
         cfg, weights, inputs = _predict_source(args)
         predict_images(
             cfg,
@@ -325,6 +394,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             score_threshold=args.score_thresh,
             draw_threshold=args.draw_thresh,
             onnx=args.onnx,
+            precision=args.precision,
+            batch_size=args.batch_size,
         )
         return 0
     if args.command == "export":
@@ -375,12 +446,28 @@ def _dispatch(args: argparse.Namespace) -> int:
         try:
             report_command(
                 args.runs, args.out, args.teacher, args.baseline, args.overrides,
-                args.images, args.random_images, args.min_score,
+                args.images, args.random_images, args.min_score, args.precision,
             )  # fmt: skip
         except ReportError as err:
             raise UserError(str(err)) from None
         return 0
     raise AssertionError(args)
+
+
+def _check(cfg: Config, sample: int) -> dict[str, Any]:
+    """The checks of ``distill check``; prints their table (on the main process of a launch)
+    and returns them as ``check.json`` holds them: findings, the failed checks' names, sample."""
+    # imported here, not at the top: keeps the CLI's start-up fast
+    from distill.engine.preflight import check_setup, failures, format_findings
+
+    findings = check_setup(cfg, sample)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_findings(findings), file=sys.stderr)
+    return {
+        "findings": [dataclasses.asdict(f) for f in findings],
+        "failed": [f.check for f in failures(findings)],
+        "sample": sample,
+    }
 
 
 def _onnx_first(argv: list[str]) -> list[str]:
@@ -426,6 +513,11 @@ def _predict_source(args: argparse.Namespace) -> tuple[Config, str, list[Path]]:
     from distill.deploy.rebuild import card_config
 
     if args.config.suffix == ".onnx":
+        if args.precision is not None:
+            raise UserError(
+                f"--precision {args.precision}: {args.config} runs in ONNX Runtime in the "
+                "precision it was exported in; --precision is for PyTorch weights"
+            )
         args.onnx = args.config
         return Config(), "", args.inputs
     if _names_weights(args):

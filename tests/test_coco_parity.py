@@ -19,12 +19,14 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
+from torchvision.io import read_image
 from torchvision.models.detection import (
     RetinaNet,
     RetinaNet_ResNet50_FPN_Weights,
     retinanet_resnet50_fpn,
     retinanet_resnet50_fpn_v2,
 )
+from torchvision.ops import box_convert
 
 from distill.cli import main
 from distill.config import TORCHVISION_ANCHORS, Config, load_config
@@ -32,6 +34,7 @@ from distill.data import load_image
 from distill.engine.accelerator import make_accelerator
 from distill.engine.build import build_models
 from distill.evaluation.evaluate import detect, load_detector
+from distill.models.card import write_card
 from distill.models.retinanet import build_anchor_generator, build_transform, detection_loss
 from tests.conftest import REPO
 
@@ -245,6 +248,7 @@ def test_distill_eval_ap_equals_pycocotools(setup: Any, tmp_path: Path) -> None:
     out = tmp_path / "metrics.json"
     cfg_path = REPO / "configs" / "coco" / ARCHS[arch][1]
     sets = [a for o in overrides(weights, root) for a in ("--set", o)]
+    sets += ["--set", "train.mixed_precision=fp16"]  # a training setting: eval ignores it
     args = ["eval", str(cfg_path), *sets, "--model", "teacher", "--weights", str(weights)]
     assert main([*args, "--out", str(out)]) == 0
     metrics = json.loads(out.read_text())
@@ -252,3 +256,90 @@ def test_distill_eval_ap_equals_pycocotools(setup: Any, tmp_path: Path) -> None:
     for key, index in (("map", 0), ("ap50", 1), ("ap75", 2), ("ar100", 8)):
         assert metrics[key] == pytest.approx(float(want[index]), abs=1e-9), key
     assert np.isfinite(want).all()
+
+
+# (H, W) of the images `distill predict` is given in one folder: a landscape capped by max_size,
+# a portrait, one smaller than min_size, odd sides, exactly min x max, a square, a long banner
+# and two images of one size (they share a batch).
+PREDICT_SIZES = [(60, 200), (150, 100), (40, 50), (97, 131), (96, 160), (101, 101), (30, 170)]
+PREDICT_SIZES += [(150, 100)]
+
+
+def test_predict_equals_torchvision_at_every_size(setup: Any, tmp_path: Path) -> None:
+    """``distill predict`` on a folder of PNGs of many sizes gives, image by image, exactly the
+    detections of torchvision's own inference path: ``read_image``, the weights' transforms()
+    and ``model.eval()([image])``. The configs' training settings (fp16 in coco/distill.yaml,
+    set for v1 too) do not stop inference on a CPU."""
+    arch, _, _, _, model, weights, _ = setup
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    gen = torch.Generator().manual_seed(3)
+    for i, (h, w) in enumerate(PREDICT_SIZES):
+        pixels = torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+
+    config = (
+        REPO / "configs" / "coco" / ("distill.yaml" if arch.endswith("_v2") else ARCHS[arch][1])
+    )
+    # torchvision's state dict with a card naming COCO's categories (label = COCO id); the card's
+    # resize is the test's, so the weights are checked against it and categories read from it
+    names = RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"]  # index = COCO id
+    categories = [
+        {"id": i, "name": n, "label": i} for i, n in enumerate(names) if i > 0 and n != "N/A"
+    ]
+    carded = tmp_path / "teacher.pt"
+    carded.write_bytes(weights.read_bytes())
+    write_card(carded, load_config(config, overrides(weights, tmp_path)), "teacher", 91, categories)
+    sets = [a for o in overrides(carded, tmp_path) for a in ("--set", o)]
+    sets += ["--set", "train.mixed_precision=fp16"]  # a GPU training setting; this is a CPU
+    out = tmp_path / "out"
+    args = ["predict", str(config), *sets, "--model", "teacher", "--weights", str(carded)]
+    assert main([*args, str(folder), "--out", str(out)]) == 0
+    rows = json.loads((out / "detections.json").read_text())
+
+    preset = RetinaNet_ResNet50_FPN_Weights.COCO_V1.transforms()
+    for i, (h, w) in enumerate(PREDICT_SIZES):
+        with torch.no_grad():
+            want = model([preset(read_image(str(folder / f"{i:02d}.png")))])[0]
+        keep = torch.tensor(
+            [names[int(label)] != "N/A" for label in want["labels"]], dtype=torch.bool
+        )
+        got = [row for row in rows if row["file_name"] == f"{i:02d}.png"]
+        assert len(got) == int(keep.sum()) > 10, (h, w)
+        assert [row["category_id"] for row in got] == want["labels"][keep].tolist(), (h, w)
+        assert [row["score"] for row in got] == want["scores"][keep].tolist(), (h, w)
+        xywh = box_convert(want["boxes"][keep], "xyxy", "xywh").tolist()
+        assert [row["bbox"] for row in got] == xywh, (h, w)
+
+    # --batch-size 8: only the two images of one size share a forward, and so differ from a
+    # single image's forward in the last bits only; the others are still exactly equal
+    batched = tmp_path / "batched"
+    assert main([*args, str(folder), "--out", str(batched), "--batch-size", "8"]) == 0
+    again = json.loads((batched / "detections.json").read_text())
+    for name in {row["file_name"] for row in rows}:
+        one = [r for r in rows if r["file_name"] == name]
+        eight = [r for r in again if r["file_name"] == name]
+        if name in ("01.png", "07.png"):  # the pair of (150, 100)
+            assert [r["score"] for r in eight] == pytest.approx([r["score"] for r in one], abs=1e-5)
+        else:
+            assert eight == one, name
+
+
+def test_inference_precision_is_its_own_option(
+    setup: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """fp16 inference asked for on a CPU is refused in one line naming --precision (the
+    config's training precision is not the one checked); bf16 is honoured."""
+    arch, root, paths, _, _, weights, _ = setup
+    cfg_path = str(REPO / "configs" / "coco" / ARCHS[arch][1])
+    sets = [a for o in overrides(weights, root) for a in ("--set", o)]
+    common = [*sets, "--model", "teacher", "--weights", str(weights), str(paths[2])]
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["predict", cfg_path, *common, "--precision", "fp16", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("distill: error: --precision=fp16 needs a CUDA GPU"), err
+    assert "train.mixed_precision" not in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    assert main(["predict", cfg_path, *common, "--precision", "bf16", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["predicted"] == 1

@@ -61,6 +61,15 @@ def test_int_is_accepted_for_float(tmp_path: Path) -> None:
     assert isinstance(cfg.distill.logit.temperature, float)
 
 
+def test_exponent_without_a_dot_is_a_float(tmp_path: Path) -> None:
+    """PyYAML (YAML 1.1) reads ``1e-4`` as a string; where a float is expected it is one."""
+    cfg = load_config(write(tmp_path, "train: {lr: 1e-4}"), ["distill.feature.weight=5E6"])
+    assert cfg.train.lr == 1e-4 and cfg.distill.feature.weight == 5e6
+    with pytest.raises(ConfigError, match=r"train\.lr .* expected float, got str 'e-4'"):
+        load_config(write(tmp_path, "train: {lr: e-4}"))
+    assert load_config(write(tmp_path, "output: {dir: 1e4}")).output.dir == "1e4"  # a string
+
+
 def test_overrides_are_yaml_scalars_and_checked(tmp_path: Path) -> None:
     path = write(tmp_path, "train: {epochs: 3}\n")
     cfg = load_config(

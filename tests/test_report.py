@@ -15,7 +15,7 @@ from PIL import Image
 
 from distill.cli import main
 from distill.config import load_config
-from distill.report.collect import collect
+from distill.report.collect import collect, evaluate_models
 from distill.report.figures import bench_figure
 from distill.report.html import training_section
 from distill.report.model import Model, ReportError, gain_and_gap
@@ -246,3 +246,20 @@ def test_bench_kd_figure_and_report_runs_from_its_result(
     del result["models"]["student"]["per_class"]  # results from before the report
     with pytest.raises(ValueError, match="student have no per-class AP"):
         bench_figure(result, figure)
+
+
+def test_a_run_trained_in_fp16_on_a_gpu_is_reported_on_a_cpu(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    """The report evaluates in its own --precision (default float32), not in the precision the
+    run was trained in: a run whose config says fp16 (CUDA only) is evaluated here."""
+    import yaml
+
+    run = tmp_path / "gpu_run"
+    shutil.copytree(trained["kd"], run, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    raw["train"]["mixed_precision"] = "fp16"
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    lineup = collect([run])
+    evaluate_models(lineup)
+    assert [m.evaluated for m in lineup.models if m.weights is not None] == [True]

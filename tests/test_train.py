@@ -77,6 +77,10 @@ def test_distill_run_and_eval(teacher_run: Path, shapes_root: Path, tmp_path: Pa
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["job"] == "student"
+    # the cheap checks ran first (the teacher trained on this data: its card's classes agree)
+    check = json.loads((out / "check.json").read_text())
+    statuses = {f["check"]: f["status"] for f in check["findings"]}
+    assert check["failed"] == [] and statuses["classes"] == "ok" and statuses["dry step"] == "ok"
     student = load_state_dict_file(out / "student.pt")
     assert read_card(out / "student.pt")["role"] == "student"  # type: ignore[index]
     assert not any("adapters" in k or k.startswith("kd.") for k in student)  # the detector alone

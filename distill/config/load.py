@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -39,6 +40,9 @@ from distill.fileio import write_text_atomic
 # --------------------------------------------------------------------------------------------
 
 T = TypeVar("T")
+# a number in exponent notation without a dot (1e-4, 5E6): a float to YAML 1.2 and to Python,
+# a string to PyYAML (YAML 1.1); read as the float the user meant where a float is expected
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 BASE_KEY = "_base_"  # the files a config file inherits from; not a config field
 
 
@@ -290,6 +294,8 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
             raise _type_error(key, value, tp, source)
         return tuple(_convert(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value))
     if tp is float:
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _type_error(key, value, tp, source)
         return float(value)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
+from torchvision.transforms.functional import convert_image_dtype
 from PIL import Image
 from pycocotools.coco import COCO
 from torch import Tensor
@@ -418,7 +419,12 @@ def _make_coco(dataset: dict[str, Any]) -> COCO:
 
 
 def load_image(path: Path, image_id: int | None = None) -> Tensor:
-    """Read an image file as (3, H, W) float32 RGB in [0, 1]; errors name the file."""
+    """Read an image file as (3, H, W) float32 RGB in [0, 1]; errors name the file.
+
+    The conversion is that of torchvision's detection weights (``weights.transforms()``,
+    ``convert_image_dtype``: ``x / 255``), not ``x * (1 / 255)``, which differs in the last bit
+    for some values and so moves scores near a threshold: predictions equal torchvision's.
+    """
     what = f"{path}" if image_id is None else f"{path} (image id {image_id})"
     try:
         with Image.open(path) as im:
@@ -427,7 +433,7 @@ def load_image(path: Path, image_id: int | None = None) -> Tensor:
         raise FileNotFoundError(f"image file not found: {what}") from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for bad files
         raise DatasetError(f"cannot read image {what}: {err}") from None
-    return F.to_dtype(F.pil_to_tensor(rgb), torch.float32, scale=True)
+    return convert_image_dtype(F.pil_to_tensor(rgb), torch.float32)
 
 
 def collate(

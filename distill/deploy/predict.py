@@ -5,8 +5,12 @@
 
 The images go through the path ``distill eval`` scores
 (``distill.evaluation.evaluate.detect``: the shared transform, the dense forward,
-torchvision's post-processing with ``eval``'s settings), in batches of
-``eval.batch_size`` (or ``data.batch_size``). ``DIR/detections.json`` is a list in COCO results
+torchvision's post-processing with ``eval``'s settings), one image at a time by default, so
+that each image's detections are exactly those torchvision's ``model.eval()([image])`` gives it,
+whatever else is in the folder. ``batch_size`` > 1 batches images of one size (see
+``run_by_size``): faster on a GPU, with scores that may differ from a single image's in the
+last bits (a convolution over a batch of 2 is not bit for bit that over 1, on a CPU too).
+``DIR/detections.json`` is a list in COCO results
 format, ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``, plus the
 category's ``category_name`` and the image's ``file_name``; ``--draw`` writes each image with
 its boxes under ``DIR/drawn/``. An image that cannot be read is named in a warning and counted
@@ -29,18 +33,17 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision.models import get_model_weights
 from torchvision.ops import box_convert
 from tqdm import tqdm
 
 from distill.config import Config
 from distill.data import DatasetError, build_dataset, load_image
 from distill.deploy.onnx_runtime import ExportError, detect_onnx, open_session, read_metadata
-from distill.engine.accelerator import make_accelerator
+from distill.engine.accelerator import inference_accelerator
 from distill.evaluation.draw import draw_boxes
 from distill.evaluation.evaluate import detect, load_detector, write_json
 from distill.models.card import CardError, read_card
-from distill.models.provenance import torchvision_file_names
+from distill.models.provenance import is_torchvision_name, torchvision_categories
 from distill.models.retinanet import build_transform
 
 log = logging.getLogger(__name__)
@@ -98,7 +101,7 @@ def find_categories(cfg: Config, kind: str, weights: str) -> Categories:
         }
         return Categories(dataset.num_categories + 1, by_label, str(ann))
     if kind == "teacher" and cfg.data.category_ids_as_labels:
-        names = _torchvision_categories(cfg, weights)
+        names = torchvision_categories(cfg, weights)
         if names is not None:  # index = COCO category id = label; "N/A": ids COCO leaves unused
             by_label = {i: (i, n) for i, n in enumerate(names) if i > 0 and n != "N/A"}
             return Categories(len(names), by_label, "torchvision's COCO categories")
@@ -107,27 +110,6 @@ def find_categories(cfg: Config, kind: str, weights: str) -> Categories:
         f" and the config's annotation file {ann} does not exist; point data.root / data.val "
         "at the dataset's annotation file (only its categories are read)"
     )
-
-
-def _torchvision_name(cfg: Config, weights: str) -> bool:
-    """Whether ``weights`` is a torchvision weights name of the teacher's arch (COCO_V1, ...)."""
-    enum = get_model_weights(cfg.teacher.arch)
-    return weights.removeprefix(f"{enum.__name__}.") in [w.name for w in enum] + ["DEFAULT"]
-
-
-def _torchvision_categories(cfg: Config, weights: str) -> list[str] | None:
-    """torchvision's COCO names (index = category id) if ``weights`` are its COCO weights: a
-    weights name, its published file, or a file the config says is torchvision's."""
-
-    enum = get_model_weights(cfg.teacher.arch)
-    published = torchvision_file_names().get(Path(weights).name, "")
-    if (
-        _torchvision_name(cfg, weights)
-        or published.startswith(enum.__name__)
-        or cfg.teacher.weights_settings == "torchvision"
-    ):
-        return list(enum.DEFAULT.meta["categories"])
-    return None
 
 
 class ImageFiles(Dataset[tuple[Tensor | None, dict[str, Any]]]):
@@ -162,6 +144,8 @@ def predict_images(
     score_threshold: float | None = None,
     draw_threshold: float = 0.3,
     onnx: Path | None = None,
+    precision: str | None = None,
+    batch_size: int = 1,
 ) -> dict[str, Any]:
     """Detections of ``kind`` with ``weights`` on the images of ``inputs``, written to ``out``.
 
@@ -169,6 +153,9 @@ def predict_images(
     draw_threshold:  the lowest score drawn with ``draw``.
     onnx:            a model written by ``distill export``, run with ONNX Runtime instead of
                      ``weights`` (categories and settings from its metadata; cfg: batching).
+    precision:       no | fp16 | bf16 | auto (default no, float32) for a PyTorch model; only
+                     what inference needs is read from ``cfg``, never its training settings.
+    batch_size:      images of one size per forward (1: exactly torchvision's single image).
     Returns the summary also written to ``out/summary.json``: images, predicted, unreadable
     (names), detections.
     """
@@ -180,12 +167,12 @@ def predict_images(
         categories, run, used_threshold = _onnx_model(onnx, score_threshold)
     else:
         if not Path(weights).is_file() and not (
-            kind == "teacher" and _torchvision_name(cfg, weights)
+            kind == "teacher" and is_torchvision_name(cfg.teacher.arch, weights)
         ):
             names = " nor a torchvision weights name" if kind == "teacher" else ""
             raise FileNotFoundError(f"weights file not found{names}: {weights}")
         categories = find_categories(cfg, kind, weights)
-        accelerator = make_accelerator(cfg)
+        accelerator = inference_accelerator(precision)
         detector = load_detector(cfg, kind, weights, categories.num_classes, score_threshold)
         detector.to(accelerator.device)
         transform = build_transform(cfg).to(accelerator.device)
@@ -198,24 +185,24 @@ def predict_images(
 
     loader = DataLoader(
         ImageFiles([path for path, _ in images]),
-        batch_size=cfg.eval.batch_size or cfg.data.batch_size,
+        batch_sampler=size_batches([path for path, _ in images], batch_size),
         num_workers=cfg.data.num_workers,
         collate_fn=_keep_all,
     )
     known = torch.tensor(sorted(categories.by_label))
     label_names = {label: name for label, (_, name) in categories.by_label.items()}
     results: list[dict[str, Any]] = []
-    unreadable: list[str] = []
+    failed: list[int] = []  # indices of the images that could not be read
     drawn_names: set[str] = set()
     for batch in tqdm(loader, desc="predict", unit="batch", file=sys.stderr):
         readable = [(image, info) for image, info in batch if image is not None]
         for _, info in batch:
             if info["error"] is not None:
-                unreadable.append(str(images[info["index"]][0]))
+                failed.append(info["index"])
                 log.warning("skipped: %s", info["error"])
         if not readable:
             continue
-        detections = run([im for im, _ in readable])
+        detections = run_by_size(run, [im for im, _ in readable])
         for (image, info), det in zip(readable, detections):
             index = info["index"]
             name = images[index][1]
@@ -228,6 +215,8 @@ def predict_images(
                 target = _unique(out / "drawn" / Path(name).with_suffix(".png"), drawn_names)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(picture.permute(1, 2, 0).numpy()).save(target)
+    results.sort(key=lambda row: row["image_id"])  # in the order of the inputs (stable)
+    unreadable = [str(images[index][0]) for index in sorted(failed)]
     out.mkdir(parents=True, exist_ok=True)
     write_json(results, out / "detections.json")
     summary = {
@@ -247,6 +236,44 @@ def predict_images(
         + (f"; drawn in {out / 'drawn'}" if draw else "")
     )
     return summary
+
+
+def size_batches(files: Sequence[Path], batch_size: int) -> list[list[int]]:
+    """Indices of ``files`` in batches of images of one size (read from the file headers), in
+    the order of the inputs within a size: see ``run_by_size``. A file whose header cannot be
+    read goes in a batch of its own (loading it names the problem)."""
+    by_size: dict[tuple[int, int] | int, list[int]] = {}
+    for index, path in enumerate(files):
+        try:
+            with Image.open(path) as im:
+                key: tuple[int, int] | int = im.size
+        except Exception:  # unreadable: loading it reports why
+            key = -index - 1
+        by_size.setdefault(key, []).append(index)
+    return [
+        indices[start : start + batch_size]
+        for indices in by_size.values()
+        for start in range(0, len(indices), batch_size)
+    ]
+
+
+def run_by_size(
+    run: Callable[[list[Tensor]], list[dict[str, Tensor]]], images: list[Tensor]
+) -> list[dict[str, Tensor]]:
+    """``run`` on each group of same-size images, results in the order of ``images``.
+
+    A batch is padded to its largest image, and the padding changes the features, so the
+    scores, of the smaller images near their borders: an image's detections would depend on
+    the other images in its batch. In batches of one size each image gets the detections that
+    torchvision's ``model.eval()([image])`` gives it.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(tuple(image.shape[-2:]), []).append(index)
+    results: dict[int, dict[str, Tensor]] = {}
+    for indices in groups.values():
+        results.update(zip(indices, run([images[i] for i in indices])))
+    return [results[i] for i in range(len(images))]
 
 
 def _onnx_model(

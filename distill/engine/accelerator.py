@@ -28,7 +28,21 @@ CPU_FP16_ENV = "DISTILL_CPU_FP16"
 
 
 def make_accelerator(cfg: Config, **kwargs: Any) -> Accelerator:
-    """An Accelerator for this config; usable several times in one process (tests, demo, sweeps).
+    """The Accelerator of a training run (``train.mixed_precision``); see ``_accelerator``."""
+    return _accelerator(check_mixed_precision(cfg.train.mixed_precision), **kwargs)
+
+
+def inference_accelerator(precision: str | None = None) -> Accelerator:
+    """The Accelerator of ``distill eval``, ``predict`` and ``report``: their own ``--precision``
+    (default ``no``: float32, what torchvision's published numbers use), never the config's
+    ``train.mixed_precision``, so that a run trained in fp16 on a GPU is evaluated on a CPU."""
+    mode = check_mixed_precision(precision or "no", key="--precision")
+    return _accelerator(mode)
+
+
+def _accelerator(mixed_precision: str, **kwargs: Any) -> Accelerator:
+    """An Accelerator in ``mixed_precision`` (no | fp16 | bf16); usable several times in one
+    process (tests, demo, sweeps).
 
     Without CUDA, ``cpu=True`` is what lets Accelerate run several CPU processes with gloo
     (``accelerate launch --multi_gpu --num_processes 2`` on a CPU-only machine).
@@ -41,7 +55,7 @@ def make_accelerator(cfg: Config, **kwargs: Any) -> Accelerator:
     GradientState._reset_state()
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
-        mixed_precision=check_mixed_precision(cfg.train.mixed_precision),
+        mixed_precision=mixed_precision,
         kwargs_handlers=[GRAD_SCALER],
         **kwargs,
     )
@@ -55,8 +69,8 @@ def make_accelerator(cfg: Config, **kwargs: Any) -> Accelerator:
     return accelerator
 
 
-def check_mixed_precision(value: str) -> str:
-    """Accelerate's mixed-precision mode for ``train.mixed_precision``.
+def check_mixed_precision(value: str, key: str = "train.mixed_precision") -> str:
+    """Accelerate's mixed-precision mode for ``value`` of ``key`` (named in errors and warnings).
 
     ``auto`` is bf16 where the device computes in bf16 natively (see ``native_bf16``) and fp32
     (``no``) elsewhere. An explicit bf16 is honoured, with a warning where it is emulated: on a
@@ -65,21 +79,22 @@ def check_mixed_precision(value: str) -> str:
     fp16 without CUDA is an error, not a silent fallback (unless ``DISTILL_CPU_FP16=1``: tests).
     """
     if value not in ("no", "fp16", "bf16", "auto"):
-        raise ConfigError(f"train.mixed_precision: expected no | fp16 | bf16 | auto, got {value!r}")
+        raise ConfigError(f"{key}: expected no | fp16 | bf16 | auto, got {value!r}")
     cpu_fp16 = os.environ.get(CPU_FP16_ENV) == "1"
     if value == "fp16" and not torch.cuda.is_available() and not cpu_fp16:
         raise ConfigError(
-            "train.mixed_precision=fp16 needs a CUDA GPU and none is available; "
+            f"{key}=fp16 needs a CUDA GPU and none is available; "
             "use bf16 (CPUs with avx512_bf16 / AMX run it fast), auto or no"
         )
     if value == "auto":
         return "bf16" if native_bf16() else "no"
     if value == "bf16" and not native_bf16():
         log.warning(
-            "train.mixed_precision=bf16 on a %s without native bf16: it is emulated, and a "
-            "training step can be 10-20x slower than fp32; set train.mixed_precision=auto "
-            "(bf16 only where it is native) or no",
+            "%s=bf16 on a %s without native bf16: it is emulated, and a training step can be "
+            "10-20x slower than fp32; set %s=auto (bf16 only where it is native) or no",
+            key,
             "GPU" if torch.cuda.is_available() else "CPU",
+            key,
         )
     return value
 

@@ -74,6 +74,7 @@ def train(
     stop_after: int | None = None,
     resume_hint: str = "",
     overwrite: bool = False,
+    check: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one model; returns the final COCO metrics (also in ``metrics.json``).
 
@@ -81,6 +82,8 @@ def train(
     fallback: if that checkpoint is missing or corrupt, use the previous whole one.
     stop_after: behave as if a stop signal arrived after this many optimizer steps (tests).
     overwrite: a fresh start may replace a run already in output.dir (callers that own it).
+    check: what ``distill check`` found before the run, written to ``check.json`` once the run
+    has started (``distill.engine.preflight``).
     """
     checkpoint_dir = Path(resume) if resume is not None else Path(cfg.output.dir)
     if resume is not None:
@@ -94,6 +97,7 @@ def train(
         stop_after=stop_after,
         resume_hint=resume_hint,
         overwrite=overwrite,
+        check=check,
     )[0]
 
 
@@ -106,6 +110,7 @@ def train_group(
     stop_after: int | None = None,
     resume_hint: str = "",
     overwrite: bool = False,
+    check: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``len(cfgs)`` models in lockstep on the same batches; one checkpoint for all.
 
@@ -122,6 +127,8 @@ def train_group(
     if run.accelerator.is_main_process:
         for t in run.trainees:
             dump_config(t.cfg, t.run_dir / "config.yaml")
+            if check is not None:
+                write_json(check, t.run_dir / "check.json")
     train_loop(run, stop_after, resume_hint or f"resume with --resume {checkpoint_dir}")
     return finish(run)
 

@@ -28,7 +28,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from distill.config import Config, replace
 from distill.data import CocoDetection, build_dataset, collate, predictions_to_coco
-from distill.engine.accelerator import make_accelerator
+from distill.engine.accelerator import inference_accelerator
 from distill.fileio import write_text_atomic
 from distill.models.retinanet import build_transform, dense_forward, postprocess, set_postprocess
 from students import build_student
@@ -219,11 +219,13 @@ def format_metrics_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
 
 
 def evaluate_checkpoints(
-    cfg: Config, models: list[tuple[str, str]]
+    cfg: Config, models: list[tuple[str, str]], precision: str | None = None
 ) -> tuple[Accelerator, list[tuple[str, dict[str, Any]]]]:
-    """COCO metrics of each (``teacher`` | ``student``, weights file) on the validation set."""
+    """COCO metrics of each (``teacher`` | ``student``, weights file) on the validation set, in
+    ``precision`` (no | fp16 | bf16 | auto; default no). Only what inference needs is read from
+    ``cfg``: its training settings (precision, optimizer, schedule) are never checked."""
 
-    accelerator = make_accelerator(cfg)
+    accelerator = inference_accelerator(precision)
     dataset = build_dataset(cfg.data, "val")
     num_classes = dataset.num_categories + 1
     transform = build_transform(cfg).to(accelerator.device)
@@ -276,12 +278,17 @@ def run_metrics(weights: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def eval_command(cfg: Config, models: list[tuple[str, str]], out: Path | None = None) -> None:
+def eval_command(
+    cfg: Config,
+    models: list[tuple[str, str]],
+    out: Path | None = None,
+    precision: str | None = None,
+) -> None:
     """``distill eval``: evaluate each (kind, weights file) on the validation set, side by side."""
     if out is not None and (out.is_dir() or not out.parent.is_dir()):  # before evaluating
         what = "is a directory" if out.is_dir() else f"needs the folder {out.parent}"
         raise FileNotFoundError(f"--out {out} {what}: give a .json file path in a folder")
-    accelerator, rows = evaluate_checkpoints(cfg, models)
+    accelerator, rows = evaluate_checkpoints(cfg, models, precision)
     if accelerator.is_main_process:
         print(format_metrics_table(rows))
         if out is not None:

@@ -77,6 +77,27 @@ def torchvision_file_names() -> dict[str, str]:
     return names
 
 
+def is_torchvision_name(arch: str, weights: str) -> bool:
+    """Whether ``weights`` is a torchvision weights name of ``arch`` (COCO_V1, DEFAULT, ...)."""
+    enum = get_model_weights(arch)
+    return weights.removeprefix(f"{enum.__name__}.") in [w.name for w in enum] + ["DEFAULT"]
+
+
+def torchvision_categories(cfg: Config, weights: str) -> list[str] | None:
+    """torchvision's COCO names (index = category id; "N/A" for ids COCO leaves unused) if the
+    teacher's ``weights`` are its COCO weights: a weights name, its published file, or a file
+    the config says is torchvision's (``teacher.weights_settings: torchvision``); else None."""
+    enum = get_model_weights(cfg.teacher.arch)
+    published = torchvision_file_names().get(Path(weights).name, "")
+    if (
+        is_torchvision_name(cfg.teacher.arch, weights)
+        or published.startswith(enum.__name__)
+        or cfg.teacher.weights_settings == "torchvision"
+    ):
+        return list(enum.DEFAULT.meta["categories"])
+    return None
+
+
 def trained_settings(
     weights: WeightsEnum | Path,
     mode: str = "check",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from distill.config import KD_WEIGHT_KEYS, Config, flatten, load_config, replace, to_dict
 from distill.data import CocoDetection, build_dataset
-from distill.engine.accelerator import make_accelerator
+from distill.engine.accelerator import inference_accelerator
 from distill.evaluation.cost import measure
 from distill.evaluation.evaluate import (
     category_names,
@@ -178,7 +178,7 @@ def collect(
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate_models(lineup: Lineup) -> CocoDetection:
+def evaluate_models(lineup: Lineup, precision: str | None = None) -> CocoDetection:
     """Predict with every model that has weights on the first student's validation set and run
     COCOeval (``Model.evaluator``), and measure params, GFLOPs and CPU latency (``Model.cost``).
 
@@ -187,7 +187,7 @@ def evaluate_models(lineup: Lineup) -> CocoDetection:
     """
 
     cfg = lineup.students[0].cfg
-    accelerator = make_accelerator(cfg)
+    accelerator = inference_accelerator(precision)  # --precision, never train.mixed_precision
     dataset = build_dataset(cfg.data, "val")
     names = category_names(dataset)
     costs: dict[str, dict[str, float]] = {}  # one measurement per architecture (sweep points)
@@ -237,10 +237,12 @@ def write_report(
     num_differ: int = 4,
     num_random: int = 2,
     min_score: float = 0.3,
+    precision: str | None = None,
 ) -> Path:
-    """Evaluate, draw every figure into ``out`` and write ``out/report.html``; returns its path."""
+    """Evaluate (in ``precision``, default no), draw every figure into ``out`` and write
+    ``out/report.html``; returns its path."""
 
-    dataset = evaluate_models(lineup)
+    dataset = evaluate_models(lineup, precision)
     out.mkdir(parents=True, exist_ok=True)
     page = build_page(
         lineup,
@@ -264,6 +266,7 @@ def report_command(
     num_differ: int = 4,
     num_random: int = 2,
     min_score: float = 0.3,
+    precision: str | None = None,
 ) -> Path:
     """``distill report``: collect, evaluate, draw and write; prints the page's path."""
     if out.exists() and not out.is_dir():
@@ -274,7 +277,12 @@ def report_command(
         raise ReportError(f"--min-score {min_score}: give a score in [0, 1]")
     lineup = collect(runs, teacher, baseline, overrides)
     path = write_report(
-        lineup, out, num_differ=num_differ, num_random=num_random, min_score=min_score
+        lineup,
+        out,
+        num_differ=num_differ,
+        num_random=num_random,
+        min_score=min_score,
+        precision=precision,
     )
     print(f"wrote {path}")
     return path

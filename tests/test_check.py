@@ -1,0 +1,139 @@
+"""``distill check`` names each deliberately wrong setup: a random teacher, a teacher of another
+task, classes in another order, a KD weight 1e6; ``distill run`` runs the cheap checks first
+and refuses a failure unless ``--force``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.cli import main
+from distill.config import Config, load_config
+from distill.data import build_dataset
+from distill.engine.preflight import FAIL, OK, SKIP, WARN, Finding, check_setup
+from distill.models.card import dataset_categories, write_card
+from distill.models.weights import save_state_dict_file
+from teachers import build_teacher
+from tests.conftest import REPO, smoke_overrides
+
+SMOKE = REPO / "configs" / "shapes" / "smoke.yaml"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def by_check(findings: list[Finding]) -> dict[str, Finding]:
+    return {f.check: f for f in findings}
+
+
+@pytest.fixture(scope="module")
+def setup(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A random teacher saved with a card naming the dataset's classes, and smoke overrides."""
+    tmp = tmp_path_factory.mktemp("check")
+    overrides = smoke_overrides(shapes_root, tmp / "run")
+    cfg = load_config(SMOKE, overrides)
+    dataset = build_dataset(cfg.data, "train")
+    torch.manual_seed(0)
+    teacher = build_teacher(cfg, dataset.num_categories + 1, frozen=False)
+    weights = tmp / "teacher.pt"
+    categories = dataset_categories(dataset)
+    write_card(weights, cfg, "teacher", dataset.num_categories + 1, categories)
+    save_state_dict_file(teacher.state_dict(), weights)
+    return weights, overrides
+
+
+def config(setup: tuple[Path, list[str]], *more: str) -> Config:
+    weights, overrides = setup
+    return load_config(SMOKE, [*overrides, f"teacher.weights={weights}", *more])
+
+
+def rewrite_card(weights: Path, target: Path, change: dict[int, str]) -> Path:
+    """A copy of ``weights`` whose card names the classes of labels in ``change`` otherwise."""
+    target.write_bytes(weights.read_bytes())
+    card = json.loads(weights.with_suffix(".json").read_text())
+    for category in card["categories"]:
+        category["name"] = change.get(category["label"], category["name"])
+    target.with_suffix(".json").write_text(json.dumps(card))
+    return target
+
+
+def test_a_matching_setup_passes_every_cheap_check(setup: tuple[Path, list[str]]) -> None:
+    findings = by_check(check_setup(config(setup), sample=0))
+    assert findings["teacher"].status == OK
+    assert findings["classes"].status == OK, findings["classes"]
+    assert findings["teacher mAP"].status == SKIP
+    assert findings["shapes"].status == OK and "FPN widths teacher 256, student 32" in (
+        findings["shapes"].detail
+    )
+    assert {"kd/feature", "kd/logit", "kd/box", "dry step"} <= set(findings)
+    assert findings["dry step"].status == OK
+    assert all(f.status != FAIL for f in findings.values())
+
+
+def test_a_random_teacher_fails_on_its_map(setup: tuple[Path, list[str]]) -> None:
+    findings = by_check(check_setup(config(setup), sample=6))
+    assert findings["teacher mAP"].status == FAIL
+    assert "not trained on this data" in findings["teacher mAP"].detail
+    assert findings["teacher mAP"].value is not None and findings["teacher mAP"].value < 0.01
+    # no weights at all is said in so many words
+    findings = by_check(check_setup(config(setup, "teacher.weights=null"), sample=0))
+    assert findings["teacher"].status == WARN and "randomly initialised" in (
+        findings["teacher"].detail
+    )
+
+
+def test_classes_swapped_or_of_another_task_are_named(
+    setup: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    weights, _ = setup
+    names = {
+        c["label"]: c["name"]
+        for c in json.loads(weights.with_suffix(".json").read_text())["categories"]
+    }
+    swapped = rewrite_card(weights, tmp_path / "swapped.pt", {1: names[2], 2: names[1]})
+    found = by_check(check_setup(config(setup, f"teacher.weights={swapped}"), sample=0))
+    assert found["classes"].status == FAIL
+    assert found["classes"].detail.startswith("2 of the dataset's")
+    assert f"label 1: dataset {names[1]!r}" in found["classes"].detail
+    assert f"teacher {names[2]!r}" in found["classes"].detail
+
+    other = rewrite_card(
+        weights, tmp_path / "other.pt", {label: f"vehicle{label}" for label in names}
+    )
+    found = by_check(check_setup(config(setup, f"teacher.weights={other}"), sample=0))
+    assert found["classes"].status == FAIL and "'vehicle1'" in found["classes"].detail
+
+
+def test_a_kd_weight_orders_of_magnitude_off_is_named(setup: tuple[Path, list[str]]) -> None:
+    findings = by_check(check_setup(config(setup, "distill.feature.weight=1e6"), sample=0))
+    assert findings["kd/feature"].status == WARN
+    assert "drowns" in findings["kd/feature"].detail
+    assert findings["kd/logit"].status == OK  # the others are fine
+
+
+def test_check_command_and_run_refusal(
+    setup: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    weights, overrides = setup
+    swapped = rewrite_card(weights, tmp_path / "swapped.pt", {1: "x", 2: "y"})
+    out = tmp_path / "found.json"
+    run_dir = tmp_path / "run"
+    args = sets([*overrides, f"teacher.weights={swapped}", f"output.dir={run_dir}"])
+    capsys.readouterr()
+    assert main(["check", str(SMOKE), *args, "--sample", "0", "--out", str(out)]) == 1
+    table = capsys.readouterr().err
+    assert "classes" in table and "FAIL" in table and "1 failed" in table
+    saved = json.loads(out.read_text())
+    assert saved["failed"] == ["classes"] and saved["sample"] == 0
+    assert {f["check"]: f["status"] for f in saved["findings"]}["classes"] == FAIL
+
+    # distill run refuses before training, names the way on, and writes nothing
+    assert main(["run", str(SMOKE), *args]) == 2
+    err = capsys.readouterr().err
+    assert "classes: a check of the setup failed" in err and "--force" in err
+    assert not run_dir.exists()

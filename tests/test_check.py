@@ -63,14 +63,19 @@ def rewrite_card(weights: Path, target: Path, change: dict[int, str]) -> Path:
 
 
 def test_a_matching_setup_passes_every_cheap_check(setup: tuple[Path, list[str]]) -> None:
-    findings = by_check(check_setup(config(setup), sample=0))
+    crosskd = [
+        "distill.crosskd.cls_weight=1",
+        "distill.crosskd.box_weight=1",
+        "distill.crosskd.layer=1",
+    ]
+    findings = by_check(check_setup(config(setup, *crosskd), sample=0))
     assert findings["teacher"].status == OK
     assert findings["classes"].status == OK, findings["classes"]
     assert findings["teacher mAP"].status == SKIP
     assert findings["shapes"].status == OK and "FPN widths teacher 256, student 32" in (
         findings["shapes"].detail
     )
-    assert {"kd/feature", "kd/logit", "kd/box", "dry step"} <= set(findings)
+    assert {"kd/feature", "kd/logit", "kd/box", "kd/crosskd_cls", "dry step"} <= set(findings)
     assert findings["dry step"].status == OK
     assert all(f.status != FAIL for f in findings.values())
 

@@ -35,13 +35,13 @@ from distill.config import Config, replace
 from distill.data import CocoDetection, build_dataset, collate
 from distill.engine.accelerator import inference_accelerator
 from distill.engine.build import build_models
+from distill.engine.step import teacher_forward
 from distill.evaluation.evaluate import evaluate
 from distill.kd import combine, distill_terms, kd_terms
 from distill.models.card import read_card
 from distill.models.provenance import torchvision_categories
 from distill.models.retinanet import (
     build_transform,
-    dense_forward,
     detection_loss,
     feature_strides,
     set_postprocess,
@@ -92,6 +92,7 @@ def check_setup(cfg: Config, sample: int = 50) -> list[Finding]:
     findings.append(_classes_finding(cfg, train_set))
     findings.append(_teacher_map_finding(cfg, teacher, sample))
     with torch.random.fork_rng(devices=[]):  # the run's RNG stays where it was
+        torch.manual_seed(cfg.train.seed)  # the student the run starts from
         try:  # the student and the KD terms' parts, as the run builds them
             module, _ = build_models(cfg, "student", num_classes, teacher)
         except ValueError as err:  # check_compatible: anchors, classes, strides
@@ -215,12 +216,18 @@ def _step_findings(
     cfg: Config, teacher: nn.Module, module: TrainableModule, train_set: CocoDetection
 ) -> list[Finding]:
     """The KD terms' magnitudes at full weight and one backward, on the first training batch
-    (two images, unshuffled), in float32."""
-    module.train()
+    (two images, in order), in float32, on the device a run would use."""
+    accelerator = inference_accelerator()  # float32
+    module.to(accelerator.device).train()
+    teacher.to(accelerator.device)
     images, targets = collate([train_set[i] for i in range(min(len(train_set), 2))])
-    image_list, moved = build_transform(cfg)(images, targets)
-    with torch.no_grad():
-        teacher_out = dense_forward(teacher, image_list)
+    images = [image.to(accelerator.device) for image in images]
+    targets = [
+        {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+        for t in targets
+    ]
+    image_list, moved = build_transform(cfg).to(accelerator.device)(images, targets)
+    teacher_out = teacher_forward(accelerator, teacher, image_list, [cfg])  # with its KD probes
     student_out = module(image_list.tensors, image_list.image_sizes, teacher_out)
     det = detection_loss(module.detector, student_out, moved)
     size = (int(image_list.tensors.shape[-2]), int(image_list.tensors.shape[-1]))

@@ -4,9 +4,9 @@ as math, and KD terms the report's curves must show. Every hostile file is made 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.data import CocoDetection, load_image
+from distill.cli import main
+from distill.config import load_config
+from distill.data import CocoDetection, build_dataset, load_image
+from distill.deploy.predict import _reason, _run_each, find_images
+from distill.models.card import dataset_categories, write_card
+from distill.models.weights import save_state_dict_file
+from students import build_student
+from tests.conftest import REPO, smoke_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,3 +125,213 @@ def test_load_image_scales_16_bit_pngs(tmp_path: Path) -> None:
         assert torch.equal(channel, eight.float() / 255)  # x / 255, as every other image
     assert image[0, 0, 0] == 1.0 and image[0, 0, 1] == 1 / 255
     assert (image == 1.0).float().mean() < 0.01  # not the near-white image of PIL's convert
+
+
+# --------------------------------------------------------------------------------------------
+# 3. distill predict: per-image failures, results as it goes, --out, names, exit status
+# --------------------------------------------------------------------------------------------
+
+SMOKE = REPO / "configs" / "shapes" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def student(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """``distill predict`` arguments up to the inputs: a random student (bias raised: it
+    detects) saved with its card, on the smoke config (64 px)."""
+    tmp = tmp_path_factory.mktemp("hostile_predict")
+    overrides = smoke_overrides(shapes_root, tmp / "run")
+    cfg = load_config(SMOKE, overrides)
+    dataset = build_dataset(cfg.data, "val")
+    torch.manual_seed(0)
+    model = build_student(cfg, dataset.num_categories + 1)
+    with torch.no_grad():
+        model.head.classification_head.cls_logits.bias.fill_(-1.0)
+    weights = tmp / "student.pt"
+    write_card(weights, cfg, "student", dataset.num_categories + 1, dataset_categories(dataset))
+    save_state_dict_file(model.state_dict(), weights)
+    sets = [a for o in overrides for a in ("--set", o)]
+    return ["predict", str(SMOKE), *sets, "--weights", str(weights)]
+
+
+def photos(shapes_root: Path, folder: Path, count: int = 2) -> list[Path]:
+    """``count`` of the shapes validation images copied into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = sorted((shapes_root / "images" / "val").glob("*.png"))[:count]
+    for source in sources:
+        shutil.copy(source, folder / source.name)
+    return [folder / s.name for s in sources]
+
+
+def error_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """The lines of stderr that are not tqdm's progress bar."""
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    return [line for line in lines if line.strip() and not line.startswith("predict:")]
+
+
+def banner(path: Path) -> None:
+    """A 10 x 2000 image: resized for a 64 px model it is 0 pixels tall, and the resize fails."""
+    Image.fromarray(noise(10, 2000)).save(path)
+
+
+def test_predict_goes_on_past_images_that_fail(
+    student: list[str], shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "photos"
+    good = photos(shapes_root, folder)
+    banner(folder / "b_banner.png")
+    (folder / "c_broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    assert main([*student, str(folder), "--out", str(out), "--draw", "--batch-size", "4"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 4 and summary["predicted"] == 2 and summary["complete"]
+    reasons = {Path(f["file"]).name: f["reason"] for f in summary["failed"]}
+    assert "Input and output sizes should be greater than 0" in reasons["b_banner.png"]
+    assert "cannot read image" in reasons["c_broken.png"]
+    rows = json.loads((out / "detections.json").read_text())
+    assert rows and {r["file_name"] for r in rows} == {p.name for p in good}
+    assert [r["image_id"] for r in rows] == sorted(r["image_id"] for r in rows)  # input order
+    assert sorted(p.name for p in (out / "drawn").glob("*.png")) == sorted(p.name for p in good)
+    assert "2 failed" in capsys.readouterr().out
+
+
+def test_a_failing_batch_runs_again_one_image_at_a_time() -> None:
+    """Three images of one size in one batch, the middle one bad: only it is lost."""
+    images = [torch.full((3, 8, 8), v) for v in (0.1, 0.9, 0.2)]
+    calls = []
+
+    def run(batch: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        calls.append(len(batch))
+        if any(float(im.max()) > 0.5 for im in batch):
+            raise RuntimeError("this image cannot run\nsecond line")
+        return [{"scores": im.flatten()[:1]} for im in batch]
+
+    outcomes = _run_each(run, [(im, i) for i, im in enumerate(images)])
+    assert calls == [3, 1, 1, 1]
+    assert [i for i, _ in outcomes] == [0, 1, 2]
+    assert isinstance(outcomes[1][1], RuntimeError)
+    assert [o["scores"].item() for _, o in (outcomes[0], outcomes[2])] == pytest.approx([0.1, 0.2])
+    assert _reason(outcomes[1][1]) == "RuntimeError: this image cannot run"
+
+
+def test_predict_fails_when_nothing_could_be_predicted(
+    student: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"not a png")
+    banner(folder / "b.png")
+    out = tmp_path / "out"
+    assert main([*student, str(folder), "--out", str(out)]) == 1
+    [err] = error_lines(capsys)
+    assert err.startswith("distill: error: none of the 2 images")
+    assert str(folder / "a.png") in err and "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["predicted"] == 0 and len(summary["failed"]) == 2
+    assert json.loads((out / "detections.json").read_text()) == []
+
+
+def test_predict_checks_out_before_the_compute(
+    student: list[str],
+    shapes_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder = tmp_path / "photos"
+    photos(shapes_root, folder, 1)
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "out"
+
+    def no_model(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model was built before --out was checked")
+
+    monkeypatch.setattr("distill.deploy.predict.load_detector", no_model)
+    assert main([*student, str(folder), "--out", str(out)]) == 2
+    [err] = error_lines(capsys)
+    assert f"--out {out}" in err and "a_file" in err
+
+
+def test_predict_writes_as_it_goes(
+    student: list[str], shapes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped at its second image, a run has written the first image's detections."""
+    import distill.deploy.predict as predict
+
+    folder = tmp_path / "photos"
+    good = photos(shapes_root, folder, 3)
+    real, calls = predict.detect, []
+
+    def detect(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(predict, "SAVE_EVERY_S", 0.0, raising=False)  # before: none
+    monkeypatch.setattr(predict, "detect", detect)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        main([*student, str(folder), "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["predicted"] == 1 and not summary["complete"]
+    rows = json.loads((out / "detections.json").read_text())
+    assert rows and {r["file_name"] for r in rows} == {good[0].name}
+
+
+def test_predict_out_inside_an_input_folder(
+    student: list[str], shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "photos"
+    photos(shapes_root, folder)
+    out = folder / "out"
+    for _ in range(2):  # the second run does not read the first one's drawings
+        assert main([*student, str(folder), "--out", str(out), "--draw"]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["images"] == summary["predicted"] == 2
+    assert len(list((out / "drawn").glob("*.png"))) == 2
+    capsys.readouterr()
+    assert main([*student, str(folder), "--out", str(folder)]) == 2
+    [err] = error_lines(capsys)
+    assert "is the input folder" in err
+
+
+def test_predict_names_are_unique_across_input_folders(
+    student: list[str], shapes_root: Path, tmp_path: Path
+) -> None:
+    first = photos(shapes_root, tmp_path / "a", 1)[0]
+    second = tmp_path / "b" / first.name  # same name, another image
+    second.parent.mkdir()
+    shutil.copy(sorted((shapes_root / "images" / "val").glob("*.png"))[-1], second)
+    inputs = [str(tmp_path / "a"), str(tmp_path / "b"), str(first)]  # first given twice
+    assert find_images([Path(i) for i in inputs]) == [
+        (first, first.as_posix()),
+        (second, second.as_posix()),
+    ]
+    out = tmp_path / "out"
+    assert main([*student, *inputs, "--out", str(out), "--draw"]) == 0
+    rows = json.loads((out / "detections.json").read_text())
+    assert {r["file_name"] for r in rows} == {first.as_posix(), second.as_posix()}
+    assert {r["image_id"] for r in rows if r["file_name"] == first.as_posix()} == {1}
+    assert len(list((out / "drawn").rglob("*.png"))) == 2
+
+
+def test_predict_onnx_goes_on_past_an_image_that_fails(
+    student: list[str], shapes_root: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("onnxruntime", reason="the 'export' extra: pip install -e '.[export]'")
+    from distill.deploy.export import export_command
+
+    weights = Path(student[student.index("--weights") + 1])
+    model = export_command(weights.parent, out=tmp_path / "model.onnx")
+    folder = tmp_path / "photos"
+    good = photos(shapes_root, folder, 1)
+    banner(folder / "banner.png")
+    out = tmp_path / "out"
+    assert main(["predict", "--onnx", str(model), str(folder), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["predicted"] == 1 and [f["file_name"] for f in summary["failed"]] == [
+        "banner.png"
+    ]
+    assert "sizes should be greater than 0" in summary["failed"][0]["reason"]
+    rows = json.loads((out / "detections.json").read_text())
+    assert rows and {r["file_name"] for r in rows} == {good[0].name}

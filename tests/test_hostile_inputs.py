@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from distill.cli import main
-from distill.config import load_config
+from distill.config import load_config, override
 from distill.data import CocoDetection, build_dataset, load_image
 from distill.deploy.predict import _reason, _run_each, find_images
 from distill.models.card import dataset_categories, write_card
@@ -335,3 +335,40 @@ def test_predict_onnx_goes_on_past_an_image_that_fails(
     assert "sizes should be greater than 0" in summary["failed"][0]["reason"]
     rows = json.loads((out / "detections.json").read_text())
     assert rows and {r["file_name"] for r in rows} == {good[0].name}
+
+
+# --------------------------------------------------------------------------------------------
+# 7. paths the demo and the sweep put into --set overrides
+# --------------------------------------------------------------------------------------------
+
+HOSTILE_PATHS = ["runs/demo #1", "runs/a: b", "runs/it's \"quoted\"", "-lead/x", "yes", "~"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_PATHS)
+def test_override_keeps_any_path(name: str, tmp_path: Path) -> None:
+    for value in (name, tmp_path / name):
+        assert load_config(None, [override("output.dir", value)]).output.dir == str(value)
+
+
+def test_demo_and_sweep_keep_hostile_paths(tmp_path: Path) -> None:
+    from distill.experiments.demo import demo_configs
+    from distill.experiments.sweep import make_points, parse_grid
+
+    root = tmp_path / "-data: #1"
+    for name in HOSTILE_PATHS:
+        out = tmp_path / name
+        teacher = out / "teacher 'v1' #2.pt"
+        cfgs = demo_configs(out, root, teacher)
+        assert {k: c.output.dir for k, c in cfgs.items()} == {
+            "teacher": str(out / "teacher"),
+            "student": str(out / "student"),
+            "student + KD": str(out / "distill"),
+        }
+        assert {c.data.root for c in cfgs.values()} == {str(root)}
+        assert {cfgs[k].teacher.weights for k in ("student", "student + KD")} == {str(teacher)}
+
+        grid = parse_grid(["distill.logit.temperature=1,2"])
+        config = REPO / "configs" / "shapes" / "distill.yaml"
+        points = make_points(config, [override("output.dir", out)], grid, with_baseline=True)
+        assert [p.cfg.output.dir for p in points] == [str(out / p.name) for p in points]
+        assert [p.cfg.distill.logit.temperature for p in points[:2]] == [1.0, 2.0]

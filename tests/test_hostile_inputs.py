@@ -341,7 +341,7 @@ def test_predict_onnx_goes_on_past_an_image_that_fails(
 # 7. paths the demo and the sweep put into --set overrides
 # --------------------------------------------------------------------------------------------
 
-HOSTILE_PATHS = ["runs/demo #1", "runs/a: b", "runs/it's \"quoted\"", "-lead/x", "yes", "~"]
+HOSTILE_PATHS = ["runs/demo #1", "runs/a: b", 'runs/it\'s "quoted"', "-lead/x", "yes", "~"]
 
 
 @pytest.mark.parametrize("name", HOSTILE_PATHS)
@@ -372,3 +372,101 @@ def test_demo_and_sweep_keep_hostile_paths(tmp_path: Path) -> None:
         points = make_points(config, [override("output.dir", out)], grid, with_baseline=True)
         assert [p.cfg.output.dir for p in points] == [str(out / p.name) for p in points]
         assert [p.cfg.distill.logit.temperature for p in points[:2]] == [1.0, 2.0]
+
+
+# --------------------------------------------------------------------------------------------
+# 8. names matplotlib would read as math; 11. every KD term in the training curves
+# --------------------------------------------------------------------------------------------
+
+CLASS_NAMES = ["a$^$b", "$_$", "x$\\alpha$", "c^d_e\\f", "_under"]
+RUN_NAMES = ["run $^$", "_run_b"]
+
+
+@pytest.fixture
+def figure_texts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The texts of every figure that ``figures._save`` writes; each must be shown as given
+    (no mathtext: ``x$\\alpha$`` would draw an alpha)."""
+    import matplotlib.text
+
+    import distill.report.figures as figures
+
+    texts: list[str] = []
+    save = figures._save
+
+    def keep(fig: Any, path: Path) -> None:
+        fig.canvas.draw()  # tick labels are made when drawn
+        for text in fig.findobj(matplotlib.text.Text):
+            if text.get_visible() and text.get_text():
+                texts.append(text.get_text())
+                assert not text.get_parse_math(), text.get_text()
+        save(fig, path)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    return texts
+
+
+def test_report_figures_show_names_as_given(tmp_path: Path, figure_texts: list[str]) -> None:
+    from distill.report.figures import (
+        per_class_figure,
+        per_size_figure,
+        role_colors,
+        training_figure,
+    )
+
+    colors = role_colors(["baseline", "student"])
+    series = [
+        (name, color, {c: 0.1 * i for i, c in enumerate(CLASS_NAMES)})
+        for name, color in zip(RUN_NAMES, colors)
+    ]
+    per_class_figure(tmp_path / "per_class.png", CLASS_NAMES, series, f"gain of {RUN_NAMES[0]}")
+    sizes = [(n, c, {"aps": 0.1, "apm": 0.2, "apl": 0.3}) for n, c in zip(RUN_NAMES, colors)]
+    per_size_figure(tmp_path / "per_size.png", sizes, sizes)
+    curves = {"loss/total": ([1, 2], [1.0, 0.5])}
+    training_figure(tmp_path / "training.png", [(n, c, curves) for n, c in zip(RUN_NAMES, colors)])
+    for name in ("per_class", "per_size", "training"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
+    shown = [t.removeprefix("\u200b") for t in figure_texts]
+    for name in [*CLASS_NAMES, *RUN_NAMES, f"gain of {RUN_NAMES[0]}"]:
+        assert name in shown, name  # legend entries too, "_run_b" among them
+
+
+def test_detections_figure_shows_names_as_given(tmp_path: Path) -> None:
+    from distill.report.detections import Outcome, detections_figure
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(noise(32, 32)).save(folder / "a.png")
+    write_coco(tmp_path, {"a.png": (32, 32)})
+    dataset = CocoDetection(tmp_path, "ann.json")
+    columns = [(name, {1: Outcome()}) for name in RUN_NAMES]
+    path = tmp_path / "detections.png"
+    detections_figure(path, dataset, columns, [(1, "why $^$")], {1: CLASS_NAMES[0]})
+    assert path.stat().st_size > 0
+
+
+def test_training_curves_show_every_kd_term_logged(tmp_path: Path) -> None:
+    from distill.config import KD_WEIGHT_KEYS
+    from distill.kd.registry import kd_weights
+    from distill.report.figures import curve_panels, training_figure
+
+    every_term = load_config(None, [f"{key}=1" for key in KD_WEIGHT_KEYS]).distill
+    losses = list(kd_weights(every_term))  # feature, logit, box, crosskd_cls, crosskd_box
+    assert {"crosskd_cls", "crosskd_box"} <= set(losses)
+    logged = {f"kd_weighted/{loss}": ([1, 2], [0.2, 0.1]) for loss in losses}
+    logged["kd_weighted/toy_term"] = ([1, 2], [0.3, 0.2])  # a term the registry does not know
+    logged["loss/classification"] = logged["loss/total"] = ([1, 2], [1.0, 0.8])
+    logged["kd/crosskd_cls"] = ([1, 2], [0.4, 0.2])  # unweighted: not a panel
+
+    titles = training_figure(tmp_path / "curves.png", [("distilled", "#1f77b4", logged)])
+    assert titles == [
+        "focal loss (classification)",
+        *(f"{loss} KD (weighted)" for loss in ["feature", "logit", "box"]),
+        "crosskd_box KD (weighted)",
+        "crosskd_cls KD (weighted)",
+        "toy_term KD (weighted)",
+        "total loss",
+    ]
+    assert list(curve_panels({"kd_weighted/crosskd_cls", "loss/total"})) == [
+        "kd_weighted/crosskd_cls",
+        "loss/total",
+    ]

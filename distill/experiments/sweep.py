@@ -255,32 +255,35 @@ def _plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x_key, other = keys[0], keys[1:]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(tuple(value_text(row[k]) for k in other), []).append(row)
-    numeric = all(
-        isinstance(r[x_key], int | float) and not isinstance(r[x_key], bool) for r in rows
-    )
-    for combo, members in groups.items():
-        members = sorted(members, key=lambda r: r[x_key]) if numeric else members
-        xs = [r[x_key] if numeric else value_text(r[x_key]) for r in members]
-        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(other, combo)) or "student + KD"
-        ax.plot(xs, [r["map"] for r in members], marker="o", label=label)
-    if teacher is not None:
-        ax.axhline(teacher, color="black", linestyle="--", label="teacher")
-    if baseline is not None:
-        ax.axhline(baseline, color="gray", linestyle=":", label="plain student")
-    if numeric and all(r[x_key] > 0 for r in rows) and len({r[x_key] for r in rows}) > 2:
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel(x_key)
-    ax.set_ylabel("COCO mAP")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with plt.rc_context({"text.parse_math": False}):  # values as given: a "$" is no math
+        x_key, other = keys[0], keys[1:]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        for row in rows:
+            groups.setdefault(tuple(value_text(row[k]) for k in other), []).append(row)
+        numeric = all(
+            isinstance(r[x_key], int | float) and not isinstance(r[x_key], bool) for r in rows
+        )
+        for combo, members in groups.items():
+            members = sorted(members, key=lambda r: r[x_key]) if numeric else members
+            xs = [r[x_key] if numeric else value_text(r[x_key]) for r in members]
+            label = (
+                ", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(other, combo)) or "student + KD"
+            )
+            ax.plot(xs, [r["map"] for r in members], marker="o", label=label)
+        if teacher is not None:
+            ax.axhline(teacher, color="black", linestyle="--", label="teacher")
+        if baseline is not None:
+            ax.axhline(baseline, color="gray", linestyle=":", label="plain student")
+        if numeric and all(r[x_key] > 0 for r in rows) and len({r[x_key] for r in rows}) > 2:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(x_key)
+        ax.set_ylabel("COCO mAP")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
 
 
 def _hparams(sweep_dir: Path, rows: list[dict[str, Any]], keys: list[str]) -> None:

@@ -273,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(_onnx_first(list(sys.argv[1:] if argv is None else argv)))
     # imported here, not at the top: keeps the CLI's start-up fast
     from distill.deploy.onnx_runtime import ExportError, MissingExtraError
+    from distill.deploy.predict import PredictError
     from distill.engine.loop import NonFiniteLoss, TrainingStopped
     from distill.models.weights import WeightsError
 
@@ -287,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         FileNotFoundError,
         FileExistsError,
         MissingExtraError,
+        PredictError,
     ) as err:
         print(f"distill: error: {_last_line(err)}", file=sys.stderr)
         return 2
@@ -384,7 +386,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.batch_size < 1:
             raise UserError(f"--batch-size {args.batch_size}: give a number of images >= 1")
         cfg, weights, inputs = _predict_source(args)
-        predict_images(
+        summary = predict_images(
             cfg,
             weights,
             inputs,
@@ -397,6 +399,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             precision=args.precision,
             batch_size=args.batch_size,
         )
+        if summary["predicted"] == 0:
+            first = summary["failed"][0]
+            others = f" and {len(summary['failed']) - 1} more" if len(summary["failed"]) > 1 else ""
+            print(
+                f"distill: error: none of the {summary['images']} images could be predicted: "
+                f"{first['file']}: {first['reason']}{others} (all in {args.out / 'summary.json'})",
+                file=sys.stderr,
+            )
+            return 1
         return 0
     if args.command == "export":
         # imported here, not at the top: keeps the CLI's start-up fast

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from distill.config import KD_WEIGHT_KEYS, Config, load_config
+from distill.config import KD_WEIGHT_KEYS, Config, load_config, override
 from distill.data.shapes import BENCHMARK_TRAIN, BENCHMARK_VAL, generate_shapes
 from distill.engine.checkpoint import (
     CheckpointError,
@@ -127,7 +127,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    overrides = [f"data.root={args.data}", *(QUICK if args.quick else []), *args.overrides]
+    overrides = [override("data.root", args.data), *(QUICK if args.quick else []), *args.overrides]
     # Made if absent, kept if complete; one made with other arguments is refused (FileExistsError).
     size = 64 if args.quick else 128
     num_train, num_val = (32, 8) if args.quick else (BENCHMARK_TRAIN, BENCHMARK_VAL)
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     teacher_weights = args.teacher or args.out_dir / "teacher" / "teacher.pt"
     if not teacher_weights.is_file():
         cfg = load_config(
-            CONFIGS / "teacher.yaml", [*overrides, f"output.dir={teacher_weights.parent}"]
+            CONFIGS / "teacher.yaml", [*overrides, override("output.dir", teacher_weights.parent)]
         )
         run_dir = teacher_weights.parent  # an interrupted teacher run goes on where it stopped
         train(cfg, job="teacher", resume=run_dir if has_checkpoint(run_dir) else None)
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     run_dirs: dict[str, list[str]] = {}
     minutes: dict[str, list[float]] = {}
     for i, seed in enumerate(seeds):
-        common = [*overrides, f"teacher.weights={teacher_weights}", f"train.seed={seed}"]
+        common = [*overrides, override("teacher.weights", teacher_weights), f"train.seed={seed}"]
         cfgs = {
             "student": load_config(
                 CONFIGS / "student.yaml", [*common, _dir(args, "student", seed)]
@@ -283,7 +283,7 @@ def _repo_relative(path: str) -> str:
 
 
 def _dir(args: argparse.Namespace, name: str, seed: int) -> str:
-    return f"output.dir={args.out_dir / f'{name}_seed{seed}'}"
+    return override("output.dir", args.out_dir / f"{name}_seed{seed}")
 
 
 def _teacher_metrics(weights: Path, overrides: list[str]) -> dict[str, Any]:

@@ -72,7 +72,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection.image_list import ImageList
 
-from distill.config import KD_WEIGHT_KEYS, Config, load_config, replace
+from distill.config import KD_WEIGHT_KEYS, Config, load_config, override, replace
 from distill.engine.accelerator import native_bf16
 from distill.engine.build import Trainee, build_accelerator, build_train_loader, build_trainee
 from distill.engine.step import StepOutcome, teacher_forward, train_step
@@ -462,7 +462,7 @@ def bench_config(settings: Settings, mixed_precision: str) -> Config:
     not depend on the weights), the benchmark's data, size, batch and precision."""
     overrides = [
         "teacher.weights=null",
-        f"data.root={settings.data}",
+        override("data.root", settings.data),
         f"data.image_size={settings.size}",
         f"data.batch_size={settings.batch}",
         *settings.overrides,

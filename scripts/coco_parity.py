@@ -20,7 +20,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from distill.config import load_config  # noqa: E402
+from distill.config import load_config, override  # noqa: E402
 from distill.engine.accelerator import make_accelerator  # noqa: E402
 from distill.evaluation.evaluate import detect, load_detector  # noqa: E402
 from distill.models.retinanet import build_transform  # noqa: E402
@@ -38,7 +38,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             weights = Path(tmp) / "state_dict.pt"
             torch.save(model.state_dict(), weights)
-            cfg = load_config(REPO / "configs" / "coco" / config, [f"teacher.weights={weights}"])
+            cfg = load_config(
+                REPO / "configs" / "coco" / config, [override("teacher.weights", weights)]
+            )
             ours = load_detector(cfg, "teacher", str(weights), NUM_CLASSES)
         transform, accelerator = build_transform(cfg), make_accelerator(cfg)
         box = score = 0.0

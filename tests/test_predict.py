@@ -67,7 +67,8 @@ def test_predict_equals_eval_and_counts_unreadable(
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 7 and summary["predicted"] == 6
-    assert summary["unreadable"] == [str(folder / "zz_broken.png")]
+    assert [f["file"] for f in summary["failed"]] == [str(folder / "zz_broken.png")]
+    assert "cannot read image" in summary["failed"][0]["reason"] and summary["complete"]
     detections = json.loads((out / "detections.json").read_text())
     assert len(list((out / "drawn" / "some").glob("*.png"))) == 6
 

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from distill.cli import main
-from distill.config import ConfigError, load_config, parse_value
+from distill.config import ConfigError, load_config, parse_value, value_text
 from distill.experiments.sweep import (
-    _value_text,
     is_lockstep,
     parse_grid,
     teacher_reference,
@@ -87,8 +86,8 @@ def test_parse_grid_values_and_errors() -> None:
     # word values stay words, as in --set: mixed_precision=no is the string "no"
     assert parse_grid(["train.mixed_precision=no,auto", "data.hflip=0"])[0][1] == ["no", "auto"]
     for value in ("no", "auto", "a b", "1", "true", "null", 4, 2.5, True, None, ["p3", "p4"]):
-        assert parse_value(_value_text(value)) == value  # a point's override reads back its value
-    assert _value_text("no") == "no" and _value_text("1") == "'1'"
+        assert parse_value(value_text(value)) == value  # a point's override reads back its value
+    assert value_text("no") == "no" and value_text("1") == "'1'"
     assert parse_grid(["data.skip_bad_images=true,false"]) == [
         ("data.skip_bad_images", [True, False])
     ]

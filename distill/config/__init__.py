@@ -14,11 +14,13 @@ from distill.config.load import (
     flatten,
     from_dict,
     load_config,
+    override,
     parse_value,
     read_config,
     read_yaml_mapping,
     replace,
     to_dict,
+    value_text,
 )
 from distill.config.resume import RESUME_MAY_CHANGE, check_resume_config
 from distill.config.schema import (
@@ -78,6 +80,7 @@ __all__ = [
     "flatten",
     "from_dict",
     "load_config",
+    "override",
     "parse_value",
     "read_config",
     "read_yaml_mapping",
@@ -85,4 +88,5 @@ __all__ = [
     "replace",
     "resize_bounds",
     "to_dict",
+    "value_text",
 ]

@@ -232,6 +232,23 @@ def parse_value(text: str) -> Any:
     return value
 
 
+def value_text(value: Any) -> str:
+    """``value`` as command-line text that ``parse_value`` reads back as ``value``: as it is
+    where YAML reads it so (``no``, ``runs/demo``), else as flow YAML, quoted where needed
+    (``'runs/demo #1'``, ``[p3, p4]``)."""
+    if isinstance(value, str) and value and parse_value(value) == value:
+        return value
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"))
+    return text.strip().removesuffix("...").strip()
+
+
+def override(key: str, value: Any) -> str:
+    """The ``--set`` item ``key=value`` that ``load_config`` reads back as ``value``, whatever
+    it holds: a path with `` #`` (a YAML comment), ``: `` (a mapping), quotes or a leading
+    ``-`` is quoted. Paths become strings."""
+    return f"{key}={value_text(os.fspath(value) if isinstance(value, os.PathLike) else value)}"
+
+
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.path=value")

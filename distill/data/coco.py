@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 from torchvision.transforms.functional import convert_image_dtype
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -41,7 +41,8 @@ from distill.data.transforms import random_hflip
 log = logging.getLogger("distill.data")
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
-
+# EXIF orientations that turn the image a quarter: its width and height swap when shown
+QUARTER_TURNS = (5, 6, 7, 8)
 
 
 class DatasetError(ValueError):
@@ -360,11 +361,22 @@ def clean_boxes(xywh: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.nda
     return inside, keep, clipped
 
 
+def display_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as viewers show it: ``im.size`` swapped when its EXIF
+    orientation turns it a quarter (as ``load_image`` does). COCO's width / height are those of
+    the displayed image. A JPEG's header holds its EXIF; a PNG's eXIf chunk may come after the
+    pixels, and PIL decodes the file to find it."""
+    width, height = im.size
+    if im.getexif().get(ExifTags.Base.Orientation, 1) in QUARTER_TURNS:
+        return height, width
+    return width, height
+
+
 def _read_size(path: Path, image_id: int) -> tuple[int, int]:
-    """(width, height) from the image header; PIL does not decode the pixels for this."""
+    """(width, height) of the displayed image (``display_size``), from the file's header."""
     try:
         with Image.open(path) as im:
-            return im.size
+            return display_size(im)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path} (image id {image_id})") from None
     except OSError as err:
@@ -372,13 +384,20 @@ def _read_size(path: Path, image_id: int) -> tuple[int, int]:
 
 
 def _image_problem(path: Path, entry: dict[str, Any]) -> str | None:
-    """Why the image cannot be used (missing, corrupt, size differs from JSON), or None."""
+    """Why the image cannot be used (missing, corrupt, truncated, size differs from JSON), or
+    None. The pixels are decoded: ``Image.verify()`` alone reads a JPEG's headers only and
+    passes a truncated JPEG, which would stop training when the loader reaches it. A JPEG is
+    decoded at 1/8 scale (``draft``): all of its data is read, at a fraction of the cost."""
     if not path.is_file():
         return "missing"
     try:
         with Image.open(path) as im:
-            size = im.size
-            im.verify()
+            im.verify()  # checksums (PNG) that decoding does not check
+        with Image.open(path) as im:
+            size = display_size(im)
+            if im.format == "JPEG":
+                im.draft("RGB", (1, 1))
+            im.load()
     except Exception as err:  # PIL raises many types for corrupt files
         return f"unreadable: {err}"
     if "width" in entry and size != (entry["width"], entry["height"]):
@@ -419,7 +438,11 @@ def _make_coco(dataset: dict[str, Any]) -> COCO:
 
 
 def load_image(path: Path, image_id: int | None = None) -> Tensor:
-    """Read an image file as (3, H, W) float32 RGB in [0, 1]; errors name the file.
+    """Read an image file as (3, H, W) float32 RGB in [0, 1], upright; errors name the file.
+
+    Upright: the EXIF orientation is applied (``ImageOps.exif_transpose``), so a phone photo is
+    the image viewers show, of COCO's width x height. 16-bit images (PNG ``I;16``) become 8 bits
+    by ``to_8bit``, not by PIL's ``convert``, which clips them to 255 (an almost white image).
 
     The conversion is that of torchvision's detection weights (``weights.transforms()``,
     ``convert_image_dtype``: ``x / 255``), not ``x * (1 / 255)``, which differs in the last bit
@@ -428,12 +451,31 @@ def load_image(path: Path, image_id: int | None = None) -> Tensor:
     what = f"{path}" if image_id is None else f"{path} (image id {image_id})"
     try:
         with Image.open(path) as im:
-            rgb = im.convert("RGB")  # grayscale, palette and RGBA alike
+            ImageOps.exif_transpose(im, in_place=True)
+            eight_bit = to_8bit(im)
+            rgb = eight_bit.convert("RGB")  # grayscale, palette and RGBA alike
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {what}") from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for bad files
         raise DatasetError(f"cannot read image {what}: {err}") from None
     return convert_image_dtype(F.pil_to_tensor(rgb), torch.float32)
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (modes ``I;16*``, and ``I`` holding 0..65535) as 8-bit ``L``,
+    scaled by 1/257 and rounded (0 -> 0, 65535 -> 255); other images as they are.
+
+    1/257 maps the type's range onto 8 bits, as image viewers and libpng (16 to 8 bits) do, so
+    the picture has the brightness the file says, the same for every image. Stretching each
+    image's own range instead would change brightness and contrast from image to image (and
+    make a flat image noise), which the model would see and which no other loader does.
+    """
+    if not (im.mode.startswith("I;16") or im.mode == "I"):
+        return im
+    values = np.asarray(im).astype(np.int64)
+    if im.mode == "I" and (values.min(initial=0) < 0 or values.max(initial=0) > 65535):
+        raise ValueError(f"a 32-bit integer image (values {values.min()}..{values.max()})")
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
 
 
 def collate(

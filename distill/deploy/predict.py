@@ -13,8 +13,10 @@ last bits (a convolution over a batch of 2 is not bit for bit that over 1, on a 
 ``DIR/detections.json`` is a list in COCO results
 format, ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``, plus the
 category's ``category_name`` and the image's ``file_name``; ``--draw`` writes each image with
-its boxes under ``DIR/drawn/``. An image that cannot be read is named in a warning and counted
-(``DIR/summary.json``), and the others are still predicted.
+its boxes under ``DIR/drawn/``. An image that cannot be read or predicted is named with the
+reason in a warning and in ``DIR/summary.json``, and the others are still predicted; both files
+are written while the images run (``predict_images``). ``distill predict`` exits non-zero only
+when no image could be predicted.
 
 Categories (ids and names) come from the weights' card, else the config's annotation file
 (``data.val``), else torchvision's COCO category names for torchvision's weights.
@@ -23,10 +25,14 @@ Categories (ids and names) come from the weights' card, else the config's annota
 from __future__ import annotations
 
 import logging
+import math
+import os
 import sys
+import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -49,6 +55,7 @@ from distill.models.retinanet import build_transform
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SAVE_EVERY_S = 30.0  # detections.json and summary.json are rewritten this often while running
 
 
 @dataclass(frozen=True)
@@ -60,24 +67,49 @@ class Categories:
     source: str  # where they come from, for the log
 
 
-def find_images(inputs: Sequence[Path]) -> list[tuple[Path, str]]:
-    """(path, name) of every image: a file as given, a folder's JPEG / PNG files (recursively,
-    sorted); ``name`` is the path relative to its folder (a file: its name). A missing input or
-    a folder without images is an error naming it."""
+def find_images(inputs: Sequence[Path], out: Path | None = None) -> list[tuple[Path, str]]:
+    """(path, file_name) of every image: a file as given, a folder's JPEG / PNG files
+    (recursively, sorted), each file once (a file given twice, or under two given folders, is
+    predicted once). ``file_name`` is the path relative to its folder (a file: its name); when
+    two files get the same name (``a/x.jpg`` and ``b/x.jpg`` from folders ``a`` and ``b``),
+    each of them is named by its path as given instead (``a/x.jpg``, ``b/x.jpg``), so names
+    stay unique. Files in ``out`` (the output folder, e.g. inside an input folder) are left out:
+    drawn images are not inputs. A missing input, a folder without images or ``out`` being an
+    input folder is an error naming it."""
+    skip = out.resolve() if out is not None else None
     found: list[tuple[Path, str]] = []
     for item in inputs:
         if item.is_file():
             found.append((item, item.name))
         elif item.is_dir():
+            if skip is not None and item.resolve() == skip:
+                raise FileExistsError(
+                    f"--out {out} is the input folder {item}: give another folder for the "
+                    "outputs (drawn images would mix with the inputs)"
+                )
             files = sorted(
-                p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                p
+                for p in item.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMAGE_SUFFIXES
+                and (skip is None or not p.resolve().is_relative_to(skip))
             )
             if not files:
                 raise FileNotFoundError(f"{item}: no JPEG or PNG images in this folder")
             found.extend((p, p.relative_to(item).as_posix()) for p in files)
         else:
             raise FileNotFoundError(f"input not found: {item}")
-    return found
+    seen: set[Path] = set()
+    unique = []
+    for path, name in found:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append((path, name))
+    # shared names: the path as given; (rarer) one still shared: the absolute path, unique
+    for rename in (Path.as_posix, lambda path: path.resolve().as_posix()):
+        counts = Counter(name for _, name in unique)
+        unique = [(path, rename(path) if counts[name] > 1 else name) for path, name in unique]
+    return unique
 
 
 def find_categories(cfg: Config, kind: str, weights: str) -> Categories:
@@ -112,6 +144,10 @@ def find_categories(cfg: Config, kind: str, weights: str) -> Categories:
     )
 
 
+class PredictError(ValueError):
+    """``distill predict`` cannot run as asked (e.g. an output folder it cannot write)."""
+
+
 class ImageFiles(Dataset[tuple[Tensor | None, dict[str, Any]]]):
     """Image files as (image (3, H, W) float in [0, 1] or None, {"index", "error"})."""
 
@@ -124,8 +160,8 @@ class ImageFiles(Dataset[tuple[Tensor | None, dict[str, Any]]]):
     def __getitem__(self, index: int) -> tuple[Tensor | None, dict[str, Any]]:
         try:
             return load_image(self.files[index]), {"index": index, "error": None}
-        except (DatasetError, FileNotFoundError) as err:
-            return None, {"index": index, "error": str(err)}
+        except Exception as err:  # any file: named in the summary, the others go on
+            return None, {"index": index, "error": _reason(err)}
 
 
 def _keep_all(
@@ -156,13 +192,23 @@ def predict_images(
     precision:       no | fp16 | bf16 | auto (default no, float32) for a PyTorch model; only
                      what inference needs is read from ``cfg``, never its training settings.
     batch_size:      images of one size per forward (1: exactly torchvision's single image).
-    Returns the summary also written to ``out/summary.json``: images, predicted, unreadable
-    (names), detections.
+
+    An image that fails, to be read or to be predicted (e.g. a 10 x 2000 banner that the
+    resize makes 0 pixels tall), is named with the reason in the summary's ``failed`` and the
+    others go on: a batch that fails is run again one image at a time, so that only the bad
+    image is lost. ``detections.json`` and ``summary.json`` are written (whole, atomically)
+    every ``SAVE_EVERY_S`` seconds while the images run, with ``"complete": false``, and at
+    the end: a run stopped midway keeps what it predicted. ``out`` is checked before the model
+    is built and written before the first image runs: a folder that cannot be written fails
+    before the compute.
+    Returns the summary also written to ``out/summary.json``: images, predicted, failed
+    ([{"file", "file_name", "reason"}]), detections, complete.
     """
 
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; give a folder")
-    images = find_images(inputs)  # before any model is built: a typo fails at once
+    _check_writable(out)
+    images = find_images(inputs, out)  # before any model is built: a typo fails at once
     if onnx is not None:
         categories, run, used_threshold = _onnx_model(onnx, score_threshold)
     else:
@@ -182,6 +228,13 @@ def predict_images(
             return detect(detector, transform, images, accelerator)
 
     log.info("%d images; categories from %s", len(images), categories.source)
+    head = {
+        "weights": str(onnx) if onnx is not None else weights,
+        "model": kind,
+        "score_threshold": used_threshold,
+    }
+    saver = _Saver(out, images, head)
+    saver.save(complete=False)  # the folder is writable before the first image runs
 
     loader = DataLoader(
         ImageFiles([path for path, _ in images]),
@@ -191,51 +244,131 @@ def predict_images(
     )
     known = torch.tensor(sorted(categories.by_label))
     label_names = {label: name for label, (_, name) in categories.by_label.items()}
-    results: list[dict[str, Any]] = []
-    failed: list[int] = []  # indices of the images that could not be read
     drawn_names: set[str] = set()
+
+    def finish(index: int, image: Tensor, det: dict[str, Tensor]) -> None:
+        """One image's rows (and drawing); an error here loses this image only."""
+        name = images[index][1]
+        keep = torch.isin(det["labels"], known)  # as distill eval: no unused COCO ids
+        det = {k: v[keep] for k, v in det.items()}
+        rows = _coco_results(index + 1, name, det, categories)
+        if draw:
+            canvas = (image.clamp(0, 1) * 255).to(torch.uint8)
+            picture = draw_boxes(canvas, det, label_names, draw_threshold)
+            target = _unique(_drawn_path(out, name), drawn_names)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(picture.permute(1, 2, 0).numpy()).save(target)
+        saver.rows[index] = rows
+
     for batch in tqdm(loader, desc="predict", unit="batch", file=sys.stderr):
-        readable = [(image, info) for image, info in batch if image is not None]
+        readable = [(image, info["index"]) for image, info in batch if image is not None]
         for _, info in batch:
             if info["error"] is not None:
-                failed.append(info["index"])
-                log.warning("skipped: %s", info["error"])
-        if not readable:
-            continue
-        detections = run_by_size(run, [im for im, _ in readable])
-        for (image, info), det in zip(readable, detections):
-            index = info["index"]
-            name = images[index][1]
-            keep = torch.isin(det["labels"], known)  # as distill eval: no unused COCO ids
-            det = {k: v[keep] for k, v in det.items()}
-            results.extend(_coco_results(index + 1, name, det, categories))
-            if draw:
-                canvas = (image.clamp(0, 1) * 255).to(torch.uint8)
-                picture = draw_boxes(canvas, det, label_names, draw_threshold)
-                target = _unique(out / "drawn" / Path(name).with_suffix(".png"), drawn_names)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(picture.permute(1, 2, 0).numpy()).save(target)
-    results.sort(key=lambda row: row["image_id"])  # in the order of the inputs (stable)
-    unreadable = [str(images[index][0]) for index in sorted(failed)]
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(results, out / "detections.json")
-    summary = {
-        "images": len(images),
-        "predicted": len(images) - len(unreadable),
-        "unreadable": unreadable,
-        "detections": len(results),
-        "weights": str(onnx) if onnx is not None else weights,
-        "model": kind,
-        "score_threshold": used_threshold,
-    }
-    write_json(summary, out / "summary.json")
+                saver.fail(info["index"], info["error"])
+        if readable:
+            image_of = {index: image for image, index in readable}
+            for index, outcome in _run_each(run, readable):
+                if isinstance(outcome, Exception):
+                    saver.fail(index, _reason(outcome))
+                    continue
+                try:
+                    finish(index, image_of[index], outcome)
+                except Exception as err:  # e.g. a drawing that cannot be written
+                    saver.fail(index, _reason(err))
+        saver.save(complete=False, every=SAVE_EVERY_S)
+    summary = saver.save(complete=True)
+    failed = summary["failed"]
     print(
-        f"{summary['predicted']} of {len(images)} images predicted, {len(results)} detections "
-        f"-> {out / 'detections.json'}"
-        + (f"; {len(unreadable)} unreadable: {', '.join(unreadable)}" if unreadable else "")
+        f"{summary['predicted']} of {len(images)} images predicted, {summary['detections']} "
+        f"detections -> {out / 'detections.json'}"
+        + (f"; {len(failed)} failed (reasons in {out / 'summary.json'}): " if failed else "")
+        + ", ".join(f["file"] for f in failed)
         + (f"; drawn in {out / 'drawn'}" if draw else "")
     )
     return summary
+
+
+def _run_each(
+    run: Callable[[list[Tensor]], list[dict[str, Tensor]]], images: list[tuple[Tensor, int]]
+) -> list[tuple[int, dict[str, Tensor] | Exception]]:
+    """(index, detections or the error) of each image: ``run_by_size`` on all of them, and if
+    that fails, on each image alone, so that one image that cannot run loses only itself."""
+    try:
+        detections = run_by_size(run, [image for image, _ in images])
+        return [(index, det) for (_, index), det in zip(images, detections)]
+    except Exception as err:
+        if len(images) == 1:
+            return [(images[0][1], err)]
+    outcomes: list[tuple[int, dict[str, Tensor] | Exception]] = []
+    for image, index in images:
+        try:
+            outcomes.append((index, run([image])[0]))
+        except Exception as err:
+            outcomes.append((index, err))
+    return outcomes
+
+
+class _Saver:
+    """The rows and failures of ``predict_images`` so far, and their files in ``out``."""
+
+    def __init__(self, out: Path, images: list[tuple[Path, str]], head: dict[str, Any]) -> None:
+        self.out, self.images, self.head = out, images, head
+        self.rows: dict[int, list[dict[str, Any]]] = {}  # image index -> its COCO rows
+        self.failed: dict[int, str] = {}  # image index -> why it was not predicted
+        self.saved_at = -math.inf
+
+    def fail(self, index: int, reason: str) -> None:
+        log.warning("skipped %s: %s", self.images[index][0], reason)
+        self.failed[index] = reason
+
+    def save(self, complete: bool, every: float = 0.0) -> dict[str, Any]:
+        """Write detections.json (rows in input order) and summary.json, unless the last
+        write was less than ``every`` seconds ago; returns the summary."""
+        results = [row for index in sorted(self.rows) for row in self.rows[index]]
+        summary = {
+            "images": len(self.images),
+            "predicted": len(self.rows),
+            "failed": [
+                {"file": str(self.images[i][0]), "file_name": self.images[i][1], "reason": why}
+                for i, why in sorted(self.failed.items())
+            ],
+            "detections": len(results),
+            "complete": complete,
+            **self.head,
+        }
+        if complete or time.monotonic() - self.saved_at >= every:
+            try:
+                write_json(results, self.out / "detections.json")
+                write_json(summary, self.out / "summary.json")
+            except OSError as err:
+                raise PredictError(f"--out {self.out}: cannot write there: {err}") from None
+            self.saved_at = time.monotonic()
+        return summary
+
+
+def _check_writable(out: Path) -> None:
+    """Raise ``PredictError`` if ``out`` cannot be made and written (checked without making
+    it: an error found later, before the first image, also leaves no folder behind)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PredictError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PredictError(f"--out {out}: {existing} is not writable")
+
+
+def _reason(err: Exception) -> str:
+    """An error as one line: its type and the first line of its message."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def _drawn_path(out: Path, name: str) -> Path:
+    """Where the drawing of the image named ``name`` goes: ``out/drawn/<name>.png``, with
+    the parts of ``name`` that would leave that folder (a root, ``..``) dropped."""
+    parts = [p for p in PurePosixPath(name).parts if p not in ("/", ".", "..")]
+    return (out / "drawn").joinpath(*parts).with_suffix(".png")
 
 
 def size_batches(files: Sequence[Path], batch_size: int) -> list[list[int]]:
@@ -332,4 +465,4 @@ def _unique(path: Path, taken: set[str]) -> Path:
     return candidate
 
 
-__all__ = ["Categories", "find_categories", "find_images", "predict_images"]
+__all__ = ["Categories", "PredictError", "find_categories", "find_images", "predict_images"]

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from distill.config import Config, load_config, replace
+from distill.config import Config, load_config, override, replace
 from distill.data.shapes import DEMO_DATA, DEMO_OUT, generate_shapes
 from distill.engine.build import build_accelerator, build_train_loader, build_trainee
 from distill.engine.loop import train, train_group
@@ -121,13 +121,18 @@ def demo_configs(
         warmup = max(1, round(cfg.train.warmup_steps * steps[name] / reference[name]))
         return replace(cfg, **{"train.max_steps": steps[name], "train.warmup_steps": warmup})
 
-    common = [f"data.root={data_root}", f"data.image_size={DEMO_SIZE}"]
-    teacher = load_config(CONFIGS / "teacher.yaml", [*common, f"output.dir={out / 'teacher'}"])
-    students = [*common, f"teacher.weights={teacher_weights}"]
-    plain = load_config(
-        CONFIGS / "distill.yaml", [*students, *KD_WEIGHTS, f"output.dir={out / 'student'}"]
+    # override(): the paths as they are, whatever they hold (``runs/demo #1`` is no comment)
+    common = [override("data.root", data_root), override("data.image_size", DEMO_SIZE)]
+    teacher = load_config(
+        CONFIGS / "teacher.yaml", [*common, override("output.dir", out / "teacher")]
     )
-    distilled = load_config(CONFIGS / "distill.yaml", [*students, f"output.dir={out / 'distill'}"])
+    students = [*common, override("teacher.weights", teacher_weights)]
+    plain = load_config(
+        CONFIGS / "distill.yaml", [*students, *KD_WEIGHTS, override("output.dir", out / "student")]
+    )
+    distilled = load_config(
+        CONFIGS / "distill.yaml", [*students, override("output.dir", out / "distill")]
+    )
     teacher = scheduled(teacher, "teacher")
     plain, distilled = scheduled(plain, "student"), scheduled(distilled, "student + KD")
     return {"teacher": teacher, "student": plain, "student + KD": distilled}

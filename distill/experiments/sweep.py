@@ -35,7 +35,9 @@ from distill.config import (
     ConfigError,
     TrainConfig,
     load_config,
+    override,
     parse_value,
+    value_text,
 )
 from distill.engine.checkpoint import has_checkpoint
 from distill.engine.loop import train, train_group
@@ -98,14 +100,6 @@ def _split_top_level(text: str) -> list[str]:
     return parts
 
 
-def _value_text(value: Any) -> str:
-    """``value`` as command-line text that ``parse_value`` reads back (no quotes where none are
-    needed: a run named ``mixed_precision=no``, not ``mixed_precision='no'``)."""
-    if isinstance(value, str) and value and parse_value(value) == value:
-        return value
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
 def make_points(
     config_path: Path, overrides: list[str], grid: list[tuple[str, list[Any]]], with_baseline: bool
 ) -> list[Point]:
@@ -116,18 +110,18 @@ def make_points(
     keys = [k for k, _ in grid]
     for combo in itertools.product(*(values for _, values in grid)):
         values = dict(zip(keys, combo))
-        name = "_".join(f"{k.split('.')[-1]}={_value_text(v)}" for k, v in values.items())
+        name = "_".join(f"{k.split('.')[-1]}={value_text(v)}" for k, v in values.items())
         name = name.replace("/", "-").replace(" ", "")
-        point_overrides = [f"{k}={_value_text(v)}" for k, v in values.items()]
+        point_overrides = [override(k, v) for k, v in values.items()]
         cfg = load_config(
-            config_path, [*overrides, *point_overrides, f"output.dir={sweep_dir / name}"]
+            config_path, [*overrides, *point_overrides, override("output.dir", sweep_dir / name)]
         )
         points.append(Point(name, values, cfg))
     if len({p.name for p in points}) != len(points):
         raise ConfigError(f"grid values give duplicate run names: {[p.name for p in points]}")
     if with_baseline:
         cfg = load_config(
-            config_path, [*overrides, *KD_WEIGHTS, f"output.dir={sweep_dir / BASELINE}"]
+            config_path, [*overrides, *KD_WEIGHTS, override("output.dir", sweep_dir / BASELINE)]
         )
         points.append(Point(BASELINE, {}, cfg))
     return points
@@ -261,32 +255,35 @@ def _plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x_key, other = keys[0], keys[1:]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(tuple(_value_text(row[k]) for k in other), []).append(row)
-    numeric = all(
-        isinstance(r[x_key], int | float) and not isinstance(r[x_key], bool) for r in rows
-    )
-    for combo, members in groups.items():
-        members = sorted(members, key=lambda r: r[x_key]) if numeric else members
-        xs = [r[x_key] if numeric else _value_text(r[x_key]) for r in members]
-        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(other, combo)) or "student + KD"
-        ax.plot(xs, [r["map"] for r in members], marker="o", label=label)
-    if teacher is not None:
-        ax.axhline(teacher, color="black", linestyle="--", label="teacher")
-    if baseline is not None:
-        ax.axhline(baseline, color="gray", linestyle=":", label="plain student")
-    if numeric and all(r[x_key] > 0 for r in rows) and len({r[x_key] for r in rows}) > 2:
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel(x_key)
-    ax.set_ylabel("COCO mAP")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with plt.rc_context({"text.parse_math": False}):  # values as given: a "$" is no math
+        x_key, other = keys[0], keys[1:]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        for row in rows:
+            groups.setdefault(tuple(value_text(row[k]) for k in other), []).append(row)
+        numeric = all(
+            isinstance(r[x_key], int | float) and not isinstance(r[x_key], bool) for r in rows
+        )
+        for combo, members in groups.items():
+            members = sorted(members, key=lambda r: r[x_key]) if numeric else members
+            xs = [r[x_key] if numeric else value_text(r[x_key]) for r in members]
+            label = (
+                ", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(other, combo)) or "student + KD"
+            )
+            ax.plot(xs, [r["map"] for r in members], marker="o", label=label)
+        if teacher is not None:
+            ax.axhline(teacher, color="black", linestyle="--", label="teacher")
+        if baseline is not None:
+            ax.axhline(baseline, color="gray", linestyle=":", label="plain student")
+        if numeric and all(r[x_key] > 0 for r in rows) and len({r[x_key] for r in rows}) > 2:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(x_key)
+        ax.set_ylabel("COCO mAP")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
 
 
 def _hparams(sweep_dir: Path, rows: list[dict[str, Any]], keys: list[str]) -> None:
@@ -295,7 +292,7 @@ def _hparams(sweep_dir: Path, rows: list[dict[str, Any]], keys: list[str]) -> No
     writer = SummaryWriter(str(sweep_dir / "tb_hparams"))
     for row in rows:
         hparams = {
-            k: (row[k] if isinstance(row[k], int | float | str | bool) else _value_text(row[k]))
+            k: (row[k] if isinstance(row[k], int | float | str | bool) else value_text(row[k]))
             for k in keys
         }
         metrics = {f"hparam/{m}": float(row[m]) for m in ("map", "ap50", "aps", "apm", "apl")}

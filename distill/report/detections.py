@@ -22,6 +22,7 @@ from torchvision.utils import draw_bounding_boxes
 
 from distill.data import CocoDetection
 from distill.evaluation.draw import to_canvas
+from distill.report.figures import literal_text
 
 # Class colours skip red and magenta: those mark false positives and misses.
 CLASS_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#17becf", "#bcbd22",
@@ -151,6 +152,7 @@ def _font() -> str:
     return str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
 
 
+@literal_text
 def detections_figure(
     path: Path,
     dataset: CocoDetection,

@@ -2,15 +2,17 @@
 
 Every function takes plain numbers (model label -> metrics) and writes one PNG, so that
 ``scripts/bench_kd.py`` draws its summary figure from ``results/bench_kd.json`` with the same
-code as the report.
+code as the report. Names (classes, runs) are shown as given: every drawing function runs under
+``literal_text`` (no mathtext) and legend entries go through ``legend_label``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import matplotlib
 
@@ -21,24 +23,49 @@ from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 from pycocotools.cocoeval import COCOeval
 
+from distill.kd.registry import TERMS
+
 # One colour per model, in every figure: the teacher dark, the baseline grey, students in colour.
 TEACHER_COLOR, BASELINE_COLOR = "#333333", "#a6a6a6"
 STUDENT_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#17becf", "#bcbd22")
 SIZE_LABELS = {"aps": "small", "apm": "medium", "apl": "large"}
 
-# Training-curve panels: TensorBoard tag -> title (the tags distill.engine.loop writes).
-CURVES = {
+# Training-curve panels: TensorBoard tag -> title (the tags distill.engine.loop writes). Between
+# the detection losses and the total come the KD losses the runs logged (``curve_panels``).
+DETECTION_CURVES = {
     "loss/classification": "focal loss (classification)",
     "loss/bbox_regression": "box regression loss",
-    "kd_weighted/feature": "feature KD (weighted)",
-    "kd_weighted/logit": "logit KD (weighted)",
-    "kd_weighted/box": "box KD (weighted)",
+}
+KD_CURVE_PREFIX = "kd_weighted/"  # + a KD loss's name (distill.kd.combine): what enters the total
+LATER_CURVES = {
     "loss/total": "total loss",
     "train/lr": "learning rate",
     "eval/map": "validation mAP",
 }
 
 Series = tuple[str, str, dict[str, float]]  # (label, colour, {key: value})
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def literal_text(draw: Callable[P, R]) -> Callable[P, R]:
+    r"""``draw`` with matplotlib's mathtext off (``text.parse_math``): its text, class and run
+    names among it, is shown as given. With mathtext on, a name with two ``$`` is read as math
+    and one like ``a$^$b`` stops the figure, after the whole evaluation; ``_``, ``^`` and ``\``
+    are plain characters either way, outside ``$``."""
+
+    @functools.wraps(draw)
+    def drawn(*args: P.args, **kwargs: P.kwargs) -> R:
+        with plt.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return drawn
+
+
+def legend_label(name: str) -> str:
+    """``name`` as a legend entry: matplotlib leaves out labels that start with ``_``; a
+    zero-width space in front keeps them (it draws nothing)."""
+    return "\u200b" + name if name.startswith("_") else name
 
 
 def role_colors(roles: Sequence[str]) -> list[str]:
@@ -65,9 +92,9 @@ def _grouped_bars(
         heights = [values.get(g, math.nan) for g in groups]
         offsets = positions - 0.4 + width * (i + 0.5)
         if horizontal:
-            ax.barh(offsets, heights, height=width, color=color, label=label)
+            ax.barh(offsets, heights, height=width, color=color, label=legend_label(label))
         else:
-            ax.bar(offsets, heights, width=width, color=color, label=label)
+            ax.bar(offsets, heights, width=width, color=color, label=legend_label(label))
     if horizontal:
         ax.set_yticks(positions, list(groups))
         ax.invert_yaxis()  # the first group on top
@@ -84,6 +111,7 @@ def per_class_axes(ax: Axes, classes: Sequence[str], series: Sequence[Series]) -
     ax.set_xlim(0, 1)
 
 
+@literal_text
 def per_class_figure(
     path: Path, classes: Sequence[str], series: Sequence[Series], title: str
 ) -> None:
@@ -104,6 +132,7 @@ def per_size_axes(ax: Axes, series: Sequence[Series]) -> None:
     ax.set_ylim(0, 1)
 
 
+@literal_text
 def per_size_figure(path: Path, series: Sequence[Series], gap: Sequence[Series]) -> None:
     """Left: APs/m/l of each model. Right: the share of the teacher-baseline gap each student
     closes per size (1 = as good as the teacher), if there is a teacher and a baseline."""
@@ -134,6 +163,7 @@ def pr_curve(evaluator: COCOeval, iou: float) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(evaluator.params.recThrs), curve
 
 
+@literal_text
 def pr_figure(
     path: Path, curves: Sequence[tuple[str, str, COCOeval | None]], ious: Sequence[float]
 ) -> None:
@@ -146,7 +176,8 @@ def pr_figure(
                 recall, precision = np.linspace(0, 1, 101), np.zeros(101)
             else:
                 recall, precision = pr_curve(evaluator, iou)
-            ax.plot(recall, precision, color=color, label=f"{label} (AP {precision.mean():.3f})")
+            ap = precision.mean()
+            ax.plot(recall, precision, color=color, label=legend_label(f"{label} (AP {ap:.3f})"))
         ax.set_title(f"IoU {iou:.2f}", fontsize=10)
         ax.set_xlabel("recall")
         ax.set_ylabel("precision")
@@ -170,14 +201,36 @@ def read_scalars(tb_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     return scalars
 
 
+def curve_panels(tags: set[str]) -> dict[str, str]:
+    """TensorBoard tag -> panel title of the logged ``tags`` that the training figure draws:
+    the detection losses, each KD loss logged (``kd_weighted/<loss>``: whatever terms the runs
+    had, in the order of ``distill.kd.registry.TERMS``, then any other by name), the total
+    loss, the learning rate and the validation mAP."""
+
+    def term_order(loss: str) -> tuple[int, str]:
+        owner = (i for i, term in enumerate(TERMS) if loss == term or loss.startswith(f"{term}_"))
+        return next(owner, len(TERMS)), loss
+
+    kd = sorted(
+        (t.removeprefix(KD_CURVE_PREFIX) for t in tags if t.startswith(KD_CURVE_PREFIX)),
+        key=term_order,
+    )
+    panels = {t: title for t, title in DETECTION_CURVES.items() if t in tags}
+    panels.update({f"{KD_CURVE_PREFIX}{loss}": f"{loss} KD (weighted)" for loss in kd})
+    panels.update({t: title for t, title in LATER_CURVES.items() if t in tags})
+    return panels
+
+
+@literal_text
 def training_figure(
     path: Path, runs: Sequence[tuple[str, str, dict[str, tuple[list[int], list[float]]]]]
 ) -> list[str]:
-    """One panel per quantity in ``CURVES`` that some run logged, every run in it.
+    """One panel per quantity of ``curve_panels`` that some run logged, every run in it.
 
     runs: (label, colour, ``read_scalars`` of its logs). Returns the titles drawn.
     """
-    tags = [tag for tag in CURVES if any(tag in scalars for _, _, scalars in runs)]
+    panels = curve_panels({tag for _, _, scalars in runs for tag in scalars})
+    tags = list(panels)
     if not tags:
         return []
     cols = min(3, len(tags))
@@ -188,8 +241,16 @@ def training_figure(
             if tag in scalars:
                 steps, values = scalars[tag]
                 style = "o-" if len(steps) < 20 else "-"  # evaluations: a few points
-                ax.plot(steps, values, style, color=color, label=label, linewidth=1, markersize=3)
-        ax.set_title(CURVES[tag], fontsize=10)
+                ax.plot(
+                    steps,
+                    values,
+                    style,
+                    color=color,
+                    label=legend_label(label),
+                    linewidth=1,
+                    markersize=3,
+                )
+        ax.set_title(panels[tag], fontsize=10)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no 0.96, 1.04
         ax.grid(alpha=0.3)
@@ -200,9 +261,10 @@ def training_figure(
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=8)
     _save(fig, path)
-    return [CURVES[t] for t in tags]
+    return list(panels.values())
 
 
+@literal_text
 def bench_figure(result: dict[str, Any], path: Path) -> None:
     """``results/bench_kd.png``: per-class and per-size AP of the teacher, the plain student
     and the distilled student, from ``scripts/bench_kd.py``'s result (seed means)."""

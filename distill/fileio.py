@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import IO
+from typing import IO, Any
 
 # Read once (os.umask can only be read by setting it): the mode a plainly created file gets.
 _UMASK = os.umask(0o022)
@@ -66,6 +67,18 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """``write_atomic`` of ``text`` in UTF-8."""
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+class FileFormatError(ValueError):
+    """A file that should hold something else (broken JSON, say); the message names it."""
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``; FileFormatError (one line, naming the file) if it is unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise FileFormatError(f"{path} is not readable JSON: {err}") from None
 
 
 def import_script(path: Path) -> ModuleType:

@@ -8,7 +8,9 @@ Everything hostile is laid out on the fly in tmp_path; models are the smoke conf
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch
 from distill.cli import main
 from distill.config import Config, dump_config, load_config
 from distill.data import build_dataset
+from distill.fileio import write_text_atomic
 from distill.models.card import CardError, dataset_categories, read_card, write_card
 from distill.models.weights import save_state_dict_file
 from students import build_student
@@ -141,3 +144,208 @@ def test_every_reader_refuses_a_hostile_card(
     assert main(args) == 2
     err = capsys.readouterr().err
     one_line_naming(err, str(run / "student.json"), "model.head_convs", "at most")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. distill export: a temporary file, moved into place only after the parity check
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out", ["weights", "card", "directory"])
+def test_export_refuses_an_out_that_is_the_weights_their_card_or_a_folder(
+    out: str, student_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("onnxruntime", reason="the 'export' extra: pip install -e '.[export]'")
+    before = {p.name: p.read_bytes() for p in student_run.iterdir() if p.is_file()}
+    target = {"weights": "student.pt", "card": "student.json", "directory": "."}[out]
+    assert main(["export", str(student_run), "--out", str(student_run / target)]) != 0
+    one_line_naming(capsys.readouterr().err, f"--out {student_run / target}")
+    assert before == {p.name: p.read_bytes() for p in student_run.iterdir() if p.is_file()}
+
+
+def _fake_export(damage: Callable[[Path], None]) -> Callable[..., Path]:
+    """``export_onnx`` that writes a few bytes to its file, then ``damage(file)``."""
+
+    def export_onnx(detector: Any, out: Path, metadata: Any, raw: bool = False) -> Path:
+        Path(out).write_bytes(b"new, partial onnx")
+        damage(Path(out))
+        return Path(out)
+
+    return export_onnx
+
+
+def _no_damage(path: Path) -> None:
+    pass
+
+
+def _stop(path: Path) -> None:
+    raise KeyboardInterrupt  # Ctrl-C half-way through the write
+
+
+def _ort_fail(*args: Any, **kwargs: Any) -> Any:
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    raise Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code\nsecond line")
+
+
+def _mismatch(*args: Any, **kwargs: Any) -> Any:
+    from distill.deploy.onnx_runtime import ExportError
+
+    raise ExportError("the ONNX model does not match PyTorch: scores differ")
+
+
+@pytest.mark.parametrize("failure", ["stop-while-writing", "parity-mismatch", "onnxruntime-error"])
+def test_a_failed_export_keeps_the_previous_one_and_leaves_no_temporary_file(
+    failure: str,
+    student_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pytest.importorskip("onnxruntime", reason="the 'export' extra: pip install -e '.[export]'")
+    import distill.deploy.export as export
+
+    out = tmp_path / "exports" / "model.onnx"
+    out.parent.mkdir()
+    out.write_bytes(b"the previous, good export")
+    monkeypatch.setattr(export, "open_session", lambda path: object())
+    damage = _stop if failure == "stop-while-writing" else _no_damage
+    monkeypatch.setattr(export, "export_onnx", _fake_export(damage))
+    check = {"parity-mismatch": _mismatch, "onnxruntime-error": _ort_fail}.get(failure, _mismatch)
+    monkeypatch.setattr(export, "check_export", check)
+    if failure == "stop-while-writing":
+        with pytest.raises(KeyboardInterrupt):
+            export.export_command(student_run, out=out)
+    else:
+        assert main(["export", str(student_run), "--out", str(out)]) == 1
+        words = "ONNX Runtime failed" if failure == "onnxruntime-error" else "does not match"
+        one_line_naming(capsys.readouterr().err, str(out), words)
+    assert out.read_bytes() == b"the previous, good export"
+    assert [p.name for p in out.parent.iterdir()] == ["model.onnx"]
+
+
+def test_an_export_that_passes_replaces_the_previous_one(
+    student_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("onnxruntime", reason="the 'export' extra: pip install -e '.[export]'")
+    import distill.deploy.export as export
+
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the previous export")
+    monkeypatch.setattr(export, "open_session", lambda path: object())
+    monkeypatch.setattr(export, "export_onnx", _fake_export(_no_damage))
+    monkeypatch.setattr(export, "check_export", lambda *a, **k: _P())
+    assert export.export_command(student_run, out=out) == out
+    assert out.read_bytes() == b"new, partial onnx"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+class _P:
+    def summary(self) -> str:
+        return "parity: fine"
+
+
+def test_broken_onnx_metadata_is_one_line_naming_the_file() -> None:
+    from distill.deploy.onnx_runtime import ExportError, read_metadata
+
+    class Meta:
+        def __init__(self) -> None:
+            self.custom_metadata_map = {"distill": "{not json"}
+
+    class Session:
+        def get_modelmeta(self) -> Meta:
+            return Meta()
+
+    with pytest.raises(ExportError) as err:
+        read_metadata(Session(), "m.onnx")
+    one_line_naming(str(err.value), "m.onnx", "not JSON")
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. The atomic writer; report.html; broken JSON read elsewhere
+# ---------------------------------------------------------------------------------------------
+
+
+def test_atomic_write_uses_a_unique_temporary_name(tmp_path: Path) -> None:
+    """A leftover at the old fixed name (``X.tmp``, here a folder) does not stop the write."""
+    path = tmp_path / "metrics.json"
+    (tmp_path / "metrics.json.tmp").mkdir()
+    write_text_atomic(path, "{}")
+    assert path.read_text() == "{}"
+
+
+def test_a_failed_atomic_write_leaves_the_file_and_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "config.yaml"
+    write_text_atomic(path, "old")
+
+    def fail(src: Any, dst: Any) -> None:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    monkeypatch.setattr(Path, "replace", fail)
+    with pytest.raises(OSError, match="No space"):
+        write_text_atomic(path, "new")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_atomic_write_fsyncs_the_file_and_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stat
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_text_atomic(tmp_path / "a.json", "{}")
+    assert synced == ["file", "dir"]
+
+
+def test_report_html_is_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import distill.report.collect as collect
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.html").write_text("<p>the previous report</p>")
+    monkeypatch.setattr(collect, "evaluate_models", lambda lineup, precision: None)
+    monkeypatch.setattr(collect, "build_page", lambda *a, **k: "<p>new</p>" * 1000)
+
+    def fail(src: Any, dst: Any) -> None:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    monkeypatch.setattr(Path, "replace", fail)
+    with pytest.raises(OSError, match="No space"):
+        collect.write_report(None, out)  # type: ignore[arg-type]
+    assert (out / "report.html").read_text() == "<p>the previous report</p>"
+    assert [p.name for p in out.iterdir()] == ["report.html"]
+
+
+def test_broken_json_beside_weights_or_in_the_data_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from distill.evaluation.evaluate import run_metrics
+    from distill.experiments.demo import check_teacher_task
+    from distill.fileio import FileFormatError
+
+    (tmp_path / "metrics.json").write_text('{"map": 0.')
+    with pytest.raises(FileFormatError) as err:
+        run_metrics(tmp_path / "teacher.pt")
+    one_line_naming(str(err.value), str(tmp_path / "metrics.json"))
+
+    weights = tmp_path / "teacher.pt"
+    cfg = load_config(SMOKE)
+    write_card(weights, cfg, "teacher", 3, [{"id": 1, "name": "a", "label": 1}])
+    data = tmp_path / "data"
+    data.mkdir()
+    for text, words in (("[1, 2", "not readable JSON"), ('{"images": []}', "no COCO categories")):
+        (data / "val.json").write_text(text)
+        with pytest.raises(FileFormatError) as err:
+            check_teacher_task(weights, data)
+        one_line_naming(str(err.value), str(data / "val.json"), words)

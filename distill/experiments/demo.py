@@ -42,6 +42,7 @@ from distill.evaluation.evaluate import run_metrics, write_json
 from distill.experiments.goals import Goal, check_goals
 from distill.experiments.machine import machine
 from distill.experiments.sweep import KD_WEIGHTS
+from distill.fileio import FileFormatError, read_json
 from distill.models.card import read_card
 from distill.models.retinanet import build_transform
 
@@ -86,8 +87,13 @@ def check_teacher_task(teacher_weights: Path, data_root: Path, given: bool = Fal
         )
         return
     learnt = sorted((int(c["id"]), str(c["name"])) for c in card["categories"])
-    coco = json.loads((data_root / "val.json").read_text())
-    task = sorted((int(c["id"]), str(c["name"])) for c in coco["categories"])
+    coco = read_json(data_root / "val.json")
+    try:
+        task = sorted((int(c["id"]), str(c["name"])) for c in coco["categories"])
+    except (KeyError, TypeError, ValueError):
+        raise FileFormatError(
+            f"{data_root / 'val.json'}: no COCO categories in it (id and name each)"
+        ) from None
     if learnt == task:
         return
     names = ", ".join(name for _, name in learnt)

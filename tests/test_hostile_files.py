@@ -349,3 +349,66 @@ def test_broken_json_beside_weights_or_in_the_data_is_one_line(
         with pytest.raises(FileFormatError) as err:
             check_teacher_task(weights, data)
         one_line_naming(str(err.value), str(data / "val.json"), words)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. A kill at any point of a checkpoint save leaves a checkpoint that plain --resume takes
+# ---------------------------------------------------------------------------------------------
+
+
+class _Killed(BaseException):
+    """A kill: nothing after it runs (BaseException: no handler in the code catches it)."""
+
+
+def test_a_kill_at_each_point_of_saving_the_same_step_twice_still_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 2 is saved (mid-epoch), then saved again at the epoch's end; the second save is
+    killed before each of its renames, removals and writes in turn. Each time a plain resume
+    finds a whole step-2 checkpoint (the first or the second) and loads it, and the next save
+    leaves only whole checkpoints behind."""
+    from accelerate import Accelerator
+
+    import distill.engine.checkpoint as checkpoint
+    from distill.engine.checkpoint import Progress, find_checkpoint, load_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    real = {"rename": Path.rename, "rmtree": shutil.rmtree, "write": checkpoint.write_text_atomic}
+    point = 0
+    for kill_at in range(1, 20):
+        run = tmp_path / f"kill-{kill_at}"
+        checkpoint.save_checkpoint(accelerator, run, Progress(epoch=0, batch=1, step=1))
+        checkpoint.save_checkpoint(accelerator, run, Progress(epoch=0, batch=2, step=2))
+        calls = 0
+
+        def killing(name: str, at: int = kill_at) -> Callable[..., Any]:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                nonlocal calls
+                calls += 1
+                if calls == at:
+                    raise _Killed(name)
+                return real[name](*args, **kwargs)
+
+            return call
+
+        with monkeypatch.context() as m:
+            m.setattr(Path, "rename", killing("rename"))
+            m.setattr(shutil, "rmtree", killing("rmtree"))
+            m.setattr(checkpoint, "write_text_atomic", killing("write"))
+            try:
+                checkpoint.save_checkpoint(accelerator, run, Progress(epoch=1, batch=0, step=2))
+                killed = False
+            except _Killed:
+                killed = True
+        found = find_checkpoint(run)  # plain --resume: no fallback
+        progress = load_checkpoint(accelerator, found)
+        assert (progress.step, progress.epoch) in ((2, 0), (2, 1)), (kill_at, found)
+        checkpoint.save_checkpoint(accelerator, run, Progress(epoch=1, batch=1, step=3))
+        names = sorted(p.name for p in (run / "checkpoints").iterdir())
+        assert names == ["last", "step_00000002", "step_00000003"], (kill_at, names)
+        assert find_checkpoint(run).name == "step_00000003"
+        point = kill_at
+        if not killed:
+            break
+    assert point >= 5  # progress.json, move aside, move in, pointer, remove the first

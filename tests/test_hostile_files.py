@@ -412,3 +412,73 @@ def test_a_kill_at_each_point_of_saving_the_same_step_twice_still_resumes(
         if not killed:
             break
     assert point >= 5  # progress.json, move aside, move in, pointer, remove the first
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. distill demo --out DIR: the demo's own runs are trained anew, nobody else's is replaced
+# ---------------------------------------------------------------------------------------------
+
+
+def _user_run(run_dir: Path, cfg: Config, finished: bool = True) -> dict[str, bytes]:
+    """A run laid out as ``distill run`` leaves it; returns its files' bytes."""
+    dump_config(cfg, run_dir / "config.yaml")
+    if finished:
+        (run_dir / "student.pt").write_bytes(b"someone's weights")
+        (run_dir / "metrics.json").write_text('{"map": 0.4}')
+    else:
+        (run_dir / "checkpoints" / "step_00000001").mkdir(parents=True)
+        (run_dir / "checkpoints" / "last").write_text("step_00000001")
+    return {str(p): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["student", "distill", "teacher-unfinished", "students"])
+def test_demo_refuses_an_out_holding_someone_elses_run(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, data = tmp_path / "runs", tmp_path / "data"
+    user_cfg = load_config(SMOKE, smoke_overrides(tmp_path / "d", out / where))
+    if where == "students":  # the students' lockstep checkpoints, of other models
+        step = out / "students" / "checkpoints" / "step_00000004"
+        step.mkdir(parents=True)
+        (step / "progress.json").write_text(json.dumps({"step": 4, "models": ["a", "b"]}))
+        (step.parent / "last").write_text(step.name)
+        before = {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        run_dir = out / "students"
+    else:
+        run_dir = out / where.removesuffix("-unfinished")
+        run_dir.mkdir(parents=True)
+        before = _user_run(run_dir, user_cfg, finished=not where.endswith("unfinished"))
+    assert main(["demo", "--out", str(out), "--data", str(data), "--minutes", "0"]) == 2
+    one_line_naming(capsys.readouterr().err, str(run_dir), "not the demo's own")
+    assert before == {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert not data.exists()  # refused before anything was made
+
+
+def test_demo_takes_its_own_runs(tmp_path: Path) -> None:
+    """Runs the demo wrote (another schedule, another --data) are trained anew; a finished
+    teacher is reused, whoever wrote its folder."""
+    from distill.engine.checkpoint import Progress
+    from distill.experiments.demo import check_out, demo_configs
+
+    out = tmp_path / "runs"
+    earlier = demo_configs(out, tmp_path / "old-data", out / "teacher" / "teacher.pt", steps={
+        "teacher": 7, "student": 9, "student + KD": 9,
+    })  # fmt: skip
+    for name in ("student", "student + KD"):
+        run_dir = Path(earlier[name].output.dir)
+        run_dir.mkdir(parents=True)
+        _user_run(run_dir, earlier[name])
+    step = out / "students" / "checkpoints" / "step_00000009"
+    step.mkdir(parents=True)
+    progress = Progress(step=9, models=["../student", "../distill"])
+    (step / "progress.json").write_text(json.dumps(progress.__dict__))
+    (step.parent / "last").write_text(step.name)
+    teacher = out / "teacher"
+    teacher.mkdir()
+    _user_run(teacher, load_config(SMOKE, smoke_overrides(tmp_path, teacher)))
+    (teacher / "teacher.pt").write_bytes(b"someone's teacher")
+    now = demo_configs(out, tmp_path / "data", teacher / "teacher.pt")
+    check_out(out, now, reuse_teacher=True)  # no error
+    (teacher / "teacher.pt").unlink()  # no finished teacher: the folder is trained into
+    with pytest.raises(FileExistsError, match=f"{teacher} holds a run that is not the demo's"):
+        check_out(out, now, reuse_teacher=False)

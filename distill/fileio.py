@@ -52,7 +52,7 @@ def replace_durably(tmp: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Call ``write(f)`` on a binary file under a unique temporary name in ``path``'s folder,
     fsync it, then rename it over ``path`` and fsync the folder: a crash leaves the previous
     file or the new one, never half of it, and a failure leaves no temporary file."""

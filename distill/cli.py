@@ -42,7 +42,7 @@ from distill.data.shapes import (
     generate_shapes,
 )
 from distill.engine.checkpoint import CheckpointError
-from distill.fileio import write_text_atomic
+from distill.fileio import FileFormatError, write_text_atomic
 
 
 class UserError(Exception):
@@ -289,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         FileExistsError,
         MissingExtraError,
         PredictError,
+        FileFormatError,
     ) as err:
         print(f"distill: error: {_last_line(err)}", file=sys.stderr)
         return 2

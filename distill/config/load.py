@@ -26,6 +26,7 @@ import yaml
 
 from distill.config.schema import (
     ANCHOR_PRESETS,
+    AT_MOST,
     LEVEL_NAMES,
     NON_NEGATIVE,
     POSITIVE,
@@ -106,6 +107,9 @@ def check_values(cfg: Config, source: str) -> None:
             value = flat[key]
             if value is not None and not (value >= 0 if low else value > 0):
                 raise ConfigError(f"{key} in {source}: {value!r} must be {words}")
+    for key, most in AT_MOST.items():
+        if flat[key] is not None and flat[key] > most:
+            raise ConfigError(f"{key} in {source}: {flat[key]!r} must be at most {most}")
     if not 0 <= cfg.data.hflip <= 1:  # also NaN
         raise ConfigError(f"data.hflip in {source}: {cfg.data.hflip!r} must be between 0 and 1")
     if not 0 <= cfg.distill.feature.mgd_ratio < 1:  # also NaN

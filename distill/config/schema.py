@@ -245,6 +245,10 @@ NON_NEGATIVE = (
     "distill.crosskd.teacher_layer", "distill.crosskd.beta", "distill.feature.mgd_ratio",
 )  # fmt: skip
 
+# Upper bounds where a larger value is a typo that would allocate without end rather than a
+# model (torchvision's RetinaNet: 4 head convs, 256 channels).
+AT_MOST = {"student.head_convs": 16, "student.fpn_channels": 4096, "student.head_channels": 4096}
+
 
 # The names a key accepts. A registry (students, teachers, distill.kd) declares the names of
 # its keys when it is imported (``register_choices``): this module imports none of them, and

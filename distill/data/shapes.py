@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from distill.fileio import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 # Category id i + 1 is CLASSES[i]; neighbours in pairs differ only by a detail.
@@ -505,9 +507,7 @@ def _coco(
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def generate_shapes(

@@ -29,7 +29,9 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms
 
 from distill.deploy.onnx_runtime import ExportError, check_export, open_session, require_onnx
-from distill.deploy.rebuild import load_from_card
+from distill.deploy.rebuild import find_weights, load_from_card
+from distill.fileio import replace_durably, temporary_beside
+from distill.models.card import card_path
 
 OPSET = 18  # NonMaxSuppression (10+) and TopK with a k input: any opset >= 11; ORT 1.17+ runs 18
 SIZE_DIVISIBLE = 32  # torchvision's transform pads every batch to a multiple of this
@@ -330,19 +332,35 @@ def export_command(
     raw: bool = False,
 ) -> Path:
     """``distill export``: the model of a run directory or weights file (with its card) to
-    ONNX, then the ONNX Runtime check; a mismatch removes the file and raises ExportError."""
+    ONNX, then the ONNX Runtime check. The graph is written under a temporary name beside
+    ``out`` and moved into place only once the check passes: a failure or a stop leaves the
+    previous export (if any) as it was, and no temporary file. ExportError (naming the file)
+    for a mismatch, an error of ONNX Runtime, or an ``out`` that is the weights, their card or
+    a directory."""
 
     if fmt != "onnx":
         raise ValueError(f"--format {fmt}: unknown format; known: onnx")
     require_onnx()  # before building anything
-    detector, card, weights = load_from_card(path, model)
+    weights = find_weights(path, model)
     target = Path(out) if out is not None else weights.with_suffix(".onnx")
-    export_onnx(detector, target, card, raw=raw)
-    try:
-        parity = check_export(open_session(target), detector, card, raw)
-    except ExportError:
-        target.unlink(missing_ok=True)
-        raise
+    for taken, what in ((weights, "the weights file"), (card_path(weights), "their card")):
+        if target.resolve() == taken.resolve():
+            raise ExportError(f"--out {target} is {what}: give another .onnx file path")
+    if target.is_dir():
+        raise ExportError(f"--out {target} is a directory: give a .onnx file path")
+    detector, card, weights = load_from_card(weights, model)
+    with temporary_beside(target) as tmp:
+        export_onnx(detector, tmp, card, raw=raw)
+        try:
+            parity = check_export(open_session(tmp), detector, card, raw)
+        except ExportError as err:
+            raise ExportError(f"{target} not written: {err}") from None
+        except Exception as err:  # ONNX Runtime raises its own types (Fail, InvalidArgument)
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ExportError(
+                f"{target} not written: ONNX Runtime failed on it: {reason}"
+            ) from None
+        replace_durably(tmp, target)
     kind = "class logits, box deltas and anchors" if raw else "detections after NMS"
     print(
         f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, opset {OPSET}, {kind}) from "

@@ -81,12 +81,18 @@ def open_session(
         raise ExportError(f"{path}: ONNX Runtime cannot load it ({err})") from None
 
 
-def read_metadata(session: Any) -> dict[str, Any]:
-    """The "distill" metadata of an exported model (the card plus opset, input, outputs)."""
+def read_metadata(session: Any, path: str | os.PathLike[str] = "this ONNX model") -> dict[str, Any]:
+    """The "distill" metadata of an exported model (the card plus opset, input, outputs);
+    errors name ``path``."""
     meta = session.get_modelmeta().custom_metadata_map
     if "distill" not in meta:
-        raise ExportError("this ONNX model was not exported by distill (no 'distill' metadata)")
-    result: dict[str, Any] = json.loads(meta["distill"])
+        raise ExportError(f"{path} was not exported by distill (no 'distill' metadata)")
+    try:
+        result = json.loads(meta["distill"])
+    except ValueError as err:
+        raise ExportError(f"{path}: its 'distill' metadata is not JSON: {err}") from None
+    if not isinstance(result, dict):
+        raise ExportError(f"{path}: its 'distill' metadata is not a JSON object")
     return result
 
 

@@ -416,7 +416,7 @@ def _onnx_model(
     own threshold is the lowest it can give; a higher ``score_threshold`` filters after it."""
 
     session = open_session(path)
-    meta = read_metadata(session)
+    meta = read_metadata(session, path)
     exported = float(meta["postprocess"]["score_threshold"])
     if score_threshold is not None and score_threshold < exported:
         raise ExportError(

@@ -12,16 +12,15 @@ is rebuilt by the same code that trained it, without the training config.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
 from torchvision.models.detection import RetinaNet
 
-from distill.config import AnchorConfig, Config, from_dict
+from distill.config import Config
 from distill.evaluation.evaluate import load_detector
-from distill.models.card import card_path, read_card
+from distill.models.card import card_path, config_from_card, read_card
 from distill.models.weights import WeightsError
 
 ROLES = ("student", "teacher")
@@ -47,34 +46,6 @@ def find_weights(path: str | os.PathLike[str], model: str = "student") -> Path:
     if not path.exists():
         raise FileNotFoundError(f"no such run directory or weights file: {path}")
     return path
-
-
-def config_from_card(card: dict[str, Any], weights: str | os.PathLike[str]) -> Config:
-    """The ``Config`` that builds the card's model with ``weights`` loaded (model section,
-    anchors, resize, detection settings; the rest is default and unused)."""
-    role = card["role"]
-    source = str(card_path(weights))
-    model = {**card["model"], "weights": str(weights)}
-    if role == "student":
-        model["backbone_weights"] = None  # the weights hold the whole model
-    anchor_keys = {f.name for f in dataclasses.fields(AnchorConfig)}
-    resize = card["resize"]
-    post = card["postprocess"]
-    raw = {
-        "data": {
-            "image_size": resize["max_size"],
-            "min_size": resize["min_size"],
-            "max_size": resize["max_size"],
-        },
-        "anchors": {k: v for k, v in card["anchors"].items() if k in anchor_keys},
-        role: model,
-        "eval": {
-            "score_threshold": post["score_threshold"],
-            "nms_threshold": post["nms_threshold"],
-            "detections_per_image": post["detections_per_image"],
-        },
-    }
-    return from_dict(Config, raw, source)
 
 
 def card_config(path: str | os.PathLike[str], model: str = "student") -> tuple[Config, Path]:

@@ -8,7 +8,12 @@ Layout inside a run directory::
                                  checkpoint folder is whole)
 
 A checkpoint is first written to ``step_N.tmp`` and renamed when every process has finished
-writing, so a crash mid-write leaves the previous checkpoint and the pointer untouched. Loading
+writing, so a crash mid-write leaves the previous checkpoint and the pointer untouched. When
+step N is saved a second time (a step checkpoint that ends an epoch), the first ``step_N`` is
+moved aside to ``step_N.old`` before the new one takes its name, and removed only after that:
+a kill between the two renames leaves the pointer naming a missing folder, and ``find_checkpoint``
+then takes the interrupted save's whole ``step_N.tmp`` (else ``step_N.old``); the next save
+puts it back in place first (``_finish_interrupted``). Loading
 goes through Accelerate's ``load_state``, which reads every file with ``weights_only=True``.
 """
 
@@ -71,26 +76,51 @@ def save_checkpoint(
     final = root / f"step_{progress.step:08d}"
     tmp = root / f"step_{progress.step:08d}.tmp"
     if accelerator.is_main_process:
-        for leftover in root.glob("*.tmp"):  # from a crash during an earlier save
+        _finish_interrupted(root)
+        for leftover in [*root.glob("*.tmp"), *root.glob("*.old")]:  # from an earlier crash
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=False)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_text_atomic(tmp / "progress.json", json.dumps(asdict(progress)))
-        if final.exists():
-            shutil.rmtree(final)
+        write_text_atomic(tmp / "progress.json", json.dumps(asdict(progress)))  # tmp is whole
+        aside = final.with_name(final.name + ".old")
+        if final.exists():  # the same step saved twice: keep the first until the second is in
+            final.rename(aside)
         tmp.rename(final)
         write_text_atomic(root / "last", final.name)
+        if aside.exists():
+            shutil.rmtree(aside)
         _prune(root, keep)
     accelerator.wait_for_everyone()
     return final
 
 
 def _complete(root: Path) -> list[Path]:
-    """Whole checkpoints, oldest first."""
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    """Whole checkpoints, oldest first (not the ``.tmp`` or ``.old`` of a save)."""
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix not in (".tmp", ".old"))
+
+
+def _interrupted(path: Path) -> Path | None:
+    """The whole folder of checkpoint ``path`` that a save killed between moving the previous
+    ``path`` aside and moving the new one in left behind: the new one, else the previous one."""
+    for candidate in (path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")):
+        if (candidate / "progress.json").is_file():
+            return candidate
+    return None
+
+
+def _finish_interrupted(root: Path) -> None:
+    """Put the whole folder of an interrupted save (``_interrupted``) under the name the pointer
+    gives, so that the pointer is right again before anything else is removed."""
+    pointer = root / "last"
+    if not pointer.is_file():
+        return
+    named = root / pointer.read_text().strip()
+    found = None if named.exists() else _interrupted(named)
+    if found is not None:
+        found.rename(named)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -115,6 +145,9 @@ def find_checkpoint(run_dir: Path, fallback: bool = False) -> Path:
         path = run_dir / "checkpoints" / pointer.read_text().strip()
         if (path / "progress.json").is_file():
             return path
+        found = None if path.exists() else _interrupted(path)
+        if found is not None:  # a save of the same step was killed half-way: its whole folder
+            return found
         problem = f"cannot resume: checkpoint {path} is incomplete or missing"
     whole = [p for p in _complete(run_dir / "checkpoints") if (p / "progress.json").is_file()]
     if fallback and whole:

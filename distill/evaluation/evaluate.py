@@ -29,7 +29,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from distill.config import Config, replace
 from distill.data import CocoDetection, build_dataset, collate, predictions_to_coco
 from distill.engine.accelerator import inference_accelerator
-from distill.fileio import write_text_atomic
+from distill.fileio import FileFormatError, read_json, write_text_atomic
 from distill.models.retinanet import build_transform, dense_forward, postprocess, set_postprocess
 from students import build_student
 from teachers import build_teacher
@@ -275,7 +275,12 @@ def load_detector(
 def run_metrics(weights: Path) -> dict[str, Any] | None:
     """The ``metrics.json`` that the run which wrote ``weights`` left beside them, if any."""
     path = weights.parent / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    metrics = read_json(path)
+    if not isinstance(metrics, dict):
+        raise FileFormatError(f"{path}: expected the metrics of a run (a JSON object)")
+    return metrics
 
 
 def eval_command(

@@ -28,13 +28,20 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
-from distill.config import Config, load_config, override, replace
+from distill.config import Config, ConfigError, flatten, load_config, override, replace
 from distill.data.shapes import DEMO_DATA, DEMO_OUT, generate_shapes
 from distill.engine.build import build_accelerator, build_train_loader, build_trainee
+from distill.engine.checkpoint import (
+    CheckpointError,
+    RunExistsError,
+    check_fresh,
+    find_checkpoint,
+    read_progress,
+)
 from distill.engine.loop import train, train_group
 from distill.engine.step import teacher_forward, train_step
 from distill.evaluation.cost import summarize
@@ -42,6 +49,7 @@ from distill.evaluation.evaluate import run_metrics, write_json
 from distill.experiments.goals import Goal, check_goals
 from distill.experiments.machine import machine
 from distill.experiments.sweep import KD_WEIGHTS
+from distill.fileio import FileFormatError, read_json
 from distill.models.card import read_card
 from distill.models.retinanet import build_transform
 
@@ -86,8 +94,13 @@ def check_teacher_task(teacher_weights: Path, data_root: Path, given: bool = Fal
         )
         return
     learnt = sorted((int(c["id"]), str(c["name"])) for c in card["categories"])
-    coco = json.loads((data_root / "val.json").read_text())
-    task = sorted((int(c["id"]), str(c["name"])) for c in coco["categories"])
+    coco = read_json(data_root / "val.json")
+    try:
+        task = sorted((int(c["id"]), str(c["name"])) for c in coco["categories"])
+    except (KeyError, TypeError, ValueError):
+        raise FileFormatError(
+            f"{data_root / 'val.json'}: no COCO categories in it (id and name each)"
+        ) from None
     if learnt == task:
         return
     names = ", ".join(name for _, name in learnt)
@@ -100,6 +113,60 @@ def check_teacher_task(teacher_weights: Path, data_root: Path, given: bool = Fal
         f"{teacher_weights} learnt other classes ({names}) than the demo's task in {data_root} "
         f"({', '.join(name for _, name in task)}): {advice}"
     )
+
+
+# What a rerun of the demo may change in a run it wrote: the schedule fitted to this machine,
+# where the data and the teacher are, where the run is (a relative --out from elsewhere).
+OWN_RUN_MAY_DIFFER = (
+    "train.max_steps", "train.warmup_steps", "data.root", "teacher.weights", "output.dir",
+)  # fmt: skip
+
+
+def check_out(out: Path, configs: Mapping[str, Config], reuse_teacher: bool) -> None:
+    """FileExistsError (one line, naming the folder) if ``out`` holds a run the demo would
+    overwrite that is not its own: every run folder it trains into (``configs``' output.dir,
+    the teacher's unless a finished teacher is reused, and ``out/students``, the students'
+    checkpoints) must hold no run, or one the demo wrote (its config.yaml is the demo's but for
+    ``OWN_RUN_MAY_DIFFER``; the checkpoints are the demo students'). Runs the demo wrote are
+    trained anew, as a second ``distill demo`` does; nobody else's run is ever replaced."""
+
+    def refuse(run_dir: Path, why: str) -> NoReturn:
+        raise FileExistsError(
+            f"--out {out}: {run_dir} holds a run that is not the demo's own ({why}); the demo "
+            "would overwrite it: give --out a new folder, or move the run away"
+        )
+
+    names = [n for n in configs if not (reuse_teacher and n == "teacher")]
+    for name in names:
+        run_dir = Path(configs[name].output.dir)
+        if not _holds_run(run_dir):
+            continue
+        try:
+            saved = flatten(load_config(run_dir / "config.yaml"))
+        except ConfigError:
+            refuse(run_dir, "no readable config.yaml")
+        wanted = flatten(configs[name])
+        differ = [k for k in wanted if k not in OWN_RUN_MAY_DIFFER and saved.get(k) != wanted[k]]
+        if differ:
+            refuse(run_dir, f"its config.yaml differs from the demo's {name} in {differ[0]}")
+    students = out / "students"
+    if _holds_run(students):
+        models = [os.path.relpath(configs[n].output.dir, students) for n in STUDENTS]
+        try:
+            progress = read_progress(find_checkpoint(students, fallback=True))
+        except CheckpointError:
+            refuse(students, "no readable checkpoint")
+        if progress.models != models:
+            refuse(students, f"its checkpoints are of {progress.models}, not the demo's {models}")
+
+
+def _holds_run(run_dir: Path) -> bool:
+    """Whether a fresh run in ``run_dir`` would replace one (``check_fresh``)."""
+    try:
+        check_fresh(run_dir)
+    except RunExistsError:
+        return True
+    return False
 
 
 def reference_steps() -> dict[str, int]:
@@ -152,6 +219,9 @@ def demo(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     start = time.perf_counter()
+    teacher_weights = teacher or out / "teacher" / "teacher.pt"
+    reuse_teacher = teacher_weights.is_file()
+    check_out(out, demo_configs(out, data_root, teacher_weights), reuse_teacher)  # before writing
     # Made once; a complete dataset of these arguments is kept, any other one is refused.
     generate_shapes(
         data_root,
@@ -161,8 +231,6 @@ def demo(
         seed=0,
         difficulty=DEMO_DIFFICULTY,
     )
-    teacher_weights = teacher or out / "teacher" / "teacher.pt"
-    reuse_teacher = teacher_weights.is_file()
     if reuse_teacher:
         check_teacher_task(teacher_weights, data_root, given=teacher is not None)
     configs = demo_configs(out, data_root, teacher_weights)

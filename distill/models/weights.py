@@ -13,10 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
 from collections import OrderedDict
 from collections.abc import Collection, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +24,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models import WeightsEnum
 from torchvision.models.detection import RetinaNet
+
+from distill.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -98,26 +99,7 @@ def save_state_dict_file(state: Mapping[str, Tensor], path: str | os.PathLike[st
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, Tensor):
             raise ValueError(f"state dict entry {key!r} is {type(value).__name__}, not a Tensor")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    # The rename itself is durable only once the directory entry is on disk.
-    with suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    write_atomic(Path(path), lambda f: torch.save(state, f))
 
 
 # --------------------------------------------------------------------------------------------

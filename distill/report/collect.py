@@ -34,6 +34,7 @@ from distill.evaluation.evaluate import (
     run_cocoeval,
     run_metrics,
 )
+from distill.fileio import write_text_atomic
 from distill.models.retinanet import build_transform
 from distill.report.html import build_page
 from distill.report.model import Lineup, Model, ReportError, metric
@@ -253,7 +254,7 @@ def write_report(
         min_score=min_score,
     )
     path = out / "report.html"
-    path.write_text(page, encoding="utf-8")
+    write_text_atomic(path, page)  # a stop mid-write keeps the previous report whole
     return path
 
 

@@ -23,6 +23,7 @@ from distill.config.load import (
 from distill.config.resume import RESUME_MAY_CHANGE, check_resume_config
 from distill.config.schema import (
     ANCHOR_PRESETS,
+    INIT_FROM_TEACHER_PARTS,
     KD_WEIGHT_KEYS,
     LEVEL_NAMES,
     NON_NEGATIVE,
@@ -44,12 +45,16 @@ from distill.config.schema import (
     TeacherConfig,
     TrainConfig,
     choices,
+    default_crosskd_layer,
+    default_levels,
     register_choices,
     resize_bounds,
+    resolve_defaults,
 )
 
 __all__ = [
     "ANCHOR_PRESETS",
+    "INIT_FROM_TEACHER_PARTS",
     "KD_WEIGHT_KEYS",
     "LEVEL_NAMES",
     "NON_NEGATIVE",
@@ -74,6 +79,8 @@ __all__ = [
     "check_resume_config",
     "check_values",
     "choices",
+    "default_crosskd_layer",
+    "default_levels",
     "dump_config",
     "flatten",
     "from_dict",
@@ -84,5 +91,6 @@ __all__ = [
     "register_choices",
     "replace",
     "resize_bounds",
+    "resolve_defaults",
     "to_dict",
 ]

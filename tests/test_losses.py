@@ -645,7 +645,7 @@ def test_fgd_term_uses_global_extras() -> None:
         student.adapted,
         teacher.features,
         levels,
-        tau=cfg.feature.tau,
+        tau=cfg.feature.fgd_tau,  # FGD's own temperature (0.5), not CWD's tau
         boxes_per_image=[t["boxes"] for t in TARGETS],
         image_size=(32, 32),
         global_s={k: student.extras[f"global_s/{k}"] for k in levels},

@@ -25,6 +25,7 @@ from distill.config.load import (
 from distill.config.resume import RESUME_MAY_CHANGE, check_resume_config
 from distill.config.schema import (
     ANCHOR_PRESETS,
+    INIT_FROM_TEACHER_PARTS,
     KD_WEIGHT_KEYS,
     LEVEL_NAMES,
     NON_NEGATIVE,
@@ -46,12 +47,16 @@ from distill.config.schema import (
     TeacherConfig,
     TrainConfig,
     choices,
+    default_crosskd_layer,
+    default_levels,
     register_choices,
     resize_bounds,
+    resolve_defaults,
 )
 
 __all__ = [
     "ANCHOR_PRESETS",
+    "INIT_FROM_TEACHER_PARTS",
     "KD_WEIGHT_KEYS",
     "LEVEL_NAMES",
     "NON_NEGATIVE",
@@ -76,6 +81,8 @@ __all__ = [
     "check_resume_config",
     "check_values",
     "choices",
+    "default_crosskd_layer",
+    "default_levels",
     "dump_config",
     "flatten",
     "from_dict",
@@ -87,6 +94,7 @@ __all__ = [
     "register_choices",
     "replace",
     "resize_bounds",
+    "resolve_defaults",
     "to_dict",
     "value_text",
 ]

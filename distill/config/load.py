@@ -27,12 +27,14 @@ import yaml
 from distill.config.schema import (
     ANCHOR_PRESETS,
     AT_MOST,
+    INIT_FROM_TEACHER_PARTS,
     LEVEL_NAMES,
     NON_NEGATIVE,
     POSITIVE,
     Config,
     ConfigError,
     choices,
+    resolve_defaults,
 )
 from distill.fileio import write_text_atomic
 
@@ -74,7 +76,7 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Confi
 
 
 def _build(raw: dict[str, Any], source: str) -> Config:
-    cfg = from_dict(Config, raw, source)
+    cfg = resolve_defaults(from_dict(Config, raw, source))
     check_values(cfg, source)
     return _named_anchors(cfg, raw.get("anchors") or {}, source)
 
@@ -121,7 +123,18 @@ def check_values(cfg: Config, source: str) -> None:
         raise ConfigError(
             f"eval.nms_threshold in {source}: {cfg.eval.nms_threshold!r} must be in (0, 1]"
         )
-    levels = cfg.distill.feature.levels
+    parts = cfg.student.init_from_teacher
+    if any(part not in INIT_FROM_TEACHER_PARTS for part in parts) or len(set(parts)) < len(parts):
+        raise ConfigError(
+            f"student.init_from_teacher in {source}: {list(parts)} must be a list of distinct "
+            f"names from {', '.join(INIT_FROM_TEACHER_PARTS)}"
+        )
+    if parts and cfg.student.weights:
+        raise ConfigError(
+            f"student.init_from_teacher in {source}: {list(parts)} would overwrite the "
+            f"checkpoint student.weights {cfg.student.weights}; give one of the two"
+        )
+    levels = cfg.distill.feature.levels or ()  # null is filled in before (resolve_defaults)
     if not levels or any(level not in LEVEL_NAMES for level in levels):
         raise ConfigError(
             f"distill.feature.levels in {source}: {list(levels)} must be a non-empty list of "

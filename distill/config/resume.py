@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from distill.config.load import flatten, load_config
 from distill.config.schema import Config, ConfigError
@@ -26,10 +27,13 @@ def check_resume_config(cfg: Config, run_dir: Path) -> None:
     if not saved.is_file():
         return
     before, now = flatten(load_config(saved)), flatten(cfg)
+    unused = unused_keys(before) & unused_keys(now)
     changed = [
         f"{key}: {before.get(key)!r} -> {now.get(key)!r}"
         for key in sorted(before.keys() | now.keys())
-        if before.get(key) != now.get(key) and not key.startswith(RESUME_MAY_CHANGE)
+        if before.get(key) != now.get(key)
+        and not key.startswith(RESUME_MAY_CHANGE)
+        and key not in unused
     ]
     if changed:
         raise ConfigError(
@@ -38,3 +42,23 @@ def check_resume_config(cfg: Config, run_dir: Path) -> None:
             f"started with (all of them are in {saved}; for a single run, pass that file as the "
             "CONFIG)"
         )
+
+
+def unused_keys(flat: dict[str, Any]) -> set[str]:
+    """The keys of a flattened config that change nothing in its run: the settings of a KD term
+    that is off, of another feature kind's loss. A resumed run may differ from its start there
+    (a default changed since, such as FGD's ``fgd_gamma`` or CrossKD's ``layer``)."""
+    unused = set()
+    if flat["distill.crosskd.cls_weight"] == 0 and flat["distill.crosskd.box_weight"] == 0:
+        unused |= {k for k in flat if k.startswith("distill.crosskd.")}
+    kind = flat["distill.feature.kind"]
+    if flat["distill.feature.weight"] == 0:
+        unused |= {
+            k for k in flat if k.startswith("distill.feature.") and k != "distill.feature.weight"
+        }
+    unused |= {k for k in flat if k.startswith("distill.feature.fgd_") and kind != "fgd"}
+    if kind != "mgd":
+        unused.add("distill.feature.mgd_ratio")
+    if kind != "cwd":
+        unused.add("distill.feature.tau")
+    return unused

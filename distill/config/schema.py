@@ -9,7 +9,7 @@ checks files against these classes).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -89,20 +89,34 @@ class StudentConfig:
     backbone_weights: str | None = None
     weights: str | None = None  # full student checkpoint to start from
     weights_settings: str = "check"  # as teacher.weights_settings
+    # parts copied from the teacher when a distillation run builds the student (neck: the FPN,
+    # head: the RetinaNet head), as FGD's init_student and MMRazor's MGD config do; every copied
+    # tensor must have the teacher's shape (same widths, head_convs, norm). Not with a plain
+    # student (no KD term: no teacher is built) nor when resuming (the checkpoint wins).
+    init_from_teacher: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class FeatureKDConfig:
+    """Feature KD. Defaults follow each method's own RetinaNet reference config (see
+    tests/test_reference_defaults.py for the file and value each follows)."""
+
     kind: str = "cwd"  # mse | cwd | pkd | fgd | mgd
     weight: float = 0.0
-    tau: float = 1.0  # temperature of cwd / fgd attention
-    levels: tuple[str, ...] = ("p3", "p4", "p5", "p6", "p7")
+    tau: float = 1.0  # temperature of cwd (MMRazor's CWD configs: tau=1)
+    # null: the kind's reference levels, filled in when the config is read (``resolve_defaults``,
+    # so a run's config.yaml names them): P3-P6 for pkd (MMRazor's PKD RetinaNet config distils
+    # neck outputs 0-3), P3-P7 for the others
+    levels: tuple[str, ...] | None = None
     # sum | mean of the per-level losses; sum, as the papers (a weight from one means the same)
     level_reduction: str = "sum"
-    # FGD (Yang et al. 2022) weights; defaults are the paper's RetinaNet settings.
+    # FGD (Yang et al., CVPR 2022): its own temperature and weights, as in FGD's RetinaNet
+    # configs (fgd_retina_*_distill_retina_r50_fpn_2x_coco.py: temp 0.5, alpha 1e-3, beta 5e-4,
+    # gamma 5e-4, lambda 5e-6)
+    fgd_tau: float = 0.5
     fgd_alpha: float = 0.001
     fgd_beta: float = 0.0005
-    fgd_gamma: float = 0.001
+    fgd_gamma: float = 0.0005
     fgd_lambda: float = 0.000005
     # MGD (Yang et al. 2022): share of the student's feature positions masked before its
     # generator regenerates the teacher's feature (the paper's 0.65 for detection)
@@ -134,7 +148,10 @@ class CrossKDConfig:
 
     cls_weight: float = 0.0  # quality-focal KD of the cross-head classification
     box_weight: float = 0.0  # GIoU of the cross-head boxes, weighted by the teacher's score
-    layer: int = 2  # student tower convs before the hand-over (0: the FPN features)
+    # student tower convs before the hand-over (0: the FPN features); null: one before the last
+    # (student.head_convs - 1: CrossKD's reused_teacher_head_idx=3 of four-conv heads), filled in
+    # when the config is read (``resolve_defaults``)
+    layer: int | None = None
     teacher_layer: int | None = None  # teacher tower convs skipped; null: the same as layer
     beta: float = 1.0  # exponent of the quality-focal weight |sigmoid(s) - sigmoid(t)|^beta
 
@@ -222,6 +239,36 @@ def resize_bounds(data: DataConfig) -> tuple[int, int]:
 
 
 LEVEL_NAMES = ("p3", "p4", "p5", "p6", "p7")  # the FPN levels of every model here
+# distill.feature.levels when null, per kind: PKD's reference (MMRazor) distils P3-P6
+DEFAULT_LEVELS = {"pkd": ("p3", "p4", "p5", "p6")}
+INIT_FROM_TEACHER_PARTS = ("neck", "head")  # student.init_from_teacher's names
+
+
+def default_levels(kind: str) -> tuple[str, ...]:
+    """The levels feature KD of ``kind`` distils when ``distill.feature.levels`` is null."""
+    return DEFAULT_LEVELS.get(kind, LEVEL_NAMES)
+
+
+def default_crosskd_layer(head_convs: int) -> int:
+    """``distill.crosskd.layer`` when null: the student's tower conv before its last one (3 of
+    four, CrossKD's ``reused_teacher_head_idx=3``), 0 for a head without tower convs."""
+    return max(head_convs - 1, 0)
+
+
+def resolve_defaults(cfg: Config) -> Config:
+    """``cfg`` with the defaults that depend on other keys filled in (null ->
+    ``default_levels(kind)``, ``default_crosskd_layer(student.head_convs)``), so that a run's
+    resolved config.yaml names every value it ran with."""
+    feature, crosskd = cfg.distill.feature, cfg.distill.crosskd
+    if feature.levels is None:
+        feature = replace(feature, levels=default_levels(feature.kind))
+    if crosskd.layer is None:
+        crosskd = replace(crosskd, layer=default_crosskd_layer(cfg.student.head_convs))
+    if feature is cfg.distill.feature and crosskd is cfg.distill.crosskd:
+        return cfg
+    return replace(cfg, distill=replace(cfg.distill, feature=feature, crosskd=crosskd))
+
+
 # The weight of every KD term: all 0 is the plain student (no teacher runs).
 KD_WEIGHT_KEYS = (
     "distill.feature.weight", "distill.logit.weight", "distill.box.weight",
@@ -233,6 +280,7 @@ KD_WEIGHT_KEYS = (
 POSITIVE = (
     "data.image_size", "data.batch_size", "train.lr", "train.grad_accum", "train.log_every",
     "train.max_nonfinite", "distill.logit.temperature", "distill.feature.tau",
+    "distill.feature.fgd_tau",
     "eval.detections_per_image", "eval.batch_size", "student.fpn_channels", "data.min_size",
     "data.max_size",
     "student.head_channels", "student.head_convs", "data.max_train_images", "data.max_val_images",

@@ -24,6 +24,7 @@ from distill.engine.accelerator import make_accelerator
 from distill.kd import kd_terms
 from distill.models.retinanet import check_compatible, set_postprocess
 from distill.models.trainable import TrainableModule
+from distill.models.weights import init_from_teacher
 from students import build_student
 from teachers import build_teacher
 
@@ -62,8 +63,11 @@ def build_models(
     cfg: Config, job: str, num_classes: int, teacher: nn.Module | None = None
 ) -> tuple[TrainableModule, nn.Module | None]:
     """The trainable module and the frozen teacher (None when not needed; ``teacher`` is reused
-    when given). The student is built first, so its initial weights depend only on the seed,
-    then the trainable parts of the configured KD terms, in their registry's order."""
+    when given). The student is built first, so its initial weights depend only on the seed;
+    then, with a KD term on, ``student.init_from_teacher`` copies the teacher's neck and/or
+    head into it (``init_from_teacher``; a plain student never sees the teacher), then the
+    trainable parts of the configured KD terms are built, in their registry's order. A resumed
+    run loads its checkpoint over all of this: the checkpoint wins."""
     if job == "teacher":
         return TrainableModule(build_teacher(cfg, num_classes, frozen=False)), None
     if job != "student":
@@ -78,6 +82,10 @@ def build_models(
         with torch.random.fork_rng(devices=[]):
             teacher = build_teacher(cfg, num_classes, frozen=True)
     check_compatible(teacher, student)
+    if cfg.student.init_from_teacher:  # a resumed run then loads its checkpoint over it
+        copied = init_from_teacher(student, teacher, cfg.student.init_from_teacher)
+        log.info("student: %d tensors of its %s copied from the teacher", copied,
+                 " and ".join(cfg.student.init_from_teacher))  # fmt: skip
     parts = {name: term.build(student, teacher, cfg.train.seed) for name, term in terms.items()}
     kd = {name: part for name, part in parts.items() if part is not None}
     return TrainableModule(student, kd), teacher

@@ -231,7 +231,9 @@ def _step_findings(
     student_out = module(image_list.tensors, image_list.image_sizes, teacher_out)
     det = detection_loss(module.detector, student_out, moved)
     size = (int(image_list.tensors.shape[-2]), int(image_list.tensors.shape[-1]))
-    kd = distill_terms(student_out, teacher_out, moved, size, cfg.distill)
+    kd = distill_terms(
+        student_out, teacher_out, moved, size, cfg.distill, image_sizes=image_list.image_sizes
+    )
     full = cfg.distill.warmup_steps  # the step at which the warm-up reaches full weight
     total, logs = combine(det, kd, replace(cfg.distill, stop_epoch=None), full, 0)
     det_total = sum(float(v.detach()) for v in det.values())

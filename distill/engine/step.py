@@ -96,7 +96,9 @@ def train_step(
     kd_losses: dict[str, torch.Tensor] = {}
     if teacher_out is not None:  # vs the teacher, anchor by anchor and level by level
         size, reduce = _hw(image_list.tensors), mean_over_processes(accelerator)
-        kd_losses = distill_terms(student_out, teacher_out, targets, size, t.cfg.distill, reduce)
+        kd_losses = distill_terms(
+            student_out, teacher_out, targets, size, t.cfg.distill, reduce, image_list.image_sizes
+        )
     total, logs = combine(det_losses, kd_losses, t.cfg.distill, step, epoch)
     bad = ~torch.isfinite(total.detach())  # on the device: no host sync per micro-batch
     t.window_bad = bad if t.window_bad is None else t.window_bad | bad

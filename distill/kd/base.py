@@ -4,7 +4,7 @@ what it needs from the teacher's forward, and its losses.
     term = FeatureKD.from_config(cfg.distill)          # None when its weight is 0
     part = term.build(student, teacher, seed)          # nn.Module in the trainable module, or None
     probes = term.teacher_probes()                     # hooks around the teacher's forward
-    losses = term.losses(student_out, teacher_out, Batch(targets, image_size))
+    losses = term.losses(student_out, teacher_out, Batch(targets, image_size, image_sizes=sizes))
 
 The engine only loops over the configured terms (``distill.kd.registry``): building the parts
 (``distill.engine.build.build_models``), running them in the trainable module's ``forward``
@@ -38,11 +38,14 @@ class Batch:
     image_size: (H, W) of the padded batch
     mean_over_processes: with several processes, the mean of a scalar over all of them (an
         all-reduce: every process computes every loss); None: one process
+    image_sizes: per image, its own (h, w) inside the padded batch (``ImageList.image_sizes``;
+        the rest is padding); None: every image fills the batch
     """
 
     targets: Sequence[Mapping[str, Tensor]]
     image_size: tuple[int, int]
     mean_over_processes: Callable[[Tensor], Tensor] | None = None
+    image_sizes: Sequence[tuple[int, int]] | None = None
 
     def mean(self, value: Tensor) -> Tensor:
         """A scalar's mean over processes (itself with one process)."""

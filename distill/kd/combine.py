@@ -42,6 +42,7 @@ def distill_terms(
     image_size: tuple[int, int],
     cfg: DistillConfig,
     mean_over_processes: Callable[[Tensor], Tensor] | None = None,
+    image_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> dict[str, Tensor]:
     """The unweighted losses of the KD terms whose weight is > 0, keyed as ``kd_weights``, in
     the terms' order (``KDTerm.losses``).
@@ -56,6 +57,8 @@ def distill_terms(
         all-reduce; every process must call ``distill_terms``). The anchor-weighted terms divide
         by it of their local weight sums, so that 2 processes with batch B give the gradient of
         1 process with batch 2B; None: one process
+    image_sizes: per image, its own (h, w) in the padded batch (``ImageList.image_sizes``);
+        CrossKD leaves out the anchors in the padding. None: no padding
     returns: {name: scalar float32}
     """
     terms = kd_terms(cfg)
@@ -65,7 +68,7 @@ def distill_terms(
         raise ValueError(
             f"KD terms {list(kd_weights(cfg))} have weight > 0 but no teacher outputs were given"
         )
-    batch = Batch(targets, image_size, mean_over_processes)
+    batch = Batch(targets, image_size, mean_over_processes, image_sizes)
     losses: dict[str, Tensor] = {}
     for term in terms.values():
         losses.update(term.losses(student, teacher, batch))

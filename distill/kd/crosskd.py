@@ -48,7 +48,8 @@ class CrossKD(KDTerm):
     """Two weighted losses, ``crosskd_cls`` (``kd_quality_focal_loss``) and ``crosskd_box``
     (``crosskd_box_loss``), of the cross-head predictions vs the teacher's, without the anchors
     in the matcher's ignore zone, both divided by the batch's foreground anchors (floored at 1
-    per image, averaged over processes; ``match_anchors``, one matcher pass). A branch whose
+    per image, averaged over processes; ``match_anchors``, one matcher pass, without the anchors
+    whose centre lies in the batch's padding, outside the image's own size). A branch whose
     weight is 0 is not built: its mapper would get no gradient and stall DDP."""
 
     cfg: CrossKDConfig
@@ -63,13 +64,24 @@ class CrossKD(KDTerm):
         return {name: weight for name, weight in weights.items() if weight > 0}
 
     @property
+    def layer(self) -> int:
+        """The student tower convs before the hand-over (``layer``; a config read by
+        ``load_config`` has it filled in, ``resolve_defaults``)."""
+        if self.cfg.layer is None:
+            raise ValueError(
+                "distill.crosskd.layer is null: fill it in (distill.config.resolve_defaults, "
+                "as load_config does) before building CrossKD"
+            )
+        return self.cfg.layer
+
+    @property
     def teacher_layer(self) -> int:
         """The teacher tower convs skipped (``teacher_layer``, or ``layer`` when null)."""
         layer = self.cfg.teacher_layer
-        return self.cfg.layer if layer is None else layer
+        return self.layer if layer is None else layer
 
     def build(self, student: RetinaNet, teacher: RetinaNet, seed: int) -> CrossKDModule:
-        layer, depth = self.cfg.layer, tower_depth(student.head)
+        layer, depth = self.layer, tower_depth(student.head)
         if layer > depth:
             raise ConfigError(
                 f"distill.crosskd.layer {layer} is beyond the {depth} tower convs of the "
@@ -97,7 +109,8 @@ class CrossKD(KDTerm):
         if any(key not in student.extras for key in wanted):
             raise ValueError(f"CrossKD needs the cross-head predictions {wanted} (student.extras)")
         boxes = [target["boxes"] for target in batch.targets]
-        foreground, valid = match_anchors(student.anchors, boxes)  # scalar, (N, A)
+        # scalar, (N, A); anchors in the batch's padding take no part (mmdet's valid flags)
+        foreground, valid = match_anchors(student.anchors, boxes, batch.image_sizes)
         foreground = batch.mean(foreground)
         losses = {}
         if "crosskd_cls" in weights:

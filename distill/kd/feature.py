@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
 
-from distill.config import DistillConfig, FeatureKDConfig, register_choices
+from distill.config import DistillConfig, FeatureKDConfig, default_levels, register_choices
 from distill.kd.base import Batch, KDTerm, TermModule
 from distill.losses.features import FEATURE_KINDS, LEVEL_REDUCTIONS, feature_kd_loss
 from distill.models.retinanet import DenseOutputs
@@ -53,11 +53,22 @@ class FeatureKD(KDTerm):
     def weights(self) -> dict[str, float]:
         return {"feature": self.cfg.weight}
 
+    @property
+    def levels(self) -> tuple[str, ...]:
+        """``cfg.levels``, or the kind's default when null (a config not read from a file)."""
+        levels = self.cfg.levels
+        return default_levels(self.cfg.kind) if levels is None else tuple(levels)
+
+    @property
+    def tau(self) -> float:
+        """The attention temperature of the kind: ``fgd_tau`` for fgd, else ``tau``."""
+        return self.cfg.fgd_tau if self.cfg.kind == "fgd" else self.cfg.tau
+
     def build(self, student: RetinaNet, teacher: RetinaNet, seed: int) -> FeatureModule:
         """Adapters from the student's FPN width to the teacher's (mse: always, FitNet's
         regressor; other kinds: where the widths differ), then FGD's blocks, then MGD's
         generators, in that order (their initial weights draw from the global RNG)."""
-        cfg, levels = self.cfg, self.cfg.levels
+        cfg, levels = self.cfg, self.levels
         s_ch, t_ch = _out_channels(student), _out_channels(teacher)
         adapters = None
         if cfg.kind == "mse" or s_ch != t_ch:
@@ -73,22 +84,22 @@ class FeatureKD(KDTerm):
     def losses(
         self, student: DenseOutputs, teacher: DenseOutputs, batch: Batch
     ) -> dict[str, Tensor]:
-        cfg = self.cfg
+        cfg, levels = self.cfg, self.levels
         if not student.adapted:
             raise ValueError("feature KD needs the adapted student features (student.adapted)")
-        global_s = _extras_per_level(student.extras, "global_s", cfg.levels)
-        global_t = _extras_per_level(student.extras, "global_t", cfg.levels)
+        global_s = _extras_per_level(student.extras, "global_s", levels)
+        global_t = _extras_per_level(student.extras, "global_t", levels)
         compared = student.adapted
         if cfg.kind == "mgd":  # the generators' outputs from the masked features
-            compared = _extras_per_level(student.extras, "mgd", cfg.levels)
+            compared = _extras_per_level(student.extras, "mgd", levels)
             if not compared:
                 raise ValueError("MGD needs the generators' outputs (student.extras['mgd/...'])")
         loss = feature_kd_loss(
             cfg.kind,
             compared,
             teacher.features,
-            cfg.levels,
-            tau=cfg.tau,
+            levels,
+            tau=self.tau,
             boxes_per_image=[target["boxes"] for target in batch.targets],
             image_size=batch.image_size,
             fgd_alpha=cfg.fgd_alpha,

@@ -36,6 +36,7 @@ __all__ = [
     "crosskd_box_loss",
     "kd_quality_focal_loss",
     "match_anchors",
+    "safe_pow",
 ]
 
 # RetinaNet's matcher (torchvision builds it with these): IoU >= 0.5 foreground, < 0.4 background
@@ -43,33 +44,69 @@ _MATCHER = Matcher(0.5, 0.4, allow_low_quality_matches=True)
 
 
 def match_anchors(
-    anchors: Sequence[Tensor], boxes_per_image: Sequence[Tensor]
+    anchors: Sequence[Tensor],
+    boxes_per_image: Sequence[Tensor],
+    image_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """RetinaNet's matcher, once per image: the CrossKD terms' normaliser and anchor mask.
 
     anchors: per image (A, 4) xyxy; boxes_per_image: per image (M_i, 4) xyxy, same frame
+    image_sizes: per image, its own (h, w) in the padded batch (``ImageList.image_sizes``), or
+        None (no padding). An anchor whose centre lies outside it, in the batch's padding, is
+        neither matched nor valid: mmdet gives such anchors (outside its ``valid_flags``) label
+        weight 0 and assigns only the others
     returns ``(foreground, valid)`` on the anchors' device:
       foreground: float32 scalar, ``sum_n max(F_n, 1)`` with ``F_n`` image ``n``'s anchors
         matched to a box (IoU >= 0.5, or a box's best anchor): the reference's ``avg_factor``
         (mmdet's ``SamplingResult.num_pos`` is floored at 1 per image)
       valid: (N, A) float32, 0 for the anchors in the matcher's ignore zone (IoU in [0.4, 0.5),
-        ``Matcher.BETWEEN_THRESHOLDS``), 1 for foreground and background: mmdet's
-        ``label_weights`` of a RetinaHead. An image without boxes: all anchors valid.
+        ``Matcher.BETWEEN_THRESHOLDS``) and those in the padding, 1 for the other foreground and
+        background anchors: mmdet's ``label_weights`` of a RetinaHead. An image without boxes:
+        all its anchors inside the image are valid.
 
     On a GPU the matcher's low-quality matches wait for the device once per image (a
     ``nonzero``), as torchvision's own RetinaNet loss does.
     """
+    if image_sizes is not None and len(image_sizes) != len(anchors):
+        raise ValueError(f"{len(image_sizes)} image sizes for {len(anchors)} images of anchors")
     foreground = anchors[0].new_zeros((), dtype=torch.float32)
     valid = []
-    for image_anchors, boxes in zip(anchors, boxes_per_image):
+    for i, (image_anchors, boxes) in enumerate(zip(anchors, boxes_per_image)):
+        inside = _inside(image_anchors, None if image_sizes is None else image_sizes[i])  # (A,)
         if boxes.numel() == 0:  # all background (the matcher refuses an image without boxes)
             foreground = foreground + 1.0
-            valid.append(image_anchors.new_ones(image_anchors.shape[0], dtype=torch.float32))
+            valid.append(inside.float())
             continue
-        matched = _MATCHER(box_iou(boxes.float(), image_anchors.float()))  # (A,) index or < 0
+        iou = box_iou(boxes.float(), image_anchors.float())  # (M, A)
+        iou = torch.where(inside, iou, -1.0)  # padding anchors: never matched, never a best
+        matched = _MATCHER(iou)  # (A,) index or < 0
         foreground = foreground + (matched >= 0).sum().float().clamp_min(1.0)
-        valid.append((matched != Matcher.BETWEEN_THRESHOLDS).float())
+        valid.append(((matched != Matcher.BETWEEN_THRESHOLDS) & inside).float())
     return foreground, torch.stack(valid)
+
+
+def _inside(anchors: Tensor, size: tuple[int, int] | None) -> Tensor:
+    """(A,) bool: the anchors (A, 4) xyxy whose centre lies inside an image of ``size`` (h, w)
+    at the top left of the padded batch (all of them when ``size`` is None)."""
+    if size is None:
+        return torch.ones(anchors.shape[0], dtype=torch.bool, device=anchors.device)
+    h, w = size
+    cx = (anchors[:, 0] + anchors[:, 2]) / 2
+    cy = (anchors[:, 1] + anchors[:, 3]) / 2
+    return (cx < w) & (cy < h)
+
+
+def safe_pow(x: Tensor, exponent: float) -> Tensor:
+    """``x ** exponent`` for ``x >= 0`` whose gradient is finite where ``x`` is 0.
+
+    torch's derivative of ``x ** b`` at 0 is infinite for ``0 < b < 1``, and NaN after the chain
+    rule through ``|.|`` (inf * 0): here it is 0 there, as it already is for ``b >= 1``. Values
+    are torch's everywhere (``0 ** b`` = 0 for ``b > 0``, 1 for ``b = 0``).
+    """
+    if exponent == 0:
+        return torch.ones_like(x)
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, 1.0).pow(exponent), 0.0)
 
 
 def kd_quality_focal_loss(
@@ -93,7 +130,9 @@ def kd_quality_focal_loss(
         s = student_logits.float()
         p_t = torch.sigmoid(teacher_logits.detach().float())
         bce = F.binary_cross_entropy_with_logits(s, p_t, reduction="none")
-        per_anchor = (bce * (torch.sigmoid(s) - p_t).abs().pow(beta)).sum(dim=-1)  # (N, A)
+        # safe_pow: a finite gradient where the probabilities are equal, for beta in (0, 1) too
+        gap = (torch.sigmoid(s) - p_t).abs()
+        per_anchor = (bce * safe_pow(gap, beta)).sum(dim=-1)  # (N, A)
         return weighted_anchor_mean(per_anchor, valid, normaliser.clamp_min(1.0))
 
 

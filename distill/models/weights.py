@@ -259,6 +259,46 @@ def load_detector_weights(
         )
 
 
+# The modules of a RetinaNet that ``init_from_teacher`` copies, by ``student.init_from_teacher``
+# name: the FPN (torchvision's ``BackboneWithFPN.fpn``, with its P6/P7 extra block) and the head.
+TEACHER_PARTS = {"neck": "backbone.fpn.", "head": "head."}
+
+
+def init_from_teacher(student: RetinaNet, teacher: RetinaNet, parts: Collection[str]) -> int:
+    """Copy the teacher's ``parts`` (``TEACHER_PARTS`` names: neck, head) into the student, as
+    FGD's ``init_student`` and MMRazor's MGD RetinaNet config start the student's neck and head
+    from the teacher's weights. Every tensor of a part (parameters and buffers) must exist on
+    both sides with the same shape: else a ``WeightsMismatchError`` naming the first that does
+    not, with both shapes, and nothing is copied.
+
+    Returns the number of tensors copied."""
+    teacher_state, student_state = teacher.state_dict(), student.state_dict()
+    pairs: list[tuple[Tensor, Tensor]] = []
+    for part in parts:
+        if part not in TEACHER_PARTS:
+            raise ValueError(f"unknown part {part!r}; expected one of {', '.join(TEACHER_PARTS)}")
+        prefix = TEACHER_PARTS[part]
+        t_keys = [k for k in teacher_state if k.startswith(prefix)]
+        s_keys = [k for k in student_state if k.startswith(prefix)]
+        for key in [*t_keys, *(k for k in s_keys if k not in teacher_state)]:
+            t, s = teacher_state.get(key), student_state.get(key)
+            if t is None or s is None or t.shape != s.shape:
+                raise WeightsMismatchError(
+                    f"student.init_from_teacher {part}: {key} is {_shape(s)} in the student, "
+                    f"{_shape(t)} in the teacher (copying needs the teacher's widths, "
+                    "head_convs and norm)"
+                )
+            pairs.append((s, t))
+    with torch.no_grad():
+        for s, t in pairs:  # state_dict tensors share storage with the module's
+            s.copy_(t)
+    return len(pairs)
+
+
+def _shape(tensor: Tensor | None) -> str:
+    return "missing" if tensor is None else str(tuple(tensor.shape))
+
+
 # --------------------------------------------------------------------------------------------
 # Freezing
 # --------------------------------------------------------------------------------------------

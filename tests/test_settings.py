@@ -92,7 +92,8 @@ def test_cli_refuses_wrong_settings_before_any_download(
 def test_card_and_config_beside_a_file(tmp_path: Path) -> None:
     shapes = load_config(SHAPES / "teacher.yaml")  # anchors from 8 px, 128 px images
     carded = tmp_path / "run" / "teacher.pt"
-    write_card(carded, shapes, "teacher", 9, [])
+    categories = [{"id": i, "name": f"class {i}", "label": i} for i in range(1, 9)]
+    write_card(carded, shapes, "teacher", 9, categories)
     found = trained_settings(carded)
     assert found is not None and found.resize == (128, 128) and "teacher.json" in found.source
     with pytest.raises(SettingsError, match=r"data.image_size 64 \(expected 128\)"):

@@ -35,6 +35,7 @@ from distill.config import (
     check_values,
     from_dict,
     resize_bounds,
+    resolve_defaults,
     to_dict,
 )
 from distill.fileio import write_text_atomic
@@ -303,7 +304,7 @@ def config_from_card(
             "detections_per_image": post["detections_per_image"],
         },
     }
-    cfg = from_dict(Config, raw, source)
+    cfg = resolve_defaults(from_dict(Config, raw, source))  # as a config file is read
     check_values(cfg, source)
     return cfg
 

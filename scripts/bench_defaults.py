@@ -24,13 +24,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_kd import QUICK, _cpu_name, _teacher_metrics, _train_or_resume
-
 from distill.config import load_config, override
 from distill.data.shapes import BENCHMARK_TRAIN, BENCHMARK_VAL, generate_shapes
 from distill.evaluation.evaluate import write_json
+from distill.experiments.machine import machine
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "scripts") not in sys.path:  # bench_kd.py beside this file, however this is imported
+    sys.path.insert(0, str(REPO / "scripts"))
+from bench_kd import QUICK, _teacher_metrics, _train_or_resume  # noqa: E402
+
 RECIPE = REPO / "configs" / "shapes" / "distill.yaml"
 
 FGD = ["distill.feature.kind=fgd", "distill.feature.weight=FGD_WEIGHT"]
@@ -113,7 +116,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "rows": rows,
         "minutes": (time.perf_counter() - start) / 60,
         "quick": bool(args.quick),
-        "machine": {"cpu": _cpu_name()},
+        "machine": machine(),  # native_bf16: mixed_precision auto trained in bf16 there
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python scripts/bench_defaults.py " + shlex.join(argv),
     }

@@ -8,7 +8,6 @@ from tests.conftest import load_script
 
 
 def test_rows_differ_from_the_recipe_only_in_the_feature_term() -> None:
-    load_script("bench_kd")  # bench_defaults imports it by name, as when run from scripts/
     bench = load_script("bench_defaults")
     recipe = flatten(load_config(bench.RECIPE))
     rows = {

@@ -62,6 +62,11 @@ def machine_text(machine: dict[str, Any]) -> str:
     parts += [machine.get("device"), f"torch {machine.get('torch', '?')}"]
     if "native_bf16" in machine:
         parts.append(f"native bf16: {'yes' if machine['native_bf16'] else 'no'}")
+    if machine.get("onednn_max_cpu_isa"):  # an older instruction set imitated on this CPU
+        parts.append(
+            f"oneDNN capped at {machine['onednn_max_cpu_isa']}, PyTorch kernels "
+            f"{machine.get('cpu_capability', '?')}"
+        )
     return ", ".join(str(p) for p in parts if p)
 
 

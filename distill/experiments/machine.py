@@ -35,4 +35,9 @@ def machine() -> dict[str, Any]:
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "native_bf16": native_bf16(),  # bf16 computed natively (else emulated, slow)
+        # the vector instructions PyTorch's own kernels use, and a cap put on oneDNN's (an
+        # AVX2-only host can be imitated on a newer CPU with ONEDNN_MAX_CPU_ISA=AVX2 and
+        # ATEN_CPU_CAPABILITY=avx2)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
     }

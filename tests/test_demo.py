@@ -34,6 +34,9 @@ def test_demo_end_to_end_and_teacher_reuse(
                         "STUDENT_STEPS": 2}.items():  # fmt: skip
         monkeypatch.setattr(demo_module, name, value)
     out, data, record = tmp_path / "runs", tmp_path / "data", tmp_path / "demo.json"
+    # a record names an instruction-set cap in its command ("ALL": no cap, whenever it is read)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     result = demo_module.demo(out=out, data_root=data, record=record)  # probes, then fits
     assert list(result["rows"]) == ["teacher", "student", "student + KD"]
     plan = result["plan"]
@@ -58,6 +61,8 @@ def test_demo_end_to_end_and_teacher_reuse(
 
     # --record: the same numbers as JSON, which the README's table is generated from
     recorded = json.loads(record.read_text())
+    assert recorded["command"].startswith("ONEDNN_MAX_CPU_ISA=ALL distill demo --out ")
+    assert recorded["machine"]["onednn_max_cpu_isa"] == "ALL"
     assert recorded["models"]["teacher"]["map"] == result["rows"]["teacher"]["map"]
     assert recorded["verdict"] == result["verdict"] and recorded["machine"]["cores"] >= 1
     met = recorded["goals"]["teacher_map"]["met"]

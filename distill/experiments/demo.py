@@ -79,6 +79,9 @@ GOALS: dict[str, Goal] = {
 }
 
 log = logging.getLogger(__name__)
+# Environment variables that cap the instruction sets of oneDNN and of PyTorch's own kernels
+# (an AVX2-only host imitated on an AVX-512 CPU): a record names them in its command.
+INSTRUCTION_SET_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 AGAIN = "run distill demo again (a finished teacher is reused)"  # after a stop
 
 
@@ -316,8 +319,10 @@ def demo(
             for k, v in flags.items()
             if v not in (None, defaults.get(k))
         ]
+        # the variables that imitate an older instruction set on a newer CPU, where set
+        imitated = [f"{k}={os.environ[k]}" for k in INSTRUCTION_SET_CAPS if k in os.environ]
         result["command"] = " ".join(
-            ["distill demo", *given, f"--record {shlex.quote(str(record))}"]
+            [*imitated, "distill demo", *given, f"--record {shlex.quote(str(record))}"]
         )
         write_json(result, record)
         log.info("wrote %s", record)

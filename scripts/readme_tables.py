@@ -6,7 +6,8 @@
 Each table sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers, where NAME is
 the results file's stem (``bench_speed``). The table is the one the benchmark script prints,
 followed by the command, machine and date recorded in the JSON. ``demo*.json`` files are
-written by ``distill demo --record FILE`` (one per kind of host) and formatted by the demo.
+written by ``distill demo --record FILE`` (one per kind of host) and formatted by the demo;
+``NAME-HOST.json`` is ``scripts/NAME.py``'s on another kind of host.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ def _script(name: str) -> ModuleType:
 
 def _formatter(name: str) -> ModuleType:
     """What formats results file ``name``: ``distill.experiments.demo`` for ``demo*``, else its
-    script."""
+    script (``bench_x-avx2`` is ``bench_x.py``'s, run on another kind of host)."""
     if name.startswith("demo"):
         return importlib.import_module("distill.experiments.demo")
-    return _script(name)
+    return _script(name.partition("-")[0])
 
 
 def section(name: str, result: dict[str, Any]) -> str:

@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import load_config, override
-from distill.data.shapes import BENCHMARK_TRAIN, BENCHMARK_VAL, generate_shapes
 from distill.evaluation.evaluate import write_json
 from distill.experiments.machine import machine
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "scripts") not in sys.path:  # bench_kd.py beside this file, however this is imported
     sys.path.insert(0, str(REPO / "scripts"))
-from bench_kd import QUICK, _teacher_metrics, _train_or_resume  # noqa: E402
+from bench_kd import QUICK, _teacher_metrics, _train_or_resume, make_data  # noqa: E402
 
 RECIPE = REPO / "configs" / "shapes" / "distill.yaml"
 
@@ -76,9 +75,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     common = [override("data.root", args.data), *(QUICK if args.quick else [])]
-    size = 64 if args.quick else 128
-    num_train, num_val = (32, 8) if args.quick else (BENCHMARK_TRAIN, BENCHMARK_VAL)
-    generate_shapes(args.data, num_train=num_train, num_val=num_val, size=size, seed=0)
+    make_data(args.data, args.quick)
     common += [override("teacher.weights", args.teacher), "train.seed=0"]
     if args.quick:  # a smoke run: the benchmark's teacher (trained at 128 px) on 64 px images
         common.append("teacher.weights_settings=ignore")

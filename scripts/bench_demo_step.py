@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from distill.data.shapes import generate_shapes
 from distill.engine.accelerator import native_bf16
 from distill.evaluation.evaluate import write_json
 from distill.experiments import demo
-from distill.experiments.machine import machine
+from distill.experiments.machine import instruction_set_caps, machine
 
 REPO = Path(__file__).resolve().parents[1]
 # row -> (image size, config changes); the first row is the demo as it is
@@ -44,8 +43,7 @@ ROWS: dict[str, tuple[int, dict[str, Any]]] = {
 
 def reference_minutes(seconds: dict[str, float]) -> float:
     """Training minutes of the demo's reference schedule at these seconds per step."""
-    steps = demo.reference_steps()
-    return sum(steps[name] * s for name, s in seconds.items()) / 60
+    return demo.reference_seconds(seconds) / 60
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
@@ -75,7 +73,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(
             [
-                *(f"{k}={os.environ[k]}" for k in demo.INSTRUCTION_SET_CAPS if k in os.environ),
+                *instruction_set_caps(),
                 "python scripts/bench_demo_step.py",
                 *map(shlex.quote, argv),
             ]

@@ -125,13 +125,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def make_data(root: Path, quick: bool) -> None:
+    """The benchmark's shapes task in ``root`` (``quick``: 32 + 8 images of 64 px). Made if absent,
+    kept if complete; one made with other arguments is refused (FileExistsError)."""
+    size = 64 if quick else 128
+    num_train, num_val = (32, 8) if quick else (BENCHMARK_TRAIN, BENCHMARK_VAL)
+    generate_shapes(root, num_train=num_train, num_val=num_val, size=size, seed=0)
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     overrides = [override("data.root", args.data), *(QUICK if args.quick else []), *args.overrides]
-    # Made if absent, kept if complete; one made with other arguments is refused (FileExistsError).
-    size = 64 if args.quick else 128
-    num_train, num_val = (32, 8) if args.quick else (BENCHMARK_TRAIN, BENCHMARK_VAL)
-    generate_shapes(args.data, num_train=num_train, num_val=num_val, size=size, seed=0)
+    make_data(args.data, args.quick)
 
     teacher_weights = args.teacher or args.out_dir / "teacher" / "teacher.pt"
     if not teacher_weights.is_file():

@@ -47,7 +47,7 @@ from distill.engine.step import teacher_forward, train_step
 from distill.evaluation.cost import summarize
 from distill.evaluation.evaluate import run_metrics, write_json
 from distill.experiments.goals import Goal, check_goals
-from distill.experiments.machine import machine
+from distill.experiments.machine import instruction_set_caps, machine
 from distill.experiments.sweep import KD_WEIGHTS
 from distill.fileio import FileFormatError, read_json
 from distill.models.card import read_card
@@ -79,9 +79,6 @@ GOALS: dict[str, Goal] = {
 }
 
 log = logging.getLogger(__name__)
-# Environment variables that cap the instruction sets of oneDNN and of PyTorch's own kernels
-# (an AVX2-only host imitated on an AVX-512 CPU): a record names them in its command.
-INSTRUCTION_SET_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 AGAIN = "run distill demo again (a finished teacher is reused)"  # after a stop
 
 
@@ -319,10 +316,13 @@ def demo(
             for k, v in flags.items()
             if v not in (None, defaults.get(k))
         ]
-        # the variables that imitate an older instruction set on a newer CPU, where set
-        imitated = [f"{k}={os.environ[k]}" for k in INSTRUCTION_SET_CAPS if k in os.environ]
         result["command"] = " ".join(
-            [*imitated, "distill demo", *given, f"--record {shlex.quote(str(record))}"]
+            [
+                *instruction_set_caps(),
+                "distill demo",
+                *given,
+                f"--record {shlex.quote(str(record))}",
+            ]
         )
         write_json(result, record)
         log.info("wrote %s", record)
@@ -370,6 +370,13 @@ def probe_seconds(configs: Mapping[str, Config], steps: int = 3) -> dict[str, fl
     return seconds
 
 
+def reference_seconds(seconds: Mapping[str, float]) -> float:
+    """Seconds the reference schedule of the models in ``seconds`` trains for, at those seconds
+    per step."""
+    reference = reference_steps()
+    return sum(reference[name] * s for name, s in seconds.items())
+
+
 def plan_steps(seconds: Mapping[str, float], minutes: float) -> dict[str, Any]:
     """The schedule whose training steps take ``TRAIN_SHARE`` of ``minutes``, given the seconds
     per step of the models in ``seconds``: the reference schedule scaled by one factor. With the
@@ -377,7 +384,7 @@ def plan_steps(seconds: Mapping[str, float], minutes: float) -> dict[str, Any]:
     with a reused teacher (no "teacher" in ``seconds``) the students get the whole budget, up to
     ``MAX_STUDENT_SCALE`` times their reference."""
     reference = reference_steps()
-    predicted = sum(reference[name] * s for name, s in seconds.items())
+    predicted = reference_seconds(seconds)
     budget = max(minutes, 0.0) * 60 * TRAIN_SHARE
     longest = 1.0 if "teacher" in seconds else MAX_STUDENT_SCALE
     scale = min(longest, budget / predicted) if predicted > 0 else 1.0

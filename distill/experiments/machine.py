@@ -13,6 +13,16 @@ import torchvision
 
 from distill.engine.accelerator import native_bf16
 
+# Environment variables that cap the instruction sets of oneDNN and of PyTorch's own kernels: an
+# AVX2-only host imitated on a newer CPU (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2).
+INSTRUCTION_SET_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
+def instruction_set_caps() -> list[str]:
+    """``NAME=VALUE`` of each of ``INSTRUCTION_SET_CAPS`` that is set: what a recorded command
+    must start with to be run again as it was."""
+    return [f"{k}={os.environ[k]}" for k in INSTRUCTION_SET_CAPS if k in os.environ]
+
 
 def machine() -> dict[str, Any]:
     """CPU model, cores, library versions, device and whether bf16 is native there."""
@@ -35,9 +45,7 @@ def machine() -> dict[str, Any]:
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "native_bf16": native_bf16(),  # bf16 computed natively (else emulated, slow)
-        # the vector instructions PyTorch's own kernels use, and a cap put on oneDNN's (an
-        # AVX2-only host can be imitated on a newer CPU with ONEDNN_MAX_CPU_ISA=AVX2 and
-        # ATEN_CPU_CAPABILITY=avx2)
+        # the vector instructions PyTorch's own kernels use, and a cap put on oneDNN's
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
     }

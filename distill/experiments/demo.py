@@ -265,10 +265,10 @@ def demo(
         continued["teacher"] = left
     if reuse_teacher and (left := unfinished(out / "distill", out / "students")):
         continued.update(dict.fromkeys(STUDENTS, left))
-    for name in ("teacher", "student + KD"):
-        if name in continued:
-            done, planned, _ = continued[name]
-            log.info("continuing the %s from step %d of %d", _runs_of(name), done, planned)
+    earlier_runs = [n for n in ("teacher", "student") if n in continued]  # one per run folder
+    for run in earlier_runs:
+        done, planned, _ = continued[run]
+        log.info("continuing the %s from step %d of %d", _runs_of(run), done, planned)
     schedule = {n: (done, planned) for n, (done, planned, _) in continued.items()}
     plan: dict[str, Any] = {
         "scale": 1.0,
@@ -318,7 +318,6 @@ def demo(
     size_of = {"teacher": sizes["teacher"], **{n: sizes["student"] for n in STUDENTS}}
     total = (time.perf_counter() - start) / 60
     # a run continued here counts the training an earlier demo gave it
-    earlier_runs = [n for n in ("teacher", "student") if n in continued]
     earlier = sum(continued[n][2] for n in earlier_runs) / 60
     total += earlier
     took = ""
@@ -452,10 +451,10 @@ def plan_steps(
     reference = reference_steps()
     left = sum((p - done) * seconds[n] for n, (done, p) in continued.items() if n in seconds)
     free = {n: s for n, s in seconds.items() if n not in continued}
-    predicted = reference_seconds(free) + left
+    free_seconds = reference_seconds(free)
+    predicted = free_seconds + left
     budget = max(minutes, 0.0) * 60 * TRAIN_SHARE - left
     longest = 1.0 if "teacher" in seconds else MAX_STUDENT_SCALE
-    free_seconds = reference_seconds(free)
     fitted = min(longest, budget / free_seconds) if free_seconds > 0 else 1.0
     scale = max(MIN_SCALE, fitted)
     steps = {name: max(1, round(n * scale)) for name, n in reference.items()}

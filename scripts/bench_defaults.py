@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import load_config, override
-from distill.evaluation.evaluate import write_json
+from distill.evaluation.evaluate import publish
 from distill.experiments.machine import machine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,9 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     result = run(args, argv)
-    write_json(result, args.out)
-    print(format_table(result))
-    print(f"\nwrote {args.out}")
+    publish(result, args.out, format_table(result))
     return result
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from distill.config import replace
 from distill.data.shapes import generate_shapes
 from distill.engine.accelerator import native_bf16
-from distill.evaluation.evaluate import write_json
+from distill.evaluation.evaluate import publish
 from distill.experiments import demo
 from distill.experiments.machine import instruction_set_caps, machine
 
@@ -104,9 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=10, help="timed steps after one warm-up")
     args = parser.parse_args(argv)
     result = run(args, argv)
-    write_json(result, args.out)
-    print(format_table(result))
-    print(f"\nwrote {args.out}")
+    publish(result, args.out, format_table(result))
     return result
 
 

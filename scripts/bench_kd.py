@@ -53,7 +53,7 @@ from distill.engine.checkpoint import (
 )
 from distill.engine.loop import train, train_group
 from distill.evaluation.cost import summarize
-from distill.evaluation.evaluate import evaluate_checkpoints, run_metrics, write_json
+from distill.evaluation.evaluate import evaluate_checkpoints, publish, run_metrics
 from distill.experiments.goals import Goal, check_goals
 from distill.report.collect import report_command
 from distill.report.figures import bench_figure
@@ -390,9 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = run(args, argv)
     except FileExistsError as err:  # --data holds another dataset: nothing is overwritten
         sys.exit(f"bench_kd: error: {err}")
-    write_json(result, args.out)
-    print(format_table(result))
-    print(f"\nwrote {args.out}")
+    publish(result, args.out, format_table(result))
     write_figures(result, figure, args.out_dir / "report")
     return result
 

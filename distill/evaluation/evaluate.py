@@ -309,3 +309,11 @@ def eval_command(
 def write_json(payload: Any, path: Path) -> None:
     """Atomic JSON write (``write_text_atomic``)."""
     write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+
+
+def publish(result: Any, path: Path, table: str) -> None:
+    """A benchmark script's ending: its result as JSON in ``path``, its table printed, then
+    where the JSON went."""
+    write_json(result, path)
+    print(table)
+    print(f"\nwrote {path}")

@@ -57,6 +57,8 @@ def machine_text(machine: dict[str, Any]) -> str:
     if machine.get("cores") is not None:
         usable = machine.get("cores_usable")
         extra = f" ({usable} usable)" if usable not in (None, machine["cores"]) else ""
+        if (smt := machine.get("threads_per_core")) not in (None, 1):
+            extra += f" ({smt} threads a physical core)"
         parts.append(f"{machine['cores']} cores{extra}")
     if machine.get("torch_threads") is not None:
         parts.append(f"{machine['torch_threads']} torch threads")

@@ -24,6 +24,21 @@ def instruction_set_caps() -> list[str]:
     return [f"{k}={os.environ[k]}" for k in INSTRUCTION_SET_CAPS if k in os.environ]
 
 
+def threads_per_core(topology: Path = Path("/sys/devices/system/cpu/cpu0/topology")) -> int | None:
+    """Hardware threads that share the first CPU's core (``thread_siblings_list``: ``0``,
+    ``0-1``, ``0,2``); above 1, the cores counted are SMT siblings with a core's compute between
+    them. None where the kernel does not say (not Linux)."""
+    try:
+        siblings = (topology / "thread_siblings_list").read_text().strip()
+    except OSError:
+        return None
+    count = 0
+    for part in siblings.split(","):
+        first, _, last = part.partition("-")
+        count += int(last) - int(first) + 1 if last else 1
+    return count
+
+
 def machine() -> dict[str, Any]:
     """CPU model, cores, library versions, device and whether bf16 is native there."""
     cpu = platform.processor() or platform.machine()
@@ -37,6 +52,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "threads_per_core": threads_per_core(),  # 2: the cores are SMT siblings
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,

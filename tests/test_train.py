@@ -180,7 +180,15 @@ def test_native_bf16_matches_the_cpu_flags() -> None:
     flags = set(next(line for line in cpuinfo.read_text().splitlines()
                      if line.startswith("flags")).split())  # fmt: skip
     avx512 = {"avx512bw", "avx512vl", "avx512dq"} <= flags
-    assert native_bf16() == (avx512 or bool({"amx_bf16", "avx_ne_convert"} & flags))
+    expected = avx512 or bool({"amx_bf16", "avx_ne_convert"} & flags)
+    # oneDNN capped below AVX-512 (an AVX2-only host imitated on this CPU) has no bf16 kernels,
+    # except AVX2_VNNI_2, whose AVX-NE-CONVERT has them
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "DEFAULT").upper()
+    if isa in {"SSE41", "AVX", "AVX2", "AVX2_VNNI"}:
+        expected = False
+    elif isa == "AVX2_VNNI_2":
+        expected = "avx_ne_convert" in flags
+    assert native_bf16() == expected
 
 
 def test_plain_student_step_equals_torchvision_training_step(

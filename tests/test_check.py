@@ -13,7 +13,15 @@ import torch
 from distill.cli import main
 from distill.config import Config, load_config
 from distill.data import build_dataset
-from distill.engine.preflight import FAIL, OK, SKIP, WARN, Finding, check_setup
+from distill.engine.preflight import (
+    FAIL,
+    OK,
+    SKIP,
+    WARN,
+    Finding,
+    _fgd_spread_finding,
+    check_setup,
+)
 from distill.models.card import dataset_categories, write_card
 from distill.models.weights import save_state_dict_file
 from teachers import build_teacher
@@ -119,6 +127,26 @@ def test_a_kd_weight_orders_of_magnitude_off_is_named(setup: tuple[Path, list[st
     assert findings["kd/feature"].status == WARN
     assert "drowns" in findings["kd/feature"].detail
     assert findings["kd/logit"].status == OK  # the others are fine
+
+
+def test_fgd_attention_on_a_handful_of_pixels_and_channels_is_named(
+    setup: tuple[Path, list[str]],
+) -> None:
+    fgd = ["distill.feature.kind=fgd", "distill.feature.weight=5e-4"]
+    findings = by_check(check_setup(config(setup, *fgd), sample=0))
+    assert "kd/fgd attention" in findings  # FGD only
+    assert "kd/fgd attention" not in by_check(check_setup(config(setup), sample=0))
+    cfg = config(setup, *fgd, "distill.feature.levels=[p3, p4]")
+    torch.manual_seed(0)
+    # features of a teacher trained from scratch here (|f| ~ 25, channel means ~10 apart) put
+    # fgd_tau 0.5's softmax on about one channel; features at ~1/100 of that scale do not
+    large = {"p3": 25 + 10 * torch.randn(2, 256, 16, 16), "p4": torch.randn(2, 256, 8, 8)}
+    large["p3"] = large["p3"] + 10 * torch.randn(1, 256, 1, 1)  # channels of different sizes
+    small = {level: x / 100 for level, x in large.items()}
+    warned, fine = _fgd_spread_finding(cfg, large), _fgd_spread_finding(cfg, small)
+    assert warned.status == WARN and fine.status == OK
+    assert "on p3" in warned.detail and "raise distill.feature.fgd_tau" in warned.detail
+    assert warned.value is not None and warned.value < 0.02 <= (fine.value or 0)
 
 
 def test_check_command_and_run_refusal(

@@ -18,6 +18,7 @@ from distill.losses import (
     box_distill_loss,
     cwd_loss,
     feature_kd_loss,
+    fgd_attention_spread,
     fgd_loss,
     fgd_masks,
     mse_loss,
@@ -320,6 +321,24 @@ def test_fgd_matches_reference() -> None:
     assert loss.item() - without_global.item() == pytest.approx(rela, rel=1e-4)
     # the focal and attention terms vanish when the student equals the teacher
     assert fgd_loss(t.clone(), t, boxes, (32, 32), *args).item() == 0.0
+
+
+def test_fgd_attention_spread_is_the_share_of_pixels_and_channels_it_covers() -> None:
+    even = torch.ones(2, 8, 4, 4)
+    assert fgd_attention_spread(even, 0.5) == pytest.approx((1.0, 1.0))
+    # one pixel and one channel far above the rest: all of the attention on one of each
+    peaked = even.clone()
+    peaked[:, :, 1, 2] = 100.0
+    peaked[:, 3] = 100.0
+    pixels, channels = fgd_attention_spread(peaked, 0.5)
+    assert pixels == pytest.approx(1 / 16, abs=1e-6) and channels == pytest.approx(1 / 8, abs=1e-6)
+    # the same features at a temperature of their scale: spread again; the share is that of
+    # the perplexity, exp(entropy), of the softmax over 16 pixels
+    wide = fgd_attention_spread(peaked, 1e4)
+    assert wide[0] > 0.99 and wide[1] > 0.99
+    p = F.softmax(peaked.abs().mean(dim=1).flatten(1) / 2.0, dim=1)
+    expected = float(((-(p * p.log()).sum(dim=1)).exp() / 16).mean())
+    assert fgd_attention_spread(peaked, 2.0)[0] == pytest.approx(expected, rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,9 @@ for each, in minutes on a CPU, and returns one ``Finding`` per check:
     shapes       feature widths, anchors per location, strides of teacher and student
     kd/<term>    each KD term's weighted loss at full weight against the detection loss, on
                  the first training batch: orders of magnitude larger, or zero, is a warning
+    kd/fgd attention  (FGD only) the share of the finest distilled level's pixels and channels
+                 FGD's attention of the teacher spreads over at ``fgd_tau``; on a handful of
+                 them (features large for the temperature) is a warning
     dry step     one forward and backward of the student (float32): every gradient finite
 
 ``distill run`` runs the cheap part (``check_setup(cfg, sample=0)``: no evaluation) before it
@@ -31,13 +34,14 @@ import torch
 from torch import nn
 from torchvision.models.detection import RetinaNet
 
-from distill.config import Config, replace
+from distill.config import Config, default_levels, replace
 from distill.data import CocoDetection, build_dataset, collate
 from distill.engine.accelerator import inference_accelerator
 from distill.engine.build import build_models
 from distill.engine.step import teacher_forward
 from distill.evaluation.evaluate import evaluate
 from distill.kd import combine, distill_terms, kd_terms
+from distill.losses import fgd_attention_spread
 from distill.models.card import read_card
 from distill.models.provenance import torchvision_categories
 from distill.models.retinanet import (
@@ -57,6 +61,9 @@ MIN_TEACHER_MAP = 0.01
 # a weighted KD term this many times larger than the detection loss drowns it; this many times
 # smaller does nothing
 KD_RATIO_HIGH, KD_RATIO_LOW = 100.0, 1e-4
+# FGD's attention on the teacher's features spread over fewer than this share of a level's
+# pixels or channels distils a handful of them: the teacher's features are large for fgd_tau
+FGD_MIN_SPREAD = 0.02
 
 
 @dataclass(frozen=True)
@@ -240,6 +247,8 @@ def _step_findings(
     findings = [
         _magnitude_finding(name, float(logs[f"kd_weighted/{name}"]), det_total) for name in kd
     ]
+    if "feature" in kd and cfg.distill.feature.kind == "fgd":
+        findings.append(_fgd_spread_finding(cfg, teacher_out.features))
     total.backward()
     loss = float(total.detach())
     bad = [
@@ -273,6 +282,32 @@ def _magnitude_finding(name: str, weighted: float, detection: float) -> Finding:
     if ratio < KD_RATIO_LOW:
         return Finding(check, WARN, f"{text}: too small to matter; raise its weight", ratio)
     return Finding(check, OK, text, ratio)
+
+
+def _fgd_spread_finding(cfg: Config, teacher_features: dict[str, torch.Tensor]) -> Finding:
+    """How much of the finest distilled level FGD's teacher attention covers at ``fgd_tau``, and
+    at 4x, 16x and 64x it, for the choice."""
+    feature = cfg.distill.feature
+    levels = default_levels(feature.kind) if feature.levels is None else feature.levels
+    level, tau = levels[0], feature.fgd_tau
+    x = teacher_features[level]
+    pixels, channels = fgd_attention_spread(x, tau)
+    larger = ", ".join(
+        "{:g}: {:.1%} / {:.1%}".format(tau * k, *fgd_attention_spread(x, tau * k))
+        for k in (4, 16, 64)
+    )
+    text = (
+        f"at fgd_tau {tau:g} the teacher's attention on {level} spreads over {pixels:.1%} of its "
+        f"{x.shape[-2] * x.shape[-1]} pixels and {channels:.1%} of its {x.shape[1]} channels "
+        f"(mean |feature| {float(x.abs().mean()):.3g}); at fgd_tau {larger}"
+    )
+    if min(pixels, channels) < FGD_MIN_SPREAD:
+        return Finding(
+            "kd/fgd attention", WARN,
+            f"{text}: FGD distils a handful of them; raise distill.feature.fgd_tau",
+            min(pixels, channels),
+        )  # fmt: skip
+    return Finding("kd/fgd attention", OK, text, min(pixels, channels))
 
 
 def format_findings(findings: list[Finding]) -> str:

@@ -154,6 +154,22 @@ def _fgd_attention(x: Tensor, tau: float) -> tuple[Tensor, Tensor]:
     return spatial.reshape(n, h, w), channel
 
 
+def fgd_attention_spread(x: Tensor, tau: float) -> tuple[float, float]:
+    """The shares of pixels and of channels FGD's attention of ``x`` (N, C, H, W) at ``tau``
+    spreads over: the perplexity (exp of the entropy) of its spatial softmax over H*W and of its
+    channel softmax over C, divided by H*W and by C, averaged over the images. 1 is even; 1/(H*W)
+    or 1/C is all on one pixel or one channel, where FGD's focal term distils little else."""
+    n, c, h, w = x.shape
+    spatial, channel = _fgd_attention(x.detach().float(), tau)
+
+    def share(attention: Tensor, size: int) -> float:
+        p = attention.reshape(n, size) / size  # each row sums to 1
+        entropy = -(p * p.clamp_min(1e-30).log()).sum(dim=1)
+        return float((entropy.exp() / size).mean())
+
+    return share(spatial, h * w), share(channel, c)
+
+
 def fgd_loss(
     s: Tensor,
     t: Tensor,

@@ -55,6 +55,7 @@ from distill.engine.loop import train, train_group
 from distill.evaluation.cost import summarize
 from distill.evaluation.evaluate import evaluate_checkpoints, publish, run_metrics
 from distill.experiments.goals import Goal, check_goals
+from distill.experiments.machine import usable_cores
 from distill.report.collect import report_command
 from distill.report.figures import bench_figure
 
@@ -236,7 +237,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "machine": {
             "cpu": _cpu_name(),
             "cores": os.cpu_count(),  # logical CPUs of the machine
-            "cores_usable": _usable_cores(),  # those this process may run on (affinity)
+            "cores_usable": usable_cores(),  # those this process may run on (affinity)
             "torch_threads": torch.get_num_threads(),  # intra-op threads torch used
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__,
@@ -254,13 +255,6 @@ def spread(values: list[float]) -> dict[str, Any]:
     if len(values) > 1:
         result["std"] = statistics.pstdev(values)
     return result
-
-
-def _usable_cores() -> int | None:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count()
 
 
 def _train_or_resume(cfgs: list[Config], group_dir: Path) -> list[dict[str, Any]]:

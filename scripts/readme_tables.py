@@ -56,9 +56,11 @@ def machine_text(machine: dict[str, Any]) -> str:
     parts = [machine.get("cpu")]
     if machine.get("cores") is not None:
         usable = machine.get("cores_usable")
-        extra = f" ({usable} usable)" if usable not in (None, machine["cores"]) else ""
-        if (smt := machine.get("threads_per_core")) not in (None, 1):
-            extra += f" ({smt} threads a physical core)"
+        notes = [f"{usable} usable"] if usable not in (None, machine["cores"]) else []
+        physical = machine.get("physical_cores")  # under the usable cores: SMT threads share one
+        if physical is not None and physical < (usable or machine["cores"]):
+            notes.append(f"on {physical} physical core{'s' if physical > 1 else ''}")
+        extra = f" ({', '.join(notes)})" if notes else ""
         parts.append(f"{machine['cores']} cores{extra}")
     if machine.get("torch_threads") is not None:
         parts.append(f"{machine['torch_threads']} torch threads")

@@ -22,12 +22,13 @@ def test_machine_line_names_each_recorded_field() -> None:
     # an older result that recorded torch's thread count only: no core count is made up
     old = {"cpu": "Xeon", "torch_threads": 2, "device": "cpu", "torch": "2.14.1"}
     assert tables.machine_text(old) == "Xeon, 2 torch threads, cpu, torch 2.14.1"
-    # cores that are SMT siblings are named as such
-    assert tables.machine_text({**old, "cores": 2, "threads_per_core": 2}) == (
-        "Xeon, 2 cores (2 threads a physical core), 2 torch threads, cpu, torch 2.14.1"
-    )
-    one = tables.machine_text({**old, "cores": 2, "threads_per_core": 1})
-    assert one.startswith("Xeon, 2 cores, ")
+    # usable cores that are SMT threads of fewer physical cores are named as such
+    smt = {**old, "cores": 2, "physical_cores": 1}
+    assert tables.machine_text(smt).startswith("Xeon, 2 cores (on 1 physical core), ")
+    pinned = {**old, "cores": 64, "cores_usable": 2, "physical_cores": 1}
+    assert tables.machine_text(pinned).startswith("Xeon, 64 cores (2 usable, on 1 physical core),")
+    plain = {**old, "cores": 2, "cores_usable": 2, "physical_cores": 2}
+    assert tables.machine_text(plain).startswith("Xeon, 2 cores, ")
     # an AVX2-only host imitated on a newer CPU says so
     capped = {**old, "native_bf16": False, "cpu_capability": "AVX2", "onednn_max_cpu_isa": "AVX2"}
     assert tables.machine_text(capped) == (

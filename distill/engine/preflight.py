@@ -13,9 +13,10 @@ for each, in minutes on a CPU, and returns one ``Finding`` per check:
     shapes       feature widths, anchors per location, strides of teacher and student
     kd/<term>    each KD term's weighted loss at full weight against the detection loss, on
                  the first training batch: orders of magnitude larger, or zero, is a warning
-    kd/fgd attention  (FGD only) the share of the finest distilled level's pixels and channels
-                 FGD's attention of the teacher spreads over at ``fgd_tau``; on a handful of
-                 them (features large for the temperature) is a warning
+    kd/fgd attention
+                 (FGD only) the share of the finest distilled level's pixels and channels
+                 FGD's attention of the teacher spreads over at ``fgd_tau``; under 2% (features
+                 large for the temperature) is a warning
     dry step     one forward and backward of the student (float32): every gradient finite
 
 ``distill run`` runs the cheap part (``check_setup(cfg, sample=0)``: no evaluation) before it
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 from torchvision.models.detection import RetinaNet
 
-from distill.config import Config, default_levels, replace
+from distill.config import LEVEL_NAMES, Config, default_levels, replace
 from distill.data import CocoDetection, build_dataset, collate
 from distill.engine.accelerator import inference_accelerator
 from distill.engine.build import build_models
@@ -289,25 +290,33 @@ def _fgd_spread_finding(cfg: Config, teacher_features: dict[str, torch.Tensor]) 
     at 4x, 16x and 64x it, for the choice."""
     feature = cfg.distill.feature
     levels = default_levels(feature.kind) if feature.levels is None else feature.levels
-    level, tau = levels[0], feature.fgd_tau
+    level, tau = min(levels, key=LEVEL_NAMES.index), feature.fgd_tau  # the most pixels
     x = teacher_features[level]
-    pixels, channels = fgd_attention_spread(x, tau)
-    larger = ", ".join(
-        "{:g}: {:.1%} / {:.1%}".format(tau * k, *fgd_attention_spread(x, tau * k))
-        for k in (4, 16, 64)
-    )
+    size, width = x.shape[-2] * x.shape[-1], x.shape[1]
+    spread = {k: fgd_attention_spread(x, tau * k) for k in (1, 4, 16, 64)}
+    pixels, channels = spread[1]
     text = (
         f"at fgd_tau {tau:g} the teacher's attention on {level} spreads over {pixels:.1%} of its "
-        f"{x.shape[-2] * x.shape[-1]} pixels and {channels:.1%} of its {x.shape[1]} channels "
-        f"(mean |feature| {float(x.abs().mean()):.3g}); at fgd_tau {larger}"
+        f"{size} pixels and {channels:.1%} of its {width} channels (mean |feature| "
+        f"{float(x.abs().mean()):.3g}); pixels / channels at fgd_tau "
+        + ", ".join(f"{tau * k:g}: {p:.1%} / {c:.1%}" for k, (p, c) in spread.items() if k > 1)
     )
-    if min(pixels, channels) < FGD_MIN_SPREAD:
-        return Finding(
-            "kd/fgd attention", WARN,
-            f"{text}: FGD distils a handful of them; raise distill.feature.fgd_tau",
-            min(pixels, channels),
-        )  # fmt: skip
-    return Finding("kd/fgd attention", OK, text, min(pixels, channels))
+    if min(pixels, channels) >= FGD_MIN_SPREAD:
+        return Finding("kd/fgd attention", OK, text, min(pixels, channels))
+    advice = next(
+        (
+            f"set distill.feature.fgd_tau to {tau * k:g}, the first of these over 2%"
+            for k, (p, c) in spread.items()
+            if min(p, c) >= FGD_MIN_SPREAD
+        ),
+        f"raise distill.feature.fgd_tau above {tau * 64:g}",
+    )
+    return Finding(
+        "kd/fgd attention", WARN,
+        f"{text}: FGD weighs about {pixels * size:.0f} pixels and {channels * width:.0f} channels "
+        f"of them; {advice}",
+        min(pixels, channels),
+    )  # fmt: skip
 
 
 def format_findings(findings: list[Finding]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +25,34 @@ def instruction_set_caps() -> list[str]:
     return [f"{k}={os.environ[k]}" for k in INSTRUCTION_SET_CAPS if k in os.environ]
 
 
-def threads_per_core(topology: Path = Path("/sys/devices/system/cpu/cpu0/topology")) -> int | None:
-    """Hardware threads that share the first CPU's core (``thread_siblings_list``: ``0``,
-    ``0-1``, ``0,2``); above 1, the cores counted are SMT siblings with a core's compute between
-    them. None where the kernel does not say (not Linux)."""
+def usable_cores() -> int | None:
+    """The CPUs this process may run on (its affinity), or all of them where that is unknown."""
     try:
-        siblings = (topology / "thread_siblings_list").read_text().strip()
-    except OSError:
-        return None
-    count = 0
-    for part in siblings.split(","):
-        first, _, last = part.partition("-")
-        count += int(last) - int(first) + 1 if last else 1
-    return count
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count()
+
+
+def physical_cores(
+    cpus: Iterable[int] | None = None, root: Path = Path("/sys/devices/system/cpu")
+) -> int | None:
+    """The physical cores under ``cpus`` (by default those this process may run on): CPUs that
+    are SMT threads of one core, with one ``thread_siblings_list``, count once. None where the
+    kernel does not say (not Linux, no topology in sysfs)."""
+    if cpus is None:
+        if not hasattr(os, "sched_getaffinity"):
+            return None
+        cpus = os.sched_getaffinity(0)
+    cores = set()
+    for cpu in cpus:
+        try:
+            siblings = (root / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text()
+        except OSError:
+            return None
+        if not siblings.strip():
+            return None
+        cores.add(siblings.strip())
+    return len(cores) or None
 
 
 def machine() -> dict[str, Any]:
@@ -52,7 +68,8 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "threads_per_core": threads_per_core(),  # 2: the cores are SMT siblings
+        "cores_usable": usable_cores(),  # those this process may run on (affinity)
+        "physical_cores": physical_cores(),  # under the usable ones: SMT threads count once
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,

@@ -35,13 +35,14 @@ import torch
 from torch import nn
 from torchvision.models.detection import RetinaNet
 
-from distill.config import LEVEL_NAMES, Config, default_levels, replace
+from distill.config import LEVEL_NAMES, Config, replace
 from distill.data import CocoDetection, build_dataset, collate
 from distill.engine.accelerator import inference_accelerator
 from distill.engine.build import build_models
 from distill.engine.step import teacher_forward
 from distill.evaluation.evaluate import evaluate
 from distill.kd import combine, distill_terms, kd_terms
+from distill.kd.feature import FeatureKD
 from distill.losses import fgd_attention_spread
 from distill.models.card import read_card
 from distill.models.provenance import torchvision_categories
@@ -288,9 +289,8 @@ def _magnitude_finding(name: str, weighted: float, detection: float) -> Finding:
 def _fgd_spread_finding(cfg: Config, teacher_features: dict[str, torch.Tensor]) -> Finding:
     """How much of the finest distilled level FGD's teacher attention covers at ``fgd_tau``, and
     at 4x, 16x and 64x it, for the choice."""
-    feature = cfg.distill.feature
-    levels = default_levels(feature.kind) if feature.levels is None else feature.levels
-    level, tau = min(levels, key=LEVEL_NAMES.index), feature.fgd_tau  # the most pixels
+    term = FeatureKD(cfg.distill.feature)
+    level, tau = min(term.levels, key=LEVEL_NAMES.index), term.tau  # the most pixels; fgd_tau
     x = teacher_features[level]
     size, width = x.shape[-2] * x.shape[-1], x.shape[1]
     spread = {k: fgd_attention_spread(x, tau * k) for k in (1, 4, 16, 64)}
@@ -301,11 +301,13 @@ def _fgd_spread_finding(cfg: Config, teacher_features: dict[str, torch.Tensor]) 
         f"{float(x.abs().mean()):.3g}); pixels / channels at fgd_tau "
         + ", ".join(f"{tau * k:g}: {p:.1%} / {c:.1%}" for k, (p, c) in spread.items() if k > 1)
     )
-    if min(pixels, channels) >= FGD_MIN_SPREAD:
-        return Finding("kd/fgd attention", OK, text, min(pixels, channels))
+    least = min(pixels, channels)
+    if least >= FGD_MIN_SPREAD:
+        return Finding("kd/fgd attention", OK, text, least)
     advice = next(
         (
-            f"set distill.feature.fgd_tau to {tau * k:g}, the first of these over 2%"
+            f"set distill.feature.fgd_tau to {tau * k:g}, the first of these over "
+            f"{FGD_MIN_SPREAD:.0%}"
             for k, (p, c) in spread.items()
             if min(p, c) >= FGD_MIN_SPREAD
         ),
@@ -315,7 +317,7 @@ def _fgd_spread_finding(cfg: Config, teacher_features: dict[str, torch.Tensor]) 
         "kd/fgd attention", WARN,
         f"{text}: FGD weighs about {pixels * size:.0f} pixels and {channels * width:.0f} channels "
         f"of them; {advice}",
-        min(pixels, channels),
+        least,
     )  # fmt: skip
 
 

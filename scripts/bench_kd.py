@@ -32,16 +32,12 @@ import datetime
 import json
 import logging
 import math
-import os
-import platform
 import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from distill.config import KD_WEIGHT_KEYS, Config, load_config, override
 from distill.data.shapes import BENCHMARK_TRAIN, BENCHMARK_VAL, generate_shapes
@@ -55,7 +51,7 @@ from distill.engine.loop import train, train_group
 from distill.evaluation.cost import summarize
 from distill.evaluation.evaluate import evaluate_checkpoints, publish, run_metrics
 from distill.experiments.goals import Goal, check_goals
-from distill.experiments.machine import usable_cores
+from distill.experiments.machine import machine
 from distill.report.collect import report_command
 from distill.report.figures import bench_figure
 
@@ -234,15 +230,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "goals": check_goals(GOALS, values),
         "seeds": seeds,
         "quick": bool(args.quick),
-        "machine": {
-            "cpu": _cpu_name(),
-            "cores": os.cpu_count(),  # logical CPUs of the machine
-            "cores_usable": usable_cores(),  # those this process may run on (affinity)
-            "torch_threads": torch.get_num_threads(),  # intra-op threads torch used
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "machine": machine(),  # cores, usable and physical ones, torch threads, bf16
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python scripts/bench_kd.py" + ("" if not argv else " " + shlex.join(argv)),
     }
@@ -302,16 +290,6 @@ def _teacher_minutes(weights: Path, metrics: dict[str, Any]) -> float:
     if config.is_file() and weights.is_file():
         return (weights.stat().st_mtime - config.stat().st_mtime) / 60
     return float("nan")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def format_table(result: dict[str, Any]) -> str:

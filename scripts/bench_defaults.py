@@ -5,7 +5,7 @@ replaced, trained once (seed 0) on the benchmark's schedule, all rows in one loc
     python scripts/bench_defaults.py --teacher ../shared/teachers/shapes-r50fpn-v2.pt
     python scripts/bench_defaults.py --quick        # tiny data and 3 steps: a smoke run
 
-- FGD with its reference settings (``fgd_tau`` 0.5, ``fgd_gamma`` 5e-4, the defaults now) and
+- FGD with its reference settings (``fgd.tau`` 0.5, ``fgd.gamma`` 5e-4, the defaults now) and
   with the settings it had before (the shared ``feature.tau`` 1.0, gamma 1e-3);
 - PKD on P3-P6 (MMRazor's RetinaNet levels, the default now) and on P3-P7 (before).
 
@@ -45,10 +45,10 @@ FGD_WEIGHT = "5e-4"
 # row -> (overrides of the recipe, the defaults' change it measures)
 ROWS: dict[str, tuple[list[str], str]] = {
     "FGD, reference (tau 0.5, gamma 5e-4)": (
-        FGD, "distill.feature.fgd_tau and fgd_gamma at their defaults"
+        FGD, "distill.feature.fgd.tau and fgd.gamma at their defaults"
     ),
     "FGD, before (tau 1.0, gamma 1e-3)": (
-        [*FGD, "distill.feature.fgd_tau=1.0", "distill.feature.fgd_gamma=1.0e-3"],
+        [*FGD, "distill.feature.fgd.tau=1.0", "distill.feature.fgd.gamma=1.0e-3"],
         "the settings FGD had before issue 32",
     ),
     "PKD on P3-P6 (reference)": (PKD, "distill.feature.levels at its default (null)"),
@@ -102,8 +102,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 "kind": cfg.distill.feature.kind,
                 "weight": cfg.distill.feature.weight,
                 "levels": list(cfg.distill.feature.levels or ()),
-                "fgd_tau": cfg.distill.feature.fgd_tau,
-                "fgd_gamma": cfg.distill.feature.fgd_gamma,
+                "fgd_tau": cfg.distill.feature.fgd.tau,
+                "fgd_gamma": cfg.distill.feature.fgd.gamma,
             },
         }
         for (name, cfg), metrics in zip(cfgs.items(), results)

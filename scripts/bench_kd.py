@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distill.config import KD_WEIGHT_KEYS, Config, load_config, override
+from distill.config import Config, load_config, override
 from distill.data.shapes import BENCHMARK_TRAIN, BENCHMARK_VAL, generate_shapes
 from distill.engine.checkpoint import (
     CheckpointError,
@@ -52,6 +52,7 @@ from distill.evaluation.cost import summarize
 from distill.evaluation.evaluate import evaluate_checkpoints, publish, run_metrics
 from distill.experiments.goals import Goal, check_goals
 from distill.experiments.machine import machine
+from distill.kd import weight_keys
 from distill.report.collect import report_command
 from distill.report.figures import bench_figure
 
@@ -62,7 +63,7 @@ METRICS = ("map", "ap50", "aps", "apm", "apl")
 
 def only(*keep: str) -> list[str]:
     """Overrides of the default recipe that switch off every KD weight but those in ``keep``."""
-    return [f"{key}=0" for key in KD_WEIGHT_KEYS if key not in keep]
+    return [f"{key}=0" for key in weight_keys() if key not in keep]
 
 
 FEATURE, LOGIT, BOX = "distill.feature.weight", "distill.logit.weight", "distill.box.weight"

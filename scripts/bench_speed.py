@@ -72,11 +72,12 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection.image_list import ImageList
 
-from distill.config import KD_WEIGHT_KEYS, Config, load_config, override, replace
+from distill.config import Config, load_config, override, replace
 from distill.engine.accelerator import native_bf16
 from distill.engine.build import Trainee, build_accelerator, build_train_loader, build_trainee
 from distill.engine.step import StepOutcome, teacher_forward, train_step
 from distill.experiments.machine import machine
+from distill.kd import weight_keys
 from distill.models.retinanet import DenseOutputs, build_transform
 
 log = logging.getLogger("bench_speed")
@@ -297,7 +298,7 @@ def measure_precision(
     returns the result and the frozen teacher, which the next precision can reuse (it is not
     prepared, so the accelerator does not change it)."""
     cfg = bench_config(settings, PRECISIONS[precision])
-    plain_cfg = replace(cfg, **dict.fromkeys(KD_WEIGHT_KEYS, 0.0))
+    plain_cfg = replace(cfg, **dict.fromkeys(weight_keys(), 0.0))
     accelerator = build_accelerator(cfg)
     device = accelerator.device
     train_set, loader = build_train_loader(accelerator, cfg)
@@ -334,7 +335,7 @@ def measure_precision(
     loader.set_epoch(0)
     for images, targets in loader:
         image_list, transformed = transform(images, targets)
-        out = teacher_forward(accelerator, teacher, image_list, [cfg])
+        out = teacher_forward(accelerator, teacher, image_list, [trainee.terms])
         batches.append(Batch(images, targets, image_list, transformed, out))
         if len(batches) == BATCH_POOL:
             break
@@ -346,7 +347,7 @@ def measure_precision(
         transform(b.images, b.targets)
 
     def run_teacher(i: int) -> None:
-        teacher_forward(accelerator, teacher, batches[i % len(batches)].image_list, [cfg])
+        teacher_forward(accelerator, teacher, batches[i % len(batches)].image_list, [trainee.terms])
 
     def run_plain(i: int) -> None:
         b = batches[i % len(batches)]
@@ -362,13 +363,13 @@ def measure_precision(
     def run_kd(i: int) -> None:
         b = batches[i % len(batches)]
         image_list, targets = transform(b.images, b.targets)
-        out = teacher_forward(accelerator, teacher, image_list, [cfg])
+        out = teacher_forward(accelerator, teacher, image_list, [trainee.terms])
         student_step(accelerator, trainee, image_list, targets, out, health)
 
     def run_sweep(i: int) -> None:
         b = batches[i % len(batches)]
         image_list, targets = transform(b.images, b.targets)
-        out = teacher_forward(accelerator, teacher, image_list, [cfg])
+        out = teacher_forward(accelerator, teacher, image_list, [trainee.terms])
         for t in sweep:
             student_step(accelerator, t, image_list, targets, out, health)
 

@@ -16,18 +16,18 @@ def test_rows_differ_from_the_recipe_only_in_the_feature_term() -> None:
     for name, row in rows.items():
         changed = {k for k in recipe if recipe[k] != row[k]}
         assert changed <= {
-            f"distill.feature.{k}" for k in ("kind", "weight", "levels", "fgd_tau", "fgd_gamma")
+            f"distill.feature.{k}" for k in ("kind", "weight", "levels", "fgd.tau", "fgd.gamma")
         }, name
 
     fgd_ref, fgd_before, pkd_ref, pkd_before = rows.values()
-    assert (fgd_ref["distill.feature.fgd_tau"], fgd_ref["distill.feature.fgd_gamma"]) == (0.5, 5e-4)
-    assert (fgd_before["distill.feature.fgd_tau"], fgd_before["distill.feature.fgd_gamma"]) == (
+    assert (fgd_ref["distill.feature.fgd.tau"], fgd_ref["distill.feature.fgd.gamma"]) == (0.5, 5e-4)
+    assert (fgd_before["distill.feature.fgd.tau"], fgd_before["distill.feature.fgd.gamma"]) == (
         1.0,
         1e-3,
     )
     assert {k for k in fgd_ref if fgd_ref[k] != fgd_before[k]} == {
-        "distill.feature.fgd_tau",
-        "distill.feature.fgd_gamma",
+        "distill.feature.fgd.tau",
+        "distill.feature.fgd.gamma",
     }
     assert tuple(pkd_ref["distill.feature.levels"]) == ("p3", "p4", "p5", "p6")
     assert tuple(pkd_before["distill.feature.levels"]) == ("p3", "p4", "p5", "p6", "p7")

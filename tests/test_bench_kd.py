@@ -23,14 +23,15 @@ def load_bench_kd() -> ModuleType:
 def test_each_ablation_keeps_exactly_the_terms_its_name_says() -> None:
     """The ablations are overrides of the default recipe: "X only" leaves X's weights as the
     recipe has them and every other KD weight at 0; the recipe without CrossKD drops only it."""
-    from distill.config import KD_WEIGHT_KEYS, flatten, load_config
+    from distill.config import flatten, load_config
+    from distill.kd import weight_keys
 
     bench = load_bench_kd()
     recipe_cfg = load_config(bench.CONFIGS / "distill.yaml")
 
     def weights(overrides: list[str]) -> dict[str, float]:
         flat = flatten(load_config(bench.CONFIGS / "distill.yaml", overrides))
-        return {key: flat[key] for key in KD_WEIGHT_KEYS}
+        return {key: flat[key] for key in weight_keys()}
 
     recipe = weights([])
     assert all(w > 0 for w in recipe.values()), recipe  # the default uses every term
@@ -42,14 +43,14 @@ def test_each_ablation_keeps_exactly_the_terms_its_name_says() -> None:
         "box KD only": {"distill.box.weight"},
         "CrossKD only": crosskd,
         "CrossKD + CWD": {"distill.feature.weight", *crosskd},
-        "student + KD without CrossKD": set(KD_WEIGHT_KEYS) - crosskd,
+        "student + KD without CrossKD": set(weight_keys()) - crosskd,
     }
     for name, keys in kept.items():
         got = weights(bench.ABLATIONS[name])
-        assert got == {k: (recipe[k] if k in keys else 0.0) for k in KD_WEIGHT_KEYS}, name
+        assert got == {k: (recipe[k] if k in keys else 0.0) for k in weight_keys()}, name
     mgd = load_config(bench.CONFIGS / "distill.yaml", bench.ABLATIONS["MGD only"])
     assert mgd.distill.feature.kind == "mgd" and weights(bench.ABLATIONS["MGD only"]) == {
-        k: (1.0e-8 if k == "distill.feature.weight" else 0.0) for k in KD_WEIGHT_KEYS
+        k: (1.0e-8 if k == "distill.feature.weight" else 0.0) for k in weight_keys()
     }
 
 

@@ -19,9 +19,9 @@ from distill.engine.preflight import (
     SKIP,
     WARN,
     Finding,
-    _fgd_spread_finding,
     check_setup,
 )
+from distill.kd.feature import FeatureKD
 from distill.models.card import dataset_categories, write_card
 from distill.models.weights import save_state_dict_file
 from teachers import build_teacher
@@ -140,20 +140,22 @@ def test_fgd_attention_on_a_handful_of_pixels_and_channels_is_named(
     cfg = config(setup, *fgd, "distill.feature.levels=[p4, p3]")
     torch.manual_seed(0)
     # features of a teacher trained from scratch here (|f| ~ 25, channel means ~10 apart) put
-    # fgd_tau 0.5's channel softmax on about one channel; features at 1/100 of that scale do not
+    # fgd.tau 0.5's channel softmax on about one channel; features at 1/100 of that scale do not
     large = {"p3": 25 + 10 * torch.randn(2, 256, 16, 16), "p4": torch.randn(2, 256, 8, 8)}
     large["p3"] = large["p3"] + 10 * torch.randn(1, 256, 1, 1)  # channels of different sizes
     small = {level: x / 100 for level, x in large.items()}
-    warned, fine = _fgd_spread_finding(cfg, large), _fgd_spread_finding(cfg, small)
+    term = FeatureKD(cfg.distill.feature)
+    (warned,) = term.kind.findings(term.levels, large)
+    (fine,) = term.kind.findings(term.levels, small)
     assert warned.status == WARN and fine.status == OK
-    assert "on p3" in warned.detail and "distill.feature.fgd_tau" in warned.detail
+    assert "on p3" in warned.detail and "distill.feature.fgd.tau" in warned.detail
     assert warned.value is not None and warned.value < 0.02 <= (fine.value or 0)
     # attention on one pixel warns as well, and a temperature that spreads it is named
     peaked = torch.ones(2, 256, 16, 16)
     peaked[:, :, 5, 7] = 40.0
-    one_pixel = _fgd_spread_finding(cfg, {"p3": peaked})
+    (one_pixel,) = term.kind.findings(term.levels, {"p3": peaked})
     assert one_pixel.status == WARN and "about 1 pixels and 256 channels" in one_pixel.detail
-    assert "set distill.feature.fgd_tau to 8, the first of these over 2%" in one_pixel.detail
+    assert "set distill.feature.fgd.tau to 8, the first of these over 2%" in one_pixel.detail
 
 
 def test_check_command_and_run_refusal(

@@ -327,7 +327,7 @@ def test_an_inherited_config_dumps_merged_and_loads_back_equal(tmp_path: Path) -
 def test_shipped_configs_that_derive_inherit_their_recipe() -> None:
     """The demo runs the benchmark's recipe as it is, and each plain student is its distillation
     config with every KD weight 0: nothing else differs but where it writes."""
-    from distill.config import KD_WEIGHT_KEYS
+    from distill.kd import weight_keys
 
     root = Path(__file__).resolve().parents[1] / "configs"
     demo, recipe = (
@@ -341,5 +341,5 @@ def test_shipped_configs_that_derive_inherit_their_recipe() -> None:
             load_config(root / folder / "student.yaml"),
             load_config(root / folder / "distill.yaml"),
         )
-        plain = replace(distill, **dict.fromkeys(KD_WEIGHT_KEYS, 0.0), output=student.output)
+        plain = replace(distill, **dict.fromkeys(weight_keys(), 0.0), output=student.output)
         assert student == plain

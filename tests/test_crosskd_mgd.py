@@ -12,15 +12,15 @@ from torch import nn
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import box_iou
 
-from distill.config import CrossKDConfig, DistillConfig, load_config
+from distill.config import DistillConfig, load_config, replace
 from distill.engine.checkpoint import state_digest
 from distill.engine.loop import train, train_group
-from distill.kd import combine, distill_terms
-from distill.kd.feature import mgd_mask
+from distill.engine.trainable import TrainableModule
+from distill.kd import Batch, combine, distill_terms, kd_terms, kd_weights
+from distill.kd.features.mgd import mgd_mask
 from distill.losses import crosskd_box_loss, kd_quality_focal_loss, match_anchors, mgd_loss
 from distill.models.crosshead import CrossHead, align_scale, channel_stats, held_tower_outputs
 from distill.models.retinanet import DenseOutputs
-from distill.models.trainable import TrainableModule
 from distill.models.weights import load_state_dict_file
 from tests.conftest import REPO
 from tests.test_gpu_path import QUIET_EVAL, assert_same_weights
@@ -274,15 +274,13 @@ def test_an_anchor_in_the_ignore_zone_takes_no_part_in_either_crosskd_term() -> 
         crosskd = {"crosskd/cls_logits": cls, "crosskd/bbox_regression": deltas}
         return DenseOutputs({}, cls, deltas, [anchors], [3], extras=crosskd if extras else {})
 
-    cfg = DistillConfig(crosskd=CrossKDConfig(cls_weight=1.0, box_weight=1.0, beta=1.0))
+    cfg = replace(DistillConfig(), **{"crosskd.cls_weight": 1.0, "crosskd.box_weight": 1.0,
+                                      "crosskd.beta": 1.0, "crosskd.layer": 0})  # fmt: skip
     other_process = 3.0  # another process's foreground: the normaliser is (1 + 3) / 2
+    batch = Batch([{"boxes": box, "labels": torch.tensor([1])}], (40, 40),
+                  lambda x: (x + other_process) / 2)  # fmt: skip
     terms = distill_terms(
-        outputs(s_logits, s_deltas, True),
-        outputs(t_logits, t_deltas, False),
-        [{"boxes": box, "labels": torch.tensor([1])}],
-        (40, 40),
-        cfg,
-        lambda x: (x + other_process) / 2,
+        kd_terms(cfg), outputs(s_logits, s_deltas, True), outputs(t_logits, t_deltas, False), batch
     )
     shares = [_qfl(s_logits[0, a], t_logits[0, a]) for a in range(3)]
     assert all(share > 0.05 for share in shares)  # each anchor would add to the term
@@ -381,12 +379,12 @@ def test_the_kd_terms_of_a_crosskd_step_are_finite_and_reach_the_student(shapes_
     image_list, targets = build_transform(cfg)(images, targets)
     from accelerate import Accelerator
 
-    teacher_out = teacher_forward(Accelerator(cpu=True), teacher, image_list, [cfg])
+    teacher_out = teacher_forward(Accelerator(cpu=True), teacher, image_list, [module.terms])
     assert teacher_out.extras["crosskd/cls/3"].shape == (5, 2, 256)
     # statistics of the features before the ReLU: some channel means are negative
     assert all((teacher_out.extras[f"crosskd/{b}/3"][:, 0] < 0).any() for b in ("cls", "reg"))
     out = module(image_list.tensors, image_list.image_sizes, teacher_out)
-    terms = distill_terms(out, teacher_out, targets, (64, 64), cfg.distill)
+    terms = distill_terms(module.terms, out, teacher_out, Batch(targets, (64, 64)))
     assert set(terms) == {"feature", "logit", "box", "crosskd_cls", "crosskd_box"}
     assert all(torch.isfinite(v) for v in terms.values())
     # (a random teacher is nowhere sure enough for the box term's 0.3 threshold: that one is 0)
@@ -416,7 +414,8 @@ def test_the_kd_terms_of_a_crosskd_step_are_finite_and_reach_the_student(shapes_
     assert head.grad is not None and head.grad.abs().sum() > 0
     # DDP (find_unused_parameters off) needs a gradient for every trainable parameter
     module.zero_grad(set_to_none=True)
-    total, _ = combine({"classification": out.cls_logits.sum() * 0}, terms, cfg.distill, 0, 0)
+    weights = kd_weights(module.terms)
+    total, _ = combine({"classification": out.cls_logits.sum() * 0}, terms, weights, 0.0)
     total.backward()
     missing = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing[:5]

@@ -31,13 +31,13 @@ from distill.data import build_dataset, collate
 from distill.engine.accelerator import make_accelerator
 from distill.engine.build import build_models, check_lockstep
 from distill.engine.loop import TrainingStopped, train, train_group
-from distill.engine.step import mean_over_processes, teacher_forward
+from distill.engine.step import mean_over_processes, step_losses, teacher_forward
 from distill.experiments.sweep import is_lockstep, parse_grid, sweep_command
-from distill.kd import combine, distill_terms
-from distill.losses import feature_kd_loss
-from distill.models.retinanet import build_transform, detection_loss
+from distill.kd import kd_scale
+from distill.models.retinanet import build_transform
 from distill.models.weights import load_state_dict_file
 from tests.conftest import REPO, smoke_overrides
+from tests.test_losses import feature_kd_loss
 
 SMOKE = REPO / "configs" / "shapes" / "smoke.yaml"
 NO_KD = ("distill.feature.weight=0", "distill.logit.weight=0", "distill.box.weight=0")
@@ -138,9 +138,9 @@ def test_feature_kd_sums_levels_and_the_shapes_recipe_keeps_its_loss() -> None:
         lv: torch.randn(2, 8, 32 >> i, 32 >> i, generator=gen) for i, lv in enumerate(recipe.levels)
     }
     t = {lv: torch.randn(x.shape, generator=gen) for lv, x in s.items()}
-    now = recipe.weight * feature_kd_loss(recipe.kind, s, t, recipe.levels, tau=recipe.tau)
+    now = recipe.weight * feature_kd_loss(recipe.kind, s, t, recipe.levels, tau=recipe.cwd.tau)
     before = 30.0 * feature_kd_loss(
-        recipe.kind, s, t, recipe.levels, tau=recipe.tau, reduction="mean"
+        recipe.kind, s, t, recipe.levels, tau=recipe.cwd.tau, reduction="mean"
     )
     torch.testing.assert_close(now, before)
     with pytest.raises(ConfigError, match=r"distill\.feature\.level_reduction in --set .*'max'"):
@@ -168,7 +168,7 @@ def test_the_config_is_a_leaf_and_the_registries_declare_their_names() -> None:
     import students
     import teachers
     from distill.config import choices
-    from distill.losses import LEVEL_REDUCTIONS
+    from distill.kd.feature import LEVEL_REDUCTIONS
 
     assert choices()["student.arch"] == tuple(students.STUDENTS)
     assert choices()["teacher.arch"] == tuple(teachers.TEACHERS)
@@ -271,16 +271,15 @@ def kd_gradient(shapes_root: Path, out: Path) -> None:
     teacher.to(accelerator.device)
     transform = build_transform(cfg).to(accelerator.device)
     image_list, targets = transform([i.to(accelerator.device) for i in images], targets)
-    teacher_out = teacher_forward(accelerator, teacher, image_list)
-    student_out = module(image_list.tensors, image_list.image_sizes, teacher_out)
-    size = (int(image_list.tensors.shape[-2]), int(image_list.tensors.shape[-1]))
-    kd = distill_terms(
-        student_out, teacher_out, targets, size, cfg.distill, mean_over_processes(accelerator)
-    )
-    det = detection_loss(accelerator.unwrap_model(module).detector, student_out, targets)
-    total, _ = combine(det, kd, cfg.distill, step=10, epoch=0)
+    unwrapped = accelerator.unwrap_model(module)
+    teacher_out = teacher_forward(accelerator, teacher, image_list, [unwrapped.terms])
+    total, logs = step_losses(
+        module, unwrapped.detector, unwrapped.terms, image_list, targets, teacher_out,
+        kd_scale(cfg.distill, 10, 0), mean_over_processes(accelerator),
+    )  # fmt: skip
     accelerator.backward(total)
-    terms = {name: accelerator.reduce(value.detach(), "mean") for name, value in kd.items()}
+    kd = {k: v for k, v in logs.items() if k.startswith("kd/") and k != "kd/scale"}
+    terms = {name: accelerator.reduce(value, "mean") for name, value in kd.items()}
     params = accelerator.unwrap_model(module).named_parameters()
     grads = {name: p.grad.clone() for name, p in params if p.grad is not None}
     if accelerator.is_main_process:

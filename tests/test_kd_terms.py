@@ -20,17 +20,27 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
 
-from distill.config import DistillConfig, load_config
+from distill.config import ConfigError, DistillConfig, load_config
 from distill.data import build_dataset
 from distill.engine.build import build_models
 from distill.engine.checkpoint import state_digest
 from distill.engine.loop import train
-from distill.engine.step import teacher_forward, train_step
-from distill.kd import TERMS, KDTerm, TermModule, combine, distill_terms, kd_weights, needs_teacher
+from distill.engine.step import step_losses, teacher_forward, train_step
+from distill.engine.trainable import TrainableModule
+from distill.kd import (
+    KDTerm,
+    TermModule,
+    combine,
+    distill_terms,
+    kd_terms,
+    kd_weights,
+    needs_teacher,
+    register_term,
+    unregister_term,
+)
 from distill.kd.base import Batch
 from distill.losses import mse_loss
 from distill.models.retinanet import DenseOutputs
-from distill.models.trainable import TrainableModule
 from distill.models.weights import load_state_dict_file
 from distill.report.figures import read_scalars
 from students import build_student
@@ -78,15 +88,27 @@ class ToyProbe:
 
 
 @dataclass(frozen=True)
-class ToyKD(KDTerm):
-    """MSE between the projected student P3 and the teacher's P3; its settings are its own."""
-
+class ToyConfig:
     weight: float = 0.5
+    scale: float = 1.0  # a key of its own, bounded by the term
+
+
+@dataclass(frozen=True)
+class ToyKD(KDTerm):
+    """MSE between the projected student P3 and the teacher's P3; its settings are its own:
+    the section ``distill.toy``, which the term declares."""
+
+    name: ClassVar[str] = "toy"
+    config_class: ClassVar[type] = ToyConfig
+    positive: ClassVar[tuple[str, ...]] = ("scale",)
     built: ClassVar[list[tuple[ToyModule, Tensor, nn.Module, str]]] = []
 
+    weight: float = 0.5
+
     @classmethod
-    def from_config(cls, cfg: DistillConfig) -> ToyKD:
-        return cls()
+    def from_config(cls, cfg: DistillConfig) -> ToyKD | None:
+        section = cls.section_of(cfg)
+        return cls(section.weight) if cls.is_on(section) else None
 
     def weights(self) -> dict[str, float]:
         return {"toy": self.weight}
@@ -108,10 +130,11 @@ class ToyKD(KDTerm):
 
 
 @pytest.fixture
-def toy(monkeypatch: pytest.MonkeyPatch) -> type[ToyKD]:
-    monkeypatch.setitem(TERMS, "toy", ToyKD)
+def toy(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[ToyKD]]:
+    register_term(ToyKD)
     monkeypatch.setattr(ToyKD, "built", [])
-    return ToyKD
+    yield ToyKD
+    unregister_term("toy")
 
 
 OFF = ["distill.feature.weight=0", "distill.logit.weight=0", "distill.box.weight=0"]
@@ -120,10 +143,19 @@ OFF = ["distill.feature.weight=0", "distill.logit.weight=0", "distill.box.weight
 def test_a_registered_term_is_configured_with_its_own_weights(
     toy: type[ToyKD], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    plain = DistillConfig()  # every weight of the config 0
-    assert needs_teacher(plain) and kd_weights(plain) == {"toy": 0.5}
-    monkeypatch.delitem(TERMS, "toy")
-    assert not needs_teacher(plain) and kd_weights(plain) == {}
+    cfg = load_config(None)  # every weight of the built-in terms 0, the toy's default 0.5
+    assert needs_teacher(cfg.distill) and kd_weights(kd_terms(cfg.distill)) == {"toy": 0.5}
+    assert cfg.distill.toy == ToyConfig()
+    off = load_config(None, ["distill.toy.weight=0"])
+    assert not needs_teacher(off.distill)
+    with pytest.raises(ConfigError, match=r"distill\.toy\.scale in --set .*must be > 0"):
+        load_config(None, ["distill.toy.scale=0"])
+    with pytest.raises(ConfigError, match=r"unknown key distill\.toy\.scael.*did you mean scale"):
+        load_config(None, ["distill.toy.scael=2"])
+    unregister_term("toy")
+    assert not needs_teacher(DistillConfig()) and kd_weights(kd_terms(DistillConfig())) == {}
+    with pytest.raises(ConfigError, match=r"unknown key distill\.toy"):
+        load_config(None, ["distill.toy.weight=1"])
 
 
 def test_a_term_added_at_runtime_trains_with_the_student_and_stays_out_of_student_pt(
@@ -175,7 +207,9 @@ def test_the_trainable_module_holds_the_part_under_its_terms_name(toy: type[ToyK
 TERM_WORDS = re.compile(
     r"feature|logit|box|crosskd|cross_head|adapter|global_[st]|fgd|mgd|generator|toy", re.I
 )
-ENGINE = (build_models, teacher_forward, train_step, TrainableModule, distill_terms, combine)
+ENGINE = (
+    build_models, teacher_forward, step_losses, train_step, TrainableModule, distill_terms, combine
+)  # fmt: skip
 
 
 def code_without_docstrings(obj: Any) -> str:

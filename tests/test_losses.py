@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.config import BoxKDConfig, DistillConfig, FeatureKDConfig, LogitKDConfig
-from distill.kd import combine, distill_terms, kd_scale, needs_teacher
-from distill.kd.feature import GlobalContextBlock, build_adapters, build_global_blocks
+from distill.config import ConfigError, DistillConfig, load_config, replace
+from distill.kd import Batch, combine, distill_terms, kd_scale, kd_terms, kd_weights, needs_teacher
+from distill.kd.feature import FeatureKD, build_adapters
+from distill.kd.features.fgd import GlobalContextBlock, build_global_blocks
 from distill.losses import (
     box_distill_loss,
     cwd_loss,
-    feature_kd_loss,
     fgd_attention_spread,
     fgd_loss,
     fgd_masks,
@@ -32,6 +32,48 @@ from distill.models.retinanet import DenseOutputs
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def distill(**keys: object) -> DistillConfig:
+    """A ``distill`` section with dotted keys set: ``distill(**{"logit.weight": 1.0})``."""
+    return replace(DistillConfig(), **keys)
+
+
+def feature_kd_loss(
+    kind: str,
+    student: dict[str, Tensor],
+    teacher: dict[str, Tensor],
+    levels: tuple[str, ...],
+    *,
+    tau: float | None = None,
+    boxes_per_image: list[Tensor] | None = None,
+    image_size: tuple[int, int] = (64, 64),
+    global_s: dict[str, Tensor] | None = None,
+    global_t: dict[str, Tensor] | None = None,
+    reduction: str = "sum",
+) -> Tensor:
+    """The feature term's loss (``FeatureKD.losses``) of adapted student features vs the
+    teacher's, with the kind's temperature ``tau`` (cwd, fgd) and FGD's global outputs."""
+    keys: dict[str, object] = {
+        "feature.kind": kind, "feature.weight": 1.0, "feature.levels": levels,
+        "feature.level_reduction": reduction,
+    }  # fmt: skip
+    if tau is not None and kind in ("cwd", "fgd"):
+        keys[f"feature.{kind}.tau"] = tau
+    term = FeatureKD(distill(**keys).feature)
+    n = next(iter(student.values())).shape[0]
+    boxes = boxes_per_image if boxes_per_image is not None else [torch.zeros(0, 4)] * n
+    extras = {f"global_s/{k}": v for k, v in (global_s or {}).items()}
+    extras |= {f"global_t/{k}": v for k, v in (global_t or {}).items()}
+    empty = torch.zeros(0)
+    s = DenseOutputs({}, empty, empty, [], [], adapted=dict(student), extras=extras)
+    t = DenseOutputs(dict(teacher), empty, empty, [], [])
+    return term.losses(s, t, Batch([{"boxes": b} for b in boxes], image_size))["feature"]
+
+
+def kd_of(student: DenseOutputs, teacher: DenseOutputs | None, cfg: DistillConfig) -> dict:
+    """``distill_terms`` of the terms ``cfg`` turns on, on ``TARGETS`` in a 32 px batch."""
+    return distill_terms(kd_terms(cfg), student, teacher, Batch(TARGETS, (32, 32)))
 
 
 def sigmoid(x: float) -> float:
@@ -415,10 +457,10 @@ def test_feature_kd_loss_sums_over_levels_as_the_papers() -> None:
     torch.testing.assert_close(feature_kd_loss("cwd", s, t, ("p3", "p4"), tau=2.0), expected)
     mean = feature_kd_loss("cwd", s, t, ("p3", "p4"), tau=2.0, reduction="mean")
     torch.testing.assert_close(mean, expected / 2)
-    with pytest.raises(ValueError, match="unknown level reduction"):
-        feature_kd_loss("cwd", s, t, ("p3",), reduction="max")
-    with pytest.raises(ValueError, match="unknown feature KD kind"):
-        feature_kd_loss("attention", s, t, ("p3",))
+    with pytest.raises(ConfigError, match=r"level_reduction.*'max' is not one of sum \| mean"):
+        load_config(None, ["distill.feature.level_reduction=max"])
+    with pytest.raises(ConfigError, match=r"distill\.feature\.kind.*'attention' is not one of"):
+        load_config(None, ["distill.feature.kind=attention"])
 
 
 def _extreme(shape: tuple[int, ...]) -> Tensor:
@@ -582,13 +624,13 @@ TARGETS = [{"boxes": torch.tensor([[2.0, 2.0, 20.0, 30.0]]), "labels": torch.ten
 def test_all_zero_weights_is_the_plain_detection_loss_bitwise() -> None:
     cfg = DistillConfig()
     assert not needs_teacher(cfg)
-    kd = distill_terms(_dense(), None, TARGETS, (32, 32), cfg)  # the teacher did not even run
+    kd = kd_of(_dense(), None, cfg)  # the teacher did not even run
     assert kd == {}
     det = {
         "classification": torch.rand((), requires_grad=True) * 1.37,
         "bbox_regression": torch.rand((), requires_grad=True) / 3.1,
     }
-    total, log = combine(det, kd, cfg, step=0, epoch=0)
+    total, log = combine(det, kd, kd_weights(kd_terms(cfg)), kd_scale(cfg, 0, 0))
     assert torch.equal(total, det["classification"] + det["bbox_regression"])
     assert log["loss/total"] == total.item()
     assert log["kd/scale"] == 1.0
@@ -596,19 +638,19 @@ def test_all_zero_weights_is_the_plain_detection_loss_bitwise() -> None:
 
 
 def test_distill_terms_and_combine() -> None:
-    cfg = DistillConfig(
-        feature=FeatureKDConfig(kind="cwd", weight=2.0, tau=2.0, levels=("p3", "p4")),
-        logit=LogitKDConfig(kind="kl", weight=0.5, temperature=4.0),
-        box=BoxKDConfig(kind="giou", weight=3.0, score_threshold=0.6),
-        warmup_steps=10,
-    )
+    cfg = distill(**{
+        "feature.kind": "cwd", "feature.weight": 2.0, "feature.cwd.tau": 2.0,
+        "feature.levels": ("p3", "p4"), "logit.kind": "kl", "logit.weight": 0.5,
+        "logit.temperature": 4.0, "box.kind": "giou", "box.weight": 3.0,
+        "box.score_threshold": 0.6, "warmup_steps": 10,
+    })  # fmt: skip
     assert needs_teacher(cfg)
     student, teacher = _dense(), _dense(adapted=False)
     with pytest.raises(ValueError, match="no teacher"):
-        distill_terms(student, None, TARGETS, (32, 32), cfg)
-    kd = distill_terms(student, teacher, TARGETS, (32, 32), cfg)
+        kd_of(student, None, cfg)
+    kd = kd_of(student, teacher, cfg)
     assert set(kd) == {"feature", "logit", "box"}
-    feature = feature_kd_loss("cwd", student.adapted, teacher.features, ("p3", "p4"), tau=2.0)
+    feature = sum(cwd_loss(student.adapted[k], teacher.features[k], 2.0) for k in ("p3", "p4"))
     torch.testing.assert_close(kd["feature"], feature)
     conf = teacher_confidence(teacher.cls_logits)
     logit = soft_label_loss(student.cls_logits, teacher.cls_logits, 4.0, "kl", conf)
@@ -621,7 +663,8 @@ def test_distill_terms_and_combine() -> None:
     torch.testing.assert_close(kd["box"], box)
 
     det = {"classification": torch.tensor(1.5), "bbox_regression": torch.tensor(0.25)}
-    total, log = combine(det, kd, cfg, step=5, epoch=0)  # half way through the warmup
+    # half way through the warmup
+    total, log = combine(det, kd, kd_weights(kd_terms(cfg)), kd_scale(cfg, 5, 0))
     weighted = 2.0 * feature + 0.5 * logit + 3.0 * box
     torch.testing.assert_close(total, 1.75 + 0.5 * weighted)
     assert log["kd/scale"] == 0.5
@@ -632,12 +675,12 @@ def test_distill_terms_and_combine() -> None:
 
 
 def test_anchor_weighting_none_and_box_threshold() -> None:
-    cfg = DistillConfig(
-        logit=LogitKDConfig(weight=1.0, anchor_weighting="none", temperature=2.0),
-        box=BoxKDConfig(weight=1.0, kind="l1", score_threshold=0.7),
-    )
+    cfg = distill(**{
+        "logit.weight": 1.0, "logit.anchor_weighting": "none", "logit.temperature": 2.0,
+        "box.weight": 1.0, "box.kind": "l1", "box.score_threshold": 0.7,
+    })  # fmt: skip
     student, teacher = _dense(adapted=False), _dense(adapted=False)
-    kd = distill_terms(student, teacher, TARGETS, (32, 32), cfg)
+    kd = kd_of(student, teacher, cfg)
     assert set(kd) == {"logit", "box"}
     plain = soft_label_loss(student.cls_logits, teacher.cls_logits, 2.0, "bce")
     torch.testing.assert_close(kd["logit"], plain)
@@ -645,30 +688,28 @@ def test_anchor_weighting_none_and_box_threshold() -> None:
     unsure = teacher_confidence(teacher.cls_logits) < 0.7
     assert unsure.any() and (~unsure).any()
     student.bbox_regression[unsure] += 5.0
-    moved = distill_terms(student, teacher, TARGETS, (32, 32), cfg)
+    moved = kd_of(student, teacher, cfg)
     torch.testing.assert_close(moved["box"], kd["box"])
     student.bbox_regression[~unsure] += 5.0
-    assert distill_terms(student, teacher, TARGETS, (32, 32), cfg)["box"] > kd["box"]
+    assert kd_of(student, teacher, cfg)["box"] > kd["box"]
 
 
 def test_fgd_term_uses_global_extras() -> None:
-    cfg = DistillConfig(feature=FeatureKDConfig(kind="fgd", weight=1.0, levels=("p3", "p4")))
+    cfg = distill(**{"feature.kind": "fgd", "feature.weight": 1.0, "feature.levels": ("p3", "p4")})
     teacher = _dense(adapted=False)
     student = _dense(extras=True)
     no_extras = dataclasses.replace(student, extras={})
-    plain = distill_terms(no_extras, teacher, TARGETS, (32, 32), cfg)["feature"]
-    with_global = distill_terms(student, teacher, TARGETS, (32, 32), cfg)["feature"]
+    plain = kd_of(no_extras, teacher, cfg)["feature"]
+    with_global = kd_of(student, teacher, cfg)["feature"]
     levels = ("p3", "p4")
-    expected = feature_kd_loss(
-        "fgd",
-        student.adapted,
-        teacher.features,
-        levels,
-        tau=cfg.feature.fgd_tau,  # FGD's own temperature (0.5), not CWD's tau
-        boxes_per_image=[t["boxes"] for t in TARGETS],
-        image_size=(32, 32),
-        global_s={k: student.extras[f"global_s/{k}"] for k in levels},
-        global_t={k: student.extras[f"global_t/{k}"] for k in levels},
-    )
+    boxes = [t["boxes"] for t in TARGETS]
+    expected = sum(
+        fgd_loss(
+            student.adapted[k], teacher.features[k], boxes, (32, 32),
+            tau=cfg.feature.fgd.tau,  # FGD's own temperature (0.5), not CWD's
+            global_s=student.extras[f"global_s/{k}"], global_t=student.extras[f"global_t/{k}"],
+        )
+        for k in levels
+    )  # fmt: skip
     torch.testing.assert_close(with_global, expected)
     assert not torch.allclose(plain, with_global)

@@ -19,11 +19,8 @@ import yaml
 from torchvision.models.detection import retinanet_resnet50_fpn
 
 from distill.config import (
-    KD_WEIGHT_KEYS,
     ConfigError,
-    CrossKDConfig,
     DistillConfig,
-    FeatureKDConfig,
     check_resume_config,
     dump_config,
     flatten,
@@ -32,11 +29,11 @@ from distill.config import (
     replace,
 )
 from distill.engine.build import build_models
-from distill.kd import distill_terms
+from distill.kd import distill_terms, kd_terms, weight_keys
 from distill.kd.base import Batch
-from distill.kd.crosskd import CrossKD
-from distill.kd.feature import FeatureKD
-from distill.losses import feature_kd_loss, kd_quality_focal_loss, match_anchors
+from distill.kd.crosskd import CrossKD, CrossKDConfig
+from distill.kd.feature import FeatureKD, FeatureKDConfig
+from distill.losses import cwd_loss, fgd_loss, kd_quality_focal_loss, match_anchors
 from distill.models.retinanet import DenseOutputs
 from distill.models.weights import WeightsMismatchError, init_from_teacher
 from tests.conftest import REPO
@@ -54,16 +51,16 @@ def test_fgd_temperature_and_weights_follow_fgds_retinanet_config() -> None:
     """FGD's configs/distillers/fgd/fgd_retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco.py
     (and fgd_retina_r101_fpn_2x_distill_retina_r50_fpn_2x_coco.py): temp=0.5, alpha_fgd=0.001,
     beta_fgd=0.0005, gamma_fgd=0.0005, lambda_fgd=0.000005. The temperature is FGD's own key
-    (``fgd_tau``), not CWD's ``tau`` (1, MMRazor's CWD configs)."""
+    (``fgd.tau``), not CWD's ``cwd.tau`` (1, MMRazor's CWD configs)."""
     cfg = load_config(None)
     feature = cfg.distill.feature
-    assert feature.fgd_tau == 0.5 and feature.tau == 1.0
-    assert (feature.fgd_alpha, feature.fgd_beta) == (0.001, 0.0005)
-    assert (feature.fgd_gamma, feature.fgd_lambda) == (0.0005, 0.000005)
+    assert feature.fgd.tau == 0.5 and feature.cwd.tau == 1.0
+    assert (feature.fgd.alpha, feature.fgd.beta) == (0.001, 0.0005)
+    assert (feature.fgd.gamma, feature.fgd.lambda_) == (0.0005, 0.000005)
 
 
 def test_the_fgd_term_uses_fgd_tau_and_cwd_keeps_tau() -> None:
-    """The FGD loss is computed at ``fgd_tau`` whatever ``tau`` is; CWD at ``tau``."""
+    """The FGD loss is computed at ``fgd.tau`` whatever ``cwd.tau`` is; CWD at ``cwd.tau``."""
     gen = torch.Generator().manual_seed(0)
     levels = ("p3", "p4")
     s = {lv: torch.randn(2, 8, 16 >> i, 16 >> i, generator=gen) for i, lv in enumerate(levels)}
@@ -72,14 +69,16 @@ def test_the_fgd_term_uses_fgd_tau_and_cwd_keeps_tau() -> None:
     student = DenseOutputs(s, torch.zeros(2, 1, 1), torch.zeros(2, 1, 4), [], [], adapted=s)
     teacher = DenseOutputs(t, torch.zeros(2, 1, 1), torch.zeros(2, 1, 4), [], [])
     batch = Batch(targets, (32, 32))
-    for kind, used in (("fgd", 0.5), ("cwd", 3.0)):
-        cfg = FeatureKDConfig(kind=kind, weight=1.0, tau=3.0, levels=levels)
+    boxes = [x["boxes"] for x in targets]
+    want = {
+        "fgd": sum(fgd_loss(s[lv], t[lv], boxes, (32, 32), tau=0.5) for lv in levels),
+        "cwd": sum(cwd_loss(s[lv], t[lv], 3.0) for lv in levels),
+    }
+    for kind in ("fgd", "cwd"):
+        keys = {"kind": kind, "weight": 1.0, "cwd.tau": 3.0, "levels": levels}
+        cfg = replace(load_config(None).distill.feature, **keys)
         got = FeatureKD(cfg).losses(student, teacher, batch)["feature"]
-        want = feature_kd_loss(
-            kind, s, t, levels, tau=used, boxes_per_image=[x["boxes"] for x in targets],
-            image_size=(32, 32), fgd_gamma=cfg.fgd_gamma,
-        )  # fmt: skip
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, want[kind])
 
 
 def test_pkd_distils_p3_to_p6_by_default_and_the_resolved_config_names_them(
@@ -166,14 +165,16 @@ def test_the_crosskd_term_ignores_the_padding_anchors_of_each_image() -> None:
     t_logits = torch.randn(1, 3, 2, generator=gen)
     s_logits = torch.randn(1, 3, 2, generator=gen, requires_grad=True)
     deltas = torch.zeros(1, 3, 4)
-    cfg = DistillConfig(crosskd=CrossKDConfig(cls_weight=1.0, box_weight=1.0, layer=1))
+    cfg = replace(DistillConfig(), **{"crosskd.cls_weight": 1.0, "crosskd.box_weight": 1.0,
+                                      "crosskd.layer": 1})  # fmt: skip
     targets = [{"boxes": _BOX, "labels": torch.tensor([1])}]
 
     def cls_loss(logits: torch.Tensor) -> torch.Tensor:
         extras = {"crosskd/cls_logits": logits, "crosskd/bbox_regression": deltas}
         student = DenseOutputs({}, logits, deltas, [_ANCHORS], [3], extras=extras)
         teacher = DenseOutputs({}, t_logits, deltas, [_ANCHORS], [3])
-        terms = distill_terms(student, teacher, targets, (32, 40), cfg, None, [(32, 20)])
+        batch = Batch(targets, (32, 40), None, [(32, 20)])
+        terms = distill_terms(kd_terms(cfg), student, teacher, batch)
         return terms["crosskd_cls"]
 
     loss = cls_loss(s_logits)
@@ -232,7 +233,7 @@ _RECIPES = {
     # MMRazor configs/distill/mmdet/cwd/cwd_fpn_retina_r101_retina_r50_1x_coco.py (tau 1,
     # loss_weight 10 on fpn0-fpn4; mmdet 1x)
     "cwd": ({"distill.feature.kind": "cwd", "distill.feature.weight": 10.0,
-             "distill.feature.tau": 1.0, "distill.feature.levels": list(P3_P7),
+             "distill.feature.cwd.tau": 1.0, "distill.feature.levels": list(P3_P7),
              "train.epochs": 12}, {"distill.feature.weight"}),
     # MMRazor configs/distill/mmdet/pkd/pkd_fpn_retina_x101_retina_r50_2x_coco.py (loss_weight
     # 10 on fpn0-fpn3; mmdet 2x)
@@ -240,15 +241,15 @@ _RECIPES = {
              "distill.feature.levels": ["p3", "p4", "p5", "p6"], "train.epochs": 24},
             {"distill.feature.weight"}),
     # FGD configs/distillers/fgd/fgd_retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco.py
-    "fgd": ({"distill.feature.kind": "fgd", "distill.feature.fgd_tau": 0.5,
-             "distill.feature.fgd_alpha": 0.001, "distill.feature.fgd_beta": 0.0005,
-             "distill.feature.fgd_gamma": 0.0005, "distill.feature.fgd_lambda": 0.000005,
+    "fgd": ({"distill.feature.kind": "fgd", "distill.feature.fgd.tau": 0.5,
+             "distill.feature.fgd.alpha": 0.001, "distill.feature.fgd.beta": 0.0005,
+             "distill.feature.fgd.gamma": 0.0005, "distill.feature.fgd.lambda_": 0.000005,
              "distill.feature.levels": list(P3_P7), "student.init_from_teacher": ["head"],
              "train.grad_clip": 35.0, "train.epochs": 24}, {"distill.feature.weight"}),
     # MMRazor configs/distill/mmdet/mgd/mgd_fpn_retina_x101_retina_r50_2x_coco.py
     # (alpha_mgd 2e-5, lambda_mgd 0.65 on fpn0-fpn4; neck and head from the teacher)
     "mgd": ({"distill.feature.kind": "mgd", "distill.feature.weight": 2e-5,
-             "distill.feature.mgd_ratio": 0.65, "distill.feature.levels": list(P3_P7),
+             "distill.feature.mgd.ratio": 0.65, "distill.feature.levels": list(P3_P7),
              "student.init_from_teacher": ["head"], "train.epochs": 24},
             {"distill.feature.weight"}),
     # CrossKD configs/crosskd/crosskd_r50_retinanet_r101_fpn_2x_coco.py (KDQualityFocalLoss
@@ -273,7 +274,7 @@ def test_each_coco_recipe_loads_with_its_references_values(name: str) -> None:
     flat = flatten(load_config(path))
     keys, on = _RECIPES[name]
     assert {key: flat[key] for key in keys} == keys
-    assert {key for key in KD_WEIGHT_KEYS if flat[key] > 0} == on
+    assert {key for key in weight_keys() if flat[key] > 0} == on
     assert flat["train.lr"] == 0.01 and flat["data.batch_size"] * 8 == 16
     assert flat["train.warmup_steps"] == 500 and flat["train.schedule"] == "step"
     assert flat["train.step_milestones"] == [0.667, 0.917]
@@ -336,7 +337,7 @@ def test_a_distillation_run_builds_its_student_with_the_teachers_head() -> None:
     assert not all(torch.equal(t_head[k], s_head[k]) for k in t_head)
     # a plain student (no KD term): no teacher is built, nothing is copied
     plain = load_config(SMOKE, [*same_head, "student.init_from_teacher=[head]",
-                                *(f"{key}=0" for key in KD_WEIGHT_KEYS)])  # fmt: skip
+                                *(f"{key}=0" for key in weight_keys())])  # fmt: skip
     assert build_models(plain, "student", 4)[1] is None
 
 
@@ -368,11 +369,11 @@ def test_init_from_teacher_names_are_checked_when_the_config_is_read() -> None:
 def test_a_run_started_before_the_new_defaults_resumes_unless_they_change_its_training(
     tmp_path: Path,
 ) -> None:
-    """A run's config.yaml written before these defaults names the old ones (fgd_gamma 0.001,
+    """A run's config.yaml written before these defaults names the old ones (fgd.gamma 0.001,
     CrossKD layer 2). Where they change nothing (a CWD run: FGD's keys unused, CrossKD off) it
     resumes; a PKD run that distilled P3-P7 is refused, naming the key."""
     cwd = load_config(SMOKE)
-    old = replace(cwd, **{"distill.feature.fgd_gamma": 0.001, "distill.crosskd.layer": 2})
+    old = replace(cwd, **{"distill.feature.fgd.gamma": 0.001, "distill.crosskd.layer": 2})
     dump_config(old, tmp_path / "config.yaml")
     check_resume_config(cwd, tmp_path)  # no error
     pkd = load_config(SMOKE, ["distill.feature.kind=pkd"])

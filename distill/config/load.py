@@ -33,8 +33,11 @@ from distill.config.schema import (
     POSITIVE,
     Config,
     ConfigError,
+    Extensible,
     choices,
+    registered_sections,
     resolve_defaults,
+    walk_sections,
 )
 from distill.fileio import write_text_atomic
 
@@ -104,7 +107,11 @@ def check_values(cfg: Config, source: str) -> None:
         if flat[key] not in allowed:
             names = " | ".join("null" if a is None else str(a) for a in allowed)
             raise ConfigError(f"{key} in {source}: {flat[key]!r} is not one of {names}")
-    for keys, low, words in ((POSITIVE, False, "> 0"), (NON_NEGATIVE, True, ">= 0")):
+    positive, non_negative = list(POSITIVE), list(NON_NEGATIVE)
+    for at, section, _ in walk_sections(cfg):  # the bounds registered sections declare
+        positive += [f"{at}.{key}" for key in section.positive]
+        non_negative += [f"{at}.{key}" for key in section.non_negative]
+    for keys, low, words in ((positive, False, "> 0"), (non_negative, True, ">= 0")):
         for key in keys:
             value = flat[key]
             if value is not None and not (value >= 0 if low else value > 0):
@@ -114,11 +121,6 @@ def check_values(cfg: Config, source: str) -> None:
             raise ConfigError(f"{key} in {source}: {flat[key]!r} must be at most {most}")
     if not 0 <= cfg.data.hflip <= 1:  # also NaN
         raise ConfigError(f"data.hflip in {source}: {cfg.data.hflip!r} must be between 0 and 1")
-    if not 0 <= cfg.distill.feature.mgd_ratio < 1:  # also NaN
-        raise ConfigError(
-            f"distill.feature.mgd_ratio in {source}: {cfg.distill.feature.mgd_ratio!r} "
-            "must be in [0, 1)"
-        )
     if not 0 < cfg.eval.nms_threshold <= 1:
         raise ConfigError(
             f"eval.nms_threshold in {source}: {cfg.eval.nms_threshold!r} must be in (0, 1]"
@@ -134,17 +136,14 @@ def check_values(cfg: Config, source: str) -> None:
             f"student.init_from_teacher in {source}: {list(parts)} would overwrite the "
             f"checkpoint student.weights {cfg.student.weights}; give one of the two"
         )
-    levels = cfg.distill.feature.levels or ()  # null is filled in before (resolve_defaults)
-    if not levels or any(level not in LEVEL_NAMES for level in levels):
-        raise ConfigError(
-            f"distill.feature.levels in {source}: {list(levels)} must be a non-empty list of "
-            f"{', '.join(LEVEL_NAMES)}"
-        )
     if len(cfg.anchors.sizes) != len(LEVEL_NAMES):
         raise ConfigError(
             f"anchors.sizes in {source}: one base size per level {', '.join(LEVEL_NAMES)}, "
             f"got {list(cfg.anchors.sizes)}"
         )
+    for _, section, value in walk_sections(cfg):  # what the registered sections check
+        if section.check is not None:
+            section.check(value, cfg, source)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -292,16 +291,28 @@ def from_dict(cls: type[T], raw: Mapping[str, Any], source: str, prefix: str = "
             f"{prefix.rstrip('.') or 'config'} in {source} must be a mapping, "
             f"got {type(raw).__name__} {raw!r}"
         )
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "sections"}  # type: ignore[arg-type]
+    declared = registered_sections(cls.AT) if issubclass(cls, Extensible) else {}
     hints = typing.get_type_hints(cls)
     for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(fields)}"
+        if key not in fields and key not in declared:
+            known = [*fields, *declared]
+            # keys of the sub-sections too: a key that moved into one (fgd_tau -> fgd.tau)
+            nested = [f"{name}.{k}" for name, d in declared.items() for k in flatten(d.config())]
+            close = difflib.get_close_matches(str(key), [*known, *nested], n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(known)}"
             raise ConfigError(f"unknown key {prefix}{key} in {source}{hint}")
-    values = {}
+    values: dict[str, Any] = {}
+    sections: list[tuple[str, Any]] = []
     for key, value in raw.items():
-        values[key] = _convert(hints[key], value, f"{prefix}{key}", source)
+        if key in declared:  # a registered sub-section: its own dataclass
+            sections.append(
+                (key, from_dict(declared[key].config, value, source, f"{prefix}{key}."))
+            )
+        else:
+            values[key] = _convert(hints[key], value, f"{prefix}{key}", source)
+    if sections:
+        values["sections"] = tuple(sections)
     return cls(**values)
 
 
@@ -368,13 +379,22 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain dict (tuples as lists) of a config, suitable for YAML or JSON."""
 
     def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            items = {
+                f.name: plain(getattr(value, f.name))
+                for f in dataclasses.fields(value)
+                if f.name != "sections" or not isinstance(value, Extensible)
+            }
+            if isinstance(value, Extensible):  # registered sub-sections read like keys
+                items.update((name, plain(section)) for name, section in value.sections)
+            return items
         if isinstance(value, tuple | list):
             return [plain(v) for v in value]
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
         return value
 
-    return plain(dataclasses.asdict(cfg))
+    return plain(cfg)
 
 
 def flatten(cfg: Any) -> dict[str, Any]:
@@ -409,4 +429,9 @@ def replace(cfg: T, **changes: Any) -> T:
             direct[head] = value
     for head, sub in nested.items():
         direct[head] = replace(getattr(cfg, head), **sub)
+    if isinstance(cfg, Extensible):  # registered sub-sections are not fields
+        names = {name for name, _ in cfg.sections}
+        sections = {k: direct.pop(k) for k in list(direct) if k in names}
+        if sections:
+            cfg = cfg.with_sections(**sections)
     return dataclasses.replace(cfg, **direct)  # type: ignore[type-var]

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from distill.config.load import flatten, load_config
-from distill.config.schema import Config, ConfigError
+from distill.config.schema import Config, ConfigError, walk_sections
 
 # What a resumed run may change: where things are, how it is logged or evaluated, and how long
 # it trains (a finished run resumed with more epochs goes on), not what it trains. Keys ending
@@ -26,8 +25,9 @@ def check_resume_config(cfg: Config, run_dir: Path) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
-    before, now = flatten(load_config(saved)), flatten(cfg)
-    unused = unused_keys(before) & unused_keys(now)
+    started = load_config(saved)
+    before, now = flatten(started), flatten(cfg)
+    unused = unused_keys(started) & unused_keys(cfg)
     changed = [
         f"{key}: {before.get(key)!r} -> {now.get(key)!r}"
         for key in sorted(before.keys() | now.keys())
@@ -44,21 +44,16 @@ def check_resume_config(cfg: Config, run_dir: Path) -> None:
         )
 
 
-def unused_keys(flat: dict[str, Any]) -> set[str]:
-    """The keys of a flattened config that change nothing in its run: the settings of a KD term
-    that is off, of another feature kind's loss. A resumed run may differ from its start there
-    (a default changed since, such as FGD's ``fgd_gamma`` or CrossKD's ``layer``)."""
+def unused_keys(cfg: Config) -> set[str]:
+    """The keys of a config that change nothing in its run, as the registered sections declare
+    them (``Section.unused``: the settings of a KD term that is off, of another feature kind's
+    loss). A resumed run may differ from its start there (a default changed since)."""
+    flat = flatten(cfg)
     unused = set()
-    if flat["distill.crosskd.cls_weight"] == 0 and flat["distill.crosskd.box_weight"] == 0:
-        unused |= {k for k in flat if k.startswith("distill.crosskd.")}
-    kind = flat["distill.feature.kind"]
-    if flat["distill.feature.weight"] == 0:
-        unused |= {
-            k for k in flat if k.startswith("distill.feature.") and k != "distill.feature.weight"
-        }
-    unused |= {k for k in flat if k.startswith("distill.feature.fgd_") and kind != "fgd"}
-    if kind != "mgd":
-        unused.add("distill.feature.mgd_ratio")
-    if kind != "cwd":
-        unused.add("distill.feature.tau")
+    for at, section, value in walk_sections(cfg):
+        if section.unused is None:
+            continue
+        for key in section.unused(value):
+            prefix = f"{at}.{key}"
+            unused |= {k for k in flat if k == prefix or k.startswith(prefix + ".")}
     return unused

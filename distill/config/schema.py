@@ -8,9 +8,9 @@ checks files against these classes).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any, ClassVar
 
 
 class ConfigError(ValueError):
@@ -97,71 +97,57 @@ class StudentConfig:
 
 
 @dataclass(frozen=True)
-class FeatureKDConfig:
-    """Feature KD. Defaults follow each method's own RetinaNet reference config (see
-    tests/test_reference_defaults.py for the file and value each follows)."""
+class Extensible:
+    """A section whose sub-sections are declared by a registry, not here (``register_section``):
+    ``distill`` holds one per KD term (``distill.feature``, ``distill.logit``, ...), declared by
+    the terms in ``distill.kd``; a term's own section may be extensible in turn (the feature
+    kinds' ``distill.feature.<kind>``). A sub-section reads like a field, ``cfg.distill.logit``,
+    and a section built before a registration gets the registered sub-sections' defaults.
 
-    kind: str = "cwd"  # mse | cwd | pkd | fgd | mgd
-    weight: float = 0.0
-    tau: float = 1.0  # temperature of cwd (MMRazor's CWD configs: tau=1)
-    # null: the kind's reference levels, filled in when the config is read (``resolve_defaults``,
-    # so a run's config.yaml names them): P3-P6 for pkd (MMRazor's PKD RetinaNet config distils
-    # neck outputs 0-3), P3-P7 for the others
-    levels: tuple[str, ...] | None = None
-    # sum | mean of the per-level losses; sum, as the papers (a weight from one means the same)
-    level_reduction: str = "sum"
-    # FGD (Yang et al., CVPR 2022): its own temperature and weights, as in FGD's RetinaNet
-    # configs (fgd_retina_*_distill_retina_r50_fpn_2x_coco.py: temp 0.5, alpha 1e-3, beta 5e-4,
-    # gamma 5e-4, lambda 5e-6)
-    fgd_tau: float = 0.5
-    fgd_alpha: float = 0.001
-    fgd_beta: float = 0.0005
-    fgd_gamma: float = 0.0005
-    fgd_lambda: float = 0.000005
-    # MGD (Yang et al. 2022): share of the student's feature positions masked before its
-    # generator regenerates the teacher's feature (the paper's 0.65 for detection)
-    mgd_ratio: float = 0.65
+    ``AT`` is the section's dotted key; ``sections`` holds ``(name, value)`` in registration
+    order (a tuple, so that a config stays hashable and compares by value).
+    """
 
+    AT: ClassVar[str] = ""
+    sections: tuple[tuple[str, Any], ...] = ()
 
-@dataclass(frozen=True)
-class LogitKDConfig:
-    kind: str = "bce"  # bce | kl
-    weight: float = 0.0
-    temperature: float = 4.0
-    # per-anchor weighting: none | teacher_max (teacher's max class probability)
-    anchor_weighting: str = "teacher_max"
+    def __post_init__(self) -> None:
+        given = dict(self.sections)
+        declared = registered_sections(self.AT)
+        unknown = set(given) - set(declared)
+        if unknown:
+            raise ConfigError(
+                f"unknown section {self.AT}.{sorted(unknown)[0]}; known: {', '.join(declared)}"
+            )
+        full = tuple(
+            (name, given[name] if name in given else spec.config())
+            for name, spec in declared.items()
+        )
+        object.__setattr__(self, "sections", full)
 
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # pickling and copying look these up before __init__
+            raise AttributeError(name)
+        for key, value in self.__dict__.get("sections", ()):
+            if key == name:
+                return value
+        raise AttributeError(f"{self.AT or type(self).__name__} has no key or section {name!r}")
 
-@dataclass(frozen=True)
-class BoxKDConfig:
-    kind: str = "l1"  # l1 | giou
-    weight: float = 0.0
-    # anchors whose teacher max class probability is at least this take part
-    score_threshold: float = 0.3
-
-
-@dataclass(frozen=True)
-class CrossKDConfig:
-    """CrossKD (Wang et al., CVPR 2024): the student's head features after its first ``layer``
-    tower convs run through the teacher's head from its conv ``teacher_layer`` on, and those
-    cross-head predictions are distilled towards the teacher's."""
-
-    cls_weight: float = 0.0  # quality-focal KD of the cross-head classification
-    box_weight: float = 0.0  # GIoU of the cross-head boxes, weighted by the teacher's score
-    # student tower convs before the hand-over (0: the FPN features); null: one before the last
-    # (student.head_convs - 1: CrossKD's reused_teacher_head_idx=3 of four-conv heads), filled in
-    # when the config is read (``resolve_defaults``)
-    layer: int | None = None
-    teacher_layer: int | None = None  # teacher tower convs skipped; null: the same as layer
-    beta: float = 1.0  # exponent of the quality-focal weight |sigmoid(s) - sigmoid(t)|^beta
+    def with_sections(self, **values: Any) -> Any:
+        """A copy with the named sub-sections replaced."""
+        unknown = set(values) - {name for name, _ in self.sections}
+        if unknown:
+            raise KeyError(f"{self.AT} has no section {sorted(unknown)[0]!r}")
+        sections = tuple((name, values.get(name, value)) for name, value in self.sections)
+        return replace(self, sections=sections)
 
 
 @dataclass(frozen=True)
-class DistillConfig:
-    feature: FeatureKDConfig = field(default_factory=FeatureKDConfig)
-    logit: LogitKDConfig = field(default_factory=LogitKDConfig)
-    box: BoxKDConfig = field(default_factory=BoxKDConfig)
-    crosskd: CrossKDConfig = field(default_factory=CrossKDConfig)
+class DistillConfig(Extensible):
+    """The ``distill`` section: one sub-section per KD term, declared by the term
+    (``distill.kd.registry``), and the schedule that all the terms share."""
+
+    AT: ClassVar[str] = "distill"
     warmup_steps: int = 0  # KD weights ramp linearly from 0 over this many steps
     stop_epoch: int | None = None  # KD terms are switched off from this epoch on (0-based)
 
@@ -239,63 +225,117 @@ def resize_bounds(data: DataConfig) -> tuple[int, int]:
 
 
 LEVEL_NAMES = ("p3", "p4", "p5", "p6", "p7")  # the FPN levels of every model here
-# distill.feature.levels when null, per kind: PKD's reference (MMRazor) distils P3-P6
-DEFAULT_LEVELS = {"pkd": ("p3", "p4", "p5", "p6")}
 INIT_FROM_TEACHER_PARTS = ("neck", "head")  # student.init_from_teacher's names
 
 
-def default_levels(kind: str) -> tuple[str, ...]:
-    """The levels feature KD of ``kind`` distils when ``distill.feature.levels`` is null."""
-    return DEFAULT_LEVELS.get(kind, LEVEL_NAMES)
-
-
-def default_crosskd_layer(head_convs: int) -> int:
-    """``distill.crosskd.layer`` when null: the student's tower conv before its last one (3 of
-    four, CrossKD's ``reused_teacher_head_idx=3``), 0 for a head without tower convs."""
-    return max(head_convs - 1, 0)
-
-
-def resolve_defaults(cfg: Config) -> Config:
-    """``cfg`` with the defaults that depend on other keys filled in (null ->
-    ``default_levels(kind)``, ``default_crosskd_layer(student.head_convs)``), so that a run's
-    resolved config.yaml names every value it ran with."""
-    feature, crosskd = cfg.distill.feature, cfg.distill.crosskd
-    if feature.levels is None:
-        feature = replace(feature, levels=default_levels(feature.kind))
-    if crosskd.layer is None:
-        crosskd = replace(crosskd, layer=default_crosskd_layer(cfg.student.head_convs))
-    if feature is cfg.distill.feature and crosskd is cfg.distill.crosskd:
-        return cfg
-    return replace(cfg, distill=replace(cfg.distill, feature=feature, crosskd=crosskd))
-
-
-# The weight of every KD term: all 0 is the plain student (no teacher runs).
-KD_WEIGHT_KEYS = (
-    "distill.feature.weight", "distill.logit.weight", "distill.box.weight",
-    "distill.crosskd.cls_weight", "distill.crosskd.box_weight",
-)  # fmt: skip
-
-
-# Values that must be positive, or at least zero (a type check cannot tell).
+# Values that must be positive, or at least zero (a type check cannot tell). A registered
+# section declares its own (``Section``).
 POSITIVE = (
     "data.image_size", "data.batch_size", "train.lr", "train.grad_accum", "train.log_every",
-    "train.max_nonfinite", "distill.logit.temperature", "distill.feature.tau",
-    "distill.feature.fgd_tau",
-    "eval.detections_per_image", "eval.batch_size", "student.fpn_channels", "data.min_size",
-    "data.max_size",
-    "student.head_channels", "student.head_convs", "data.max_train_images", "data.max_val_images",
+    "train.max_nonfinite", "eval.detections_per_image", "eval.batch_size",
+    "student.fpn_channels", "data.min_size", "data.max_size", "student.head_channels",
+    "student.head_convs", "data.max_train_images", "data.max_val_images",
 )  # fmt: skip
 NON_NEGATIVE = (
     "data.num_workers", "train.epochs",
     "train.max_steps", "train.warmup_steps", "train.weight_decay", "train.momentum",
     "train.checkpoint_every_steps", "train.seed", "eval.every_epochs", "eval.images_logged",
-    "distill.warmup_steps", *KD_WEIGHT_KEYS, "distill.crosskd.layer",
-    "distill.crosskd.teacher_layer", "distill.crosskd.beta", "distill.feature.mgd_ratio",
+    "distill.warmup_steps",
 )  # fmt: skip
 
 # Upper bounds where a larger value is a typo that would allocate without end rather than a
 # model (torchvision's RetinaNet: 4 head convs, 256 channels).
 AT_MOST = {"student.head_convs": 16, "student.fpn_channels": 4096, "student.head_channels": 4096}
+
+
+# --------------------------------------------------------------------------------------------
+# What registries declare
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Section:
+    """A sub-section of an ``Extensible`` section, as a registry declares it (a KD term declares
+    ``distill.<term>``, a feature kind ``distill.feature.<kind>``). Keys are relative to it.
+
+    config: its frozen dataclass (its keys and their defaults)
+    positive, non_negative: its keys that must be > 0, >= 0 (null always passes)
+    resolve: ``(section, cfg) -> section`` with the defaults that depend on other keys filled
+        in (a run's config.yaml then names every value it ran with)
+    check: ``(section, cfg, source)``, raising ``ConfigError`` (naming the key and ``source``)
+        for values a type and the bounds cannot check
+    unused: ``section -> keys`` that change nothing in a run with this section (a term that is
+        off, another feature kind's keys): a resumed run may differ from its start there
+    """
+
+    config: type
+    positive: tuple[str, ...] = ()
+    non_negative: tuple[str, ...] = ()
+    resolve: Callable[[Any, Config], Any] | None = None
+    check: Callable[[Any, Config, str], None] | None = None
+    unused: Callable[[Any], Iterable[str]] | None = None
+
+
+_SECTIONS: dict[str, dict[str, Section]] = {}  # {"distill": {"feature": Section, ...}, ...}
+
+
+def register_section(at: str, name: str, section: Section) -> None:
+    """Declare sub-section ``name`` of the extensible section ``at`` (in this order)."""
+    _SECTIONS.setdefault(at, {})[name] = section
+
+
+def unregister_section(at: str, name: str) -> None:
+    """Remove a declared sub-section and the names its keys accept (tests add their own)."""
+    _SECTIONS.get(at, {}).pop(name, None)
+    for key in [k for k in _CHOICES if k.startswith(f"{at}.{name}.")]:
+        del _CHOICES[key]
+
+
+def registered_sections(at: str) -> dict[str, Section]:
+    """{name: Section} of extensible section ``at``, in registration order."""
+    return dict(_SECTIONS.get(at, {}))
+
+
+def walk_sections(obj: Any) -> Iterator[tuple[str, Section, Any]]:
+    """(dotted key, declaration, value) of every registered sub-section in a config (or a
+    section of it), parents before their own sub-sections."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            yield from walk_sections(value)
+    if isinstance(obj, Extensible):
+        declared = registered_sections(obj.AT)
+        for name, value in obj.sections:
+            yield f"{obj.AT}.{name}", declared[name], value
+            yield from walk_sections(value)
+
+
+def resolve_defaults(cfg: Config) -> Config:
+    """``cfg`` with the defaults that depend on other keys filled in by each registered
+    section's ``resolve`` (a feature kind's levels, CrossKD's layer), so that a run's resolved
+    config.yaml names every value it ran with."""
+    return _resolved(cfg, cfg)
+
+
+def _resolved(obj: Any, cfg: Config) -> Any:
+    changes = {
+        f.name: _resolved(getattr(obj, f.name), cfg)
+        for f in fields(obj)
+        if is_dataclass(getattr(obj, f.name))
+    }
+    changes = {name: v for name, v in changes.items() if v is not getattr(obj, name)}
+    if isinstance(obj, Extensible):
+        declared, sections, changed = registered_sections(obj.AT), [], False
+        for name, value in obj.sections:
+            new = _resolved(value, cfg)
+            resolve = declared[name].resolve
+            if resolve is not None:
+                new = resolve(new, cfg)
+            sections.append((name, new))
+            changed = changed or new is not value
+        if changed:
+            changes["sections"] = tuple(sections)
+    return replace(obj, **changes) if changes else obj
 
 
 # The names a key accepts. A registry (students, teachers, distill.kd) declares the names of

@@ -21,9 +21,9 @@ from torch.utils.tensorboard import SummaryWriter
 from distill.config import Config, ConfigError, TrainConfig
 from distill.data import CocoDetection, build_dataset, collate, seed_worker
 from distill.engine.accelerator import make_accelerator
-from distill.kd import kd_terms
+from distill.engine.trainable import TrainableModule
+from distill.kd import KDTerm, kd_terms
 from distill.models.retinanet import check_compatible, set_postprocess
-from distill.models.trainable import TrainableModule
 from distill.models.weights import init_from_teacher
 from students import build_student
 from teachers import build_teacher
@@ -88,7 +88,7 @@ def build_models(
                  " and ".join(cfg.student.init_from_teacher))  # fmt: skip
     parts = {name: term.build(student, teacher, cfg.train.seed) for name, term in terms.items()}
     kd = {name: part for name, part in parts.items() if part is not None}
-    return TrainableModule(student, kd), teacher
+    return TrainableModule(student, kd, terms), teacher
 
 
 def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -153,6 +153,7 @@ class Trainee:
     optimizer: Any  # AcceleratedOptimizer
     scheduler: Any  # AcceleratedScheduler
     detector: nn.Module  # the unwrapped torchvision RetinaNet inside ``module``
+    terms: dict[str, KDTerm]  # the KD terms it trains with (``kd_terms``, built once)
     writer: SummaryWriter | None  # TensorBoard, on the main process only
     # windows skipped in a row for a non-finite loss (the loop stops at train.max_nonfinite)
     nonfinite_in_a_row: int = 0
@@ -182,11 +183,13 @@ def build_trainee(
     optimizer = build_optimizer(module, cfg.train)
     module, optimizer = accelerator.prepare(module, optimizer)
     scheduler = accelerator.prepare(build_scheduler(optimizer, cfg.train, total_steps))
-    detector = accelerator.unwrap_model(module).detector
+    unwrapped = accelerator.unwrap_model(module)
+    detector, terms = unwrapped.detector, unwrapped.terms
     set_postprocess(detector, cfg.eval)
     run_dir = Path(cfg.output.dir)
     writer = SummaryWriter(str(run_dir / "tb")) if accelerator.is_main_process else None
-    return Trainee(cfg, run_dir, module, optimizer, scheduler, detector, writer), teacher
+    trainee = Trainee(cfg, run_dir, module, optimizer, scheduler, detector, terms, writer)
+    return trainee, teacher
 
 
 def check_lockstep(cfgs: list[Config]) -> None:

@@ -42,10 +42,10 @@ from distill.engine.checkpoint import (
 from distill.engine.setup import Run, check_start, resume_from, setup
 from distill.engine.signals import StopFlag
 from distill.engine.step import StepOutcome, teacher_forward, train_step
+from distill.engine.trainable import student_state_dict
 from distill.evaluation.draw import log_detections
 from distill.evaluation.evaluate import evaluate, write_json
 from distill.models.card import dataset_categories, write_card
-from distill.models.trainable import student_state_dict
 from distill.models.weights import save_state_dict_file
 
 __all__ = [
@@ -182,13 +182,13 @@ def train_batch(
     image_list, targets = run.transform(images, targets)
     teacher_out = None
     if run.teacher is not None:
-        cfgs = [t.cfg for t in run.trainees]
-        teacher_out = teacher_forward(accelerator, run.teacher, image_list, cfgs)
+        terms = [t.terms for t in run.trainees]
+        teacher_out = teacher_forward(accelerator, run.teacher, image_list, terms)
     # One accumulation window for all: each trainee's own accumulate() would advance the one
     # shared counter K times a batch (optimizers stepping off the window).
     with accelerator.accumulate(*(t.module for t in run.trainees)):
         for t in run.trainees:
-            # student forward, detection + KD terms summed in combine(), backward, step
+            # student forward, detection + KD terms summed (step_losses), backward, step
             outcome, logs = train_step(
                 accelerator, t, image_list, targets, teacher_out, step, epoch
             )

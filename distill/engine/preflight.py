@@ -13,10 +13,9 @@ for each, in minutes on a CPU, and returns one ``Finding`` per check:
     shapes       feature widths, anchors per location, strides of teacher and student
     kd/<term>    each KD term's weighted loss at full weight against the detection loss, on
                  the first training batch: orders of magnitude larger, or zero, is a warning
-    kd/fgd attention
-                 (FGD only) the share of the finest distilled level's pixels and channels
-                 FGD's attention of the teacher spreads over at ``fgd_tau``; under 2% (features
-                 large for the temperature) is a warning
+    kd/...       what each KD term says of its settings on that batch (``KDTerm.findings``;
+                 FGD: the share of the finest level's pixels and channels its teacher
+                 attention spreads over at its temperature, under 2% a warning)
     dry step     one forward and backward of the student (float32): every gradient finite
 
 ``distill run`` runs the cheap part (``check_setup(cfg, sample=0)``: no evaluation) before it
@@ -28,54 +27,32 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.models.detection import RetinaNet
 
-from distill.config import LEVEL_NAMES, Config, replace
+from distill.config import Config, replace
 from distill.data import CocoDetection, build_dataset, collate
 from distill.engine.accelerator import inference_accelerator
 from distill.engine.build import build_models
-from distill.engine.step import teacher_forward
+from distill.engine.step import step_losses, teacher_forward
+from distill.engine.trainable import TrainableModule
 from distill.evaluation.evaluate import evaluate
-from distill.kd import combine, distill_terms, kd_terms
-from distill.kd.feature import FeatureKD
-from distill.losses import fgd_attention_spread
+from distill.kd import FAIL, OK, SKIP, WARN, Finding, kd_terms
 from distill.models.card import read_card
 from distill.models.provenance import torchvision_categories
-from distill.models.retinanet import (
-    build_transform,
-    detection_loss,
-    feature_strides,
-    set_postprocess,
-)
-from distill.models.trainable import TrainableModule
+from distill.models.retinanet import build_transform, feature_strides, set_postprocess
 from teachers import build_teacher
 
 log = logging.getLogger(__name__)
 
-OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skipped"
 # a teacher below this mAP on the sample was not trained on this data (or runs wrongly)
 MIN_TEACHER_MAP = 0.01
 # a weighted KD term this many times larger than the detection loss drowns it; this many times
 # smaller does nothing
 KD_RATIO_HIGH, KD_RATIO_LOW = 100.0, 1e-4
-# FGD's attention on the teacher's features spread over fewer than this share of a level's
-# pixels or channels distils a handful of them: the teacher's features are large for fgd_tau
-FGD_MIN_SPREAD = 0.02
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One check: its name, ``ok`` | ``warn`` | ``fail`` | ``skipped``, and what was found."""
-
-    check: str
-    status: str
-    detail: str
-    value: float | None = None  # the measured number, where there is one (mAP, ratio, ...)
 
 
 class CheckFailed(Exception):
@@ -224,8 +201,9 @@ def _shapes_finding(teacher: RetinaNet, student: RetinaNet) -> Finding:
 def _step_findings(
     cfg: Config, teacher: nn.Module, module: TrainableModule, train_set: CocoDetection
 ) -> list[Finding]:
-    """The KD terms' magnitudes at full weight and one backward, on the first training batch
-    (two images, in order), in float32, on the device a run would use."""
+    """The KD terms' magnitudes at full weight, what each term says of its settings, and one
+    backward, on the first training batch (two images, in order), in float32, on the device a
+    run would use: the training step's own forward and losses (``step_losses``)."""
     accelerator = inference_accelerator()  # float32
     module.to(accelerator.device).train()
     teacher.to(accelerator.device)
@@ -236,21 +214,19 @@ def _step_findings(
         for t in targets
     ]
     image_list, moved = build_transform(cfg).to(accelerator.device)(images, targets)
-    teacher_out = teacher_forward(accelerator, teacher, image_list, [cfg])  # with its KD probes
-    student_out = module(image_list.tensors, image_list.image_sizes, teacher_out)
-    det = detection_loss(module.detector, student_out, moved)
-    size = (int(image_list.tensors.shape[-2]), int(image_list.tensors.shape[-1]))
-    kd = distill_terms(
-        student_out, teacher_out, moved, size, cfg.distill, image_sizes=image_list.image_sizes
+    terms = module.terms
+    teacher_out = teacher_forward(accelerator, teacher, image_list, [terms])  # with its probes
+    # at full weight: the warm-up's and the stop epoch's scale left out
+    total, logs = step_losses(module, module.detector, terms, image_list, moved, teacher_out, 1.0)
+    det_total = sum(
+        float(v) for k, v in logs.items() if k.startswith("loss/") and k != "loss/total"
     )
-    full = cfg.distill.warmup_steps  # the step at which the warm-up reaches full weight
-    total, logs = combine(det, kd, replace(cfg.distill, stop_epoch=None), full, 0)
-    det_total = sum(float(v.detach()) for v in det.values())
+    kd = [k.removeprefix("kd_weighted/") for k in logs if k.startswith("kd_weighted/")]
     findings = [
         _magnitude_finding(name, float(logs[f"kd_weighted/{name}"]), det_total) for name in kd
     ]
-    if "feature" in kd and cfg.distill.feature.kind == "fgd":
-        findings.append(_fgd_spread_finding(cfg, teacher_out.features))
+    for term in terms.values():
+        findings += term.findings(teacher_out)
     total.backward()
     loss = float(total.detach())
     bad = [
@@ -284,41 +260,6 @@ def _magnitude_finding(name: str, weighted: float, detection: float) -> Finding:
     if ratio < KD_RATIO_LOW:
         return Finding(check, WARN, f"{text}: too small to matter; raise its weight", ratio)
     return Finding(check, OK, text, ratio)
-
-
-def _fgd_spread_finding(cfg: Config, teacher_features: dict[str, torch.Tensor]) -> Finding:
-    """How much of the finest distilled level FGD's teacher attention covers at ``fgd_tau``, and
-    at 4x, 16x and 64x it, for the choice."""
-    term = FeatureKD(cfg.distill.feature)
-    level, tau = min(term.levels, key=LEVEL_NAMES.index), term.tau  # the most pixels; fgd_tau
-    x = teacher_features[level]
-    size, width = x.shape[-2] * x.shape[-1], x.shape[1]
-    spread = {k: fgd_attention_spread(x, tau * k) for k in (1, 4, 16, 64)}
-    pixels, channels = spread[1]
-    text = (
-        f"at fgd_tau {tau:g} the teacher's attention on {level} spreads over {pixels:.1%} of its "
-        f"{size} pixels and {channels:.1%} of its {width} channels (mean |feature| "
-        f"{float(x.abs().mean()):.3g}); pixels / channels at fgd_tau "
-        + ", ".join(f"{tau * k:g}: {p:.1%} / {c:.1%}" for k, (p, c) in spread.items() if k > 1)
-    )
-    least = min(pixels, channels)
-    if least >= FGD_MIN_SPREAD:
-        return Finding("kd/fgd attention", OK, text, least)
-    advice = next(
-        (
-            f"set distill.feature.fgd_tau to {tau * k:g}, the first of these over "
-            f"{FGD_MIN_SPREAD:.0%}"
-            for k, (p, c) in spread.items()
-            if min(p, c) >= FGD_MIN_SPREAD
-        ),
-        f"raise distill.feature.fgd_tau above {tau * 64:g}",
-    )
-    return Finding(
-        "kd/fgd attention", WARN,
-        f"{text}: FGD weighs about {pixels * size:.0f} pixels and {channels * width:.0f} channels "
-        f"of them; {advice}",
-        least,
-    )  # fmt: skip
 
 
 def format_findings(findings: list[Finding]) -> str:

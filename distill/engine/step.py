@@ -1,6 +1,6 @@
 """One training step of one trainee: the batch, already through the shared transform, goes into
 the frozen teacher (``teacher_forward``, once for all trainees) and into the trainee's prepared
-module; the detection loss and the KD terms are summed in ``combine``; backward; and at the end
+module; the detection loss and the KD terms are summed (``step_losses``); backward; and at the end
 of an accumulation window the optimizer step, or a skip that every process agrees on.
 
 Read this file first: it is the whole of what distillation adds to a training step. The loop
@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any
 
@@ -22,14 +22,11 @@ from accelerate import Accelerator
 from torch import nn
 from torchvision.models.detection.image_list import ImageList
 
-from distill.config import Config
-from distill.engine.build import (
-    Trainee,
-)
-from distill.kd import combine, distill_terms, kd_terms
+from distill.engine.build import Trainee
+from distill.kd import Batch, KDTerm, combine, distill_terms, kd_scale, kd_weights
 from distill.models.retinanet import DenseOutputs, dense_forward, detection_loss
 
-__all__ = ["StepOutcome", "end_window", "teacher_forward", "train_step"]
+__all__ = ["StepOutcome", "end_window", "step_losses", "teacher_forward", "train_step"]
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +48,15 @@ def teacher_forward(
     accelerator: Accelerator,
     teacher: nn.Module,
     image_list: ImageList,
-    cfgs: Sequence[Config] = (),
+    terms: Sequence[Mapping[str, KDTerm]] = (),
 ) -> DenseOutputs:
     """The frozen teacher on the shared batch: no_grad, autocast, never prepared.
 
-    With the hooks that the KD terms of the trainees ``cfgs`` need around it (their
-    ``teacher_probes``, each distinct one once: CrossKD's tower statistics), whose tensors are
-    added to the outputs' ``extras`` after the forward."""
+    With the hooks that the KD terms of the trainees (``terms``, one mapping per trainee) need
+    around it (their ``teacher_probes``, each distinct one once: CrossKD's tower statistics),
+    whose tensors are added to the outputs' ``extras`` after the forward."""
     probes = dict.fromkeys(
-        probe
-        for c in cfgs
-        for term in kd_terms(c.distill).values()
-        for probe in term.teacher_probes()
+        probe for trainee in terms for term in trainee.values() for probe in term.teacher_probes()
     )
     with torch.no_grad(), accelerator.autocast(), ExitStack() as stack:
         extras_of = [stack.enter_context(probe.watch(teacher)) for probe in probes]
@@ -70,6 +64,34 @@ def teacher_forward(
     for extras in extras_of:
         out.extras.update(extras(out))
     return out
+
+
+def step_losses(
+    module: nn.Module,
+    detector: nn.Module,
+    terms: Mapping[str, KDTerm],
+    image_list: ImageList,
+    targets: list[dict[str, Any]],
+    teacher_out: DenseOutputs | None,
+    scale: float,
+    mean_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    """A trainee's forward and its losses on a transformed batch: the detection loss against
+    the ground truth plus ``scale`` times the weighted KD ``terms`` against the teacher, anchor
+    by anchor and level by level. The training step and ``distill check`` both call it.
+
+    module: the trainee's (prepared) ``TrainableModule``; detector: the RetinaNet inside it
+    teacher_out: ``teacher_forward``'s outputs on the same batch (None without terms)
+    mean_over_processes: ``mean_over_processes(accelerator)`` (None: one process)
+    returns: ``combine``'s total and logs
+    """
+    # the detector and the KD terms' trainable parts, which may read the teacher's outputs
+    student_out = module(image_list.tensors, image_list.image_sizes, teacher_out)
+    det_losses = detection_loss(detector, student_out, targets)  # vs the ground truth
+    size = (int(image_list.tensors.shape[-2]), int(image_list.tensors.shape[-1]))
+    batch = Batch(targets, size, mean_over_processes, image_list.image_sizes)
+    kd_losses = distill_terms(terms, student_out, teacher_out, batch)  # vs the teacher
+    return combine(det_losses, kd_losses, kd_weights(terms), scale)
 
 
 def train_step(
@@ -90,16 +112,11 @@ def train_step(
     """
     if t.saved_buffers is None:  # first micro-batch of the window
         t.saved_buffers = [b.detach().clone() for b in t.module.buffers()]
-    # the detector and the KD terms' trainable parts, which may read the teacher's outputs
-    student_out = t.module(image_list.tensors, image_list.image_sizes, teacher_out)
-    det_losses = detection_loss(t.detector, student_out, targets)  # vs the ground truth
-    kd_losses: dict[str, torch.Tensor] = {}
-    if teacher_out is not None:  # vs the teacher, anchor by anchor and level by level
-        size, reduce = _hw(image_list.tensors), mean_over_processes(accelerator)
-        kd_losses = distill_terms(
-            student_out, teacher_out, targets, size, t.cfg.distill, reduce, image_list.image_sizes
-        )
-    total, logs = combine(det_losses, kd_losses, t.cfg.distill, step, epoch)
+    scale = kd_scale(t.cfg.distill, step, epoch)  # the KD terms' warm-up and stop
+    total, logs = step_losses(
+        t.module, t.detector, t.terms, image_list, targets, teacher_out, scale,
+        mean_over_processes(accelerator),
+    )  # fmt: skip
     bad = ~torch.isfinite(total.detach())  # on the device: no host sync per micro-batch
     t.window_bad = bad if t.window_bad is None else t.window_bad | bad
     accelerator.backward(total)  # fp16: of the loss times the grad scaler's scale
@@ -157,7 +174,3 @@ def mean_over_processes(accelerator: Accelerator) -> Callable[[torch.Tensor], to
     if accelerator.num_processes == 1:
         return None
     return lambda value: accelerator.reduce(value, "mean")
-
-
-def _hw(tensors: torch.Tensor) -> tuple[int, int]:
-    return int(tensors.shape[-2]), int(tensors.shape[-1])

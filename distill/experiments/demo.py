@@ -51,7 +51,7 @@ from distill.evaluation.cost import summarize
 from distill.evaluation.evaluate import run_metrics, write_json
 from distill.experiments.goals import Goal, check_goals
 from distill.experiments.machine import instruction_set_caps, machine
-from distill.experiments.sweep import KD_WEIGHTS
+from distill.experiments.sweep import plain_overrides
 from distill.fileio import FileFormatError, read_json
 from distill.models.card import read_card
 from distill.models.retinanet import build_transform
@@ -220,7 +220,8 @@ def demo_configs(
     )
     students = [*common, override("teacher.weights", teacher_weights)]
     plain = load_config(
-        CONFIGS / "distill.yaml", [*students, *KD_WEIGHTS, override("output.dir", out / "student")]
+        CONFIGS / "distill.yaml",
+        [*students, *plain_overrides(), override("output.dir", out / "student")],
     )
     distilled = load_config(
         CONFIGS / "distill.yaml", [*students, override("output.dir", out / "distill")]
@@ -416,7 +417,7 @@ def probe_seconds(configs: Mapping[str, Config], steps: int = 3) -> dict[str, fl
                 image_list, batch_targets = transform(images, targets)
                 teacher_out = None
                 if frozen is not None:  # the distilled student
-                    teacher_out = teacher_forward(accelerator, frozen, image_list, [cfg])
+                    teacher_out = teacher_forward(accelerator, frozen, image_list, [t.terms])
                 train_step(accelerator, t, image_list, batch_targets, teacher_out, step, 0)
                 if accelerator.device.type == "cuda":
                     torch.cuda.synchronize(accelerator.device)

@@ -30,7 +30,6 @@ import yaml
 from accelerate import PartialState
 
 from distill.config import (
-    KD_WEIGHT_KEYS,
     Config,
     ConfigError,
     TrainConfig,
@@ -42,11 +41,16 @@ from distill.config import (
 from distill.engine.checkpoint import has_checkpoint
 from distill.engine.loop import train, train_group
 from distill.evaluation.evaluate import run_metrics
+from distill.kd import weight_keys
 
 log = logging.getLogger(__name__)
 
 BASELINE = "baseline"
-KD_WEIGHTS = tuple(f"{key}=0" for key in KD_WEIGHT_KEYS)  # overrides: the plain student
+
+
+def plain_overrides() -> list[str]:
+    """The overrides that make a config's plain student: every registered KD weight 0."""
+    return [f"{key}=0" for key in weight_keys()]
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,8 @@ def make_points(
         raise ConfigError(f"grid values give duplicate run names: {[p.name for p in points]}")
     if with_baseline:
         cfg = load_config(
-            config_path, [*overrides, *KD_WEIGHTS, override("output.dir", sweep_dir / BASELINE)]
+            config_path,
+            [*overrides, *plain_overrides(), override("output.dir", sweep_dir / BASELINE)],
         )
         points.append(Point(BASELINE, {}, cfg))
     return points

@@ -8,7 +8,7 @@ what it needs from the teacher's forward, and its losses.
 
 The engine only loops over the configured terms (``distill.kd.registry``): building the parts
 (``distill.engine.build.build_models``), running them in the trainable module's ``forward``
-(``distill.models.trainable``), the teacher's forward (``distill.engine.step.teacher_forward``),
+(``distill.engine.trainable``), the teacher's forward (``distill.engine.step.teacher_forward``),
 the losses and their weighted sum (``distill.kd.combine``). The losses themselves are pure
 functions in ``distill.losses``.
 """
@@ -19,15 +19,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
 
-from distill.config import DistillConfig
+from distill.config import Config, DistillConfig, flatten
 from distill.models.retinanet import DenseOutputs
 
-__all__ = ["Batch", "KDTerm", "TeacherProbe", "TermModule"]
+__all__ = ["Batch", "Finding", "KDTerm", "TeacherProbe", "TermModule"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,20 @@ class Batch:
         if weights is None or self.mean_over_processes is None:
             return None
         return self.mean_over_processes(weights.detach().float().sum())
+
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skipped"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check of ``distill check``: its name, ``ok`` | ``warn`` | ``fail`` | ``skipped``,
+    and what was found."""
+
+    check: str
+    status: str
+    detail: str
+    value: float | None = None  # the measured number, where there is one (mAP, ratio, ...)
 
 
 class TermModule(nn.Module):
@@ -93,8 +107,47 @@ class TeacherProbe(Protocol):
 
 
 class KDTerm(ABC):
-    """One KD term. A subclass is registered by name in ``distill.kd.registry.TERMS`` (its
-    place there is its build order) and can also be used directly."""
+    """One KD term. A subclass declares what it owns (the class variables and classmethods
+    below: its config section, weights, bounds, key-dependent defaults, checks and the keys a
+    resumed run may ignore) and is registered by ``distill.kd.registry.register_term`` (the
+    order of registration is its build order); it can also be used directly. Nothing outside
+    ``distill.kd`` names it."""
+
+    name: ClassVar[str]  # its config section ``distill.<name>`` and its part's name
+    config_class: ClassVar[type]  # the section's frozen dataclass: its keys and their defaults
+    weight_keys: ClassVar[tuple[str, ...]] = ("weight",)  # all 0: the term is off
+    positive: ClassVar[tuple[str, ...]] = ()  # keys that must be > 0
+    non_negative: ClassVar[tuple[str, ...]] = ()  # keys that must be >= 0 (besides weights)
+    choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {}  # {key: the names it accepts}
+
+    @classmethod
+    def section_of(cls, cfg: DistillConfig) -> Any:
+        """The term's section ``distill.<name>`` of ``cfg``."""
+        return getattr(cfg, cls.name)
+
+    @classmethod
+    def is_on(cls, section: Any) -> bool:
+        """Some weight of the section is > 0."""
+        return any(getattr(section, key) > 0 for key in cls.weight_keys)
+
+    @classmethod
+    def resolve(cls, section: Any, cfg: Config) -> Any:
+        """The section with the defaults that depend on other keys of ``cfg`` filled in."""
+        return section
+
+    @classmethod
+    def check(cls, section: Any, cfg: Config, source: str) -> None:
+        """Raise ``ConfigError`` (naming the key and ``source``) for a value that types and
+        bounds cannot check. Default: nothing to check."""
+        return None
+
+    @classmethod
+    def unused_keys(cls, section: Any) -> set[str]:
+        """The section's keys that change nothing in a run (a resumed run may differ from its
+        start there): every key but the weights when the term is off."""
+        if cls.is_on(section):
+            return set()
+        return set(flatten(section)) - set(cls.weight_keys)
 
     @classmethod
     @abstractmethod
@@ -116,6 +169,11 @@ class KDTerm(ABC):
     def teacher_probes(self) -> tuple[TeacherProbe, ...]:
         """What the term needs from the teacher's forward beyond its outputs."""
         return ()
+
+    def findings(self, teacher: DenseOutputs) -> list[Finding]:
+        """What ``distill check`` should say of this term's settings on the teacher's outputs
+        of a real batch (FGD: how far its attention spreads at its temperature)."""
+        return []
 
     @abstractmethod
     def losses(

@@ -4,17 +4,24 @@ anchors the teacher is sure about (``distill.losses.logits.box_distill_loss``)."
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
-from distill.config import BoxKDConfig, DistillConfig, register_choices
+from distill.config import DistillConfig
 from distill.kd.base import Batch, KDTerm
 from distill.losses.logits import BOX_KINDS, box_distill_loss, teacher_confidence
 from distill.models.retinanet import DenseOutputs
 
-__all__ = ["BoxKD"]
+__all__ = ["BoxKD", "BoxKDConfig"]
 
-register_choices({"distill.box.kind": BOX_KINDS})
+
+@dataclass(frozen=True)
+class BoxKDConfig:
+    kind: str = "l1"  # l1 | giou
+    weight: float = 0.0
+    # anchors whose teacher max class probability is at least this take part
+    score_threshold: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -22,11 +29,16 @@ class BoxKD(KDTerm):
     """``box_distill_loss`` on the anchors whose teacher max class probability is at least
     ``cfg.score_threshold`` (weight 1 there, 0 elsewhere)."""
 
+    name: ClassVar[str] = "box"
+    config_class: ClassVar[type] = BoxKDConfig
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"kind": BOX_KINDS}
+
     cfg: BoxKDConfig
 
     @classmethod
     def from_config(cls, cfg: DistillConfig) -> BoxKD | None:
-        return cls(cfg.box) if cfg.box.weight > 0 else None
+        section = cls.section_of(cfg)
+        return cls(section) if cls.is_on(section) else None
 
     def weights(self) -> dict[str, float]:
         return {"box": self.cfg.weight}

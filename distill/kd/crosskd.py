@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torchvision.models.detection import RetinaNet
 
-from distill.config import ConfigError, CrossKDConfig, DistillConfig
+from distill.config import Config, ConfigError, DistillConfig
 from distill.kd.base import Batch, KDTerm, TermModule
 from distill.losses.crosskd import crosskd_box_loss, kd_quality_focal_loss, match_anchors
 from distill.models.crosshead import (
@@ -31,7 +32,7 @@ from distill.models.crosshead import (
 )
 from distill.models.retinanet import DenseOutputs
 
-__all__ = ["CrossKD", "CrossKDModule", "TowerStats"]
+__all__ = ["CrossKD", "CrossKDConfig", "CrossKDModule", "TowerStats"]
 
 # the cross head's branch -> the name of its predictions in the outputs' extras and of its loss
 _OUTPUTS = {"cls": "crosskd/cls_logits", "reg": "crosskd/bbox_regression"}
@@ -44,6 +45,28 @@ def _stats_key(branch: str, layer: int) -> str:
 
 
 @dataclass(frozen=True)
+class CrossKDConfig:
+    """CrossKD (Wang et al., CVPR 2024): the student's head features after its first ``layer``
+    tower convs run through the teacher's head from its conv ``teacher_layer`` on, and those
+    cross-head predictions are distilled towards the teacher's."""
+
+    cls_weight: float = 0.0  # quality-focal KD of the cross-head classification
+    box_weight: float = 0.0  # GIoU of the cross-head boxes, weighted by the teacher's score
+    # student tower convs before the hand-over (0: the FPN features); null: one before the last
+    # (student.head_convs - 1: CrossKD's reused_teacher_head_idx=3 of four-conv heads), filled in
+    # when the config is read
+    layer: int | None = None
+    teacher_layer: int | None = None  # teacher tower convs skipped; null: the same as layer
+    beta: float = 1.0  # exponent of the quality-focal weight |sigmoid(s) - sigmoid(t)|^beta
+
+
+def default_layer(head_convs: int) -> int:
+    """``distill.crosskd.layer`` when null: the student's tower conv before its last one (3 of
+    four, CrossKD's ``reused_teacher_head_idx=3``), 0 for a head without tower convs."""
+    return max(head_convs - 1, 0)
+
+
+@dataclass(frozen=True)
 class CrossKD(KDTerm):
     """Two weighted losses, ``crosskd_cls`` (``kd_quality_focal_loss``) and ``crosskd_box``
     (``crosskd_box_loss``), of the cross-head predictions vs the teacher's, without the anchors
@@ -52,12 +75,23 @@ class CrossKD(KDTerm):
     whose centre lies in the batch's padding, outside the image's own size). A branch whose
     weight is 0 is not built: its mapper would get no gradient and stall DDP."""
 
+    name: ClassVar[str] = "crosskd"
+    config_class: ClassVar[type] = CrossKDConfig
+    weight_keys: ClassVar[tuple[str, ...]] = ("cls_weight", "box_weight")
+    non_negative: ClassVar[tuple[str, ...]] = ("layer", "teacher_layer", "beta")
+
     cfg: CrossKDConfig
 
     @classmethod
     def from_config(cls, cfg: DistillConfig) -> CrossKD | None:
-        crosskd = cfg.crosskd
-        return cls(crosskd) if crosskd.cls_weight > 0 or crosskd.box_weight > 0 else None
+        section = cls.section_of(cfg)
+        return cls(section) if cls.is_on(section) else None
+
+    @classmethod
+    def resolve(cls, section: Any, cfg: Config) -> Any:
+        if section.layer is not None:
+            return section
+        return replace(section, layer=default_layer(cfg.student.head_convs))
 
     def weights(self) -> dict[str, float]:
         weights = {"crosskd_cls": self.cfg.cls_weight, "crosskd_box": self.cfg.box_weight}
@@ -66,7 +100,7 @@ class CrossKD(KDTerm):
     @property
     def layer(self) -> int:
         """The student tower convs before the hand-over (``layer``; a config read by
-        ``load_config`` has it filled in, ``resolve_defaults``)."""
+        ``load_config`` has it filled in, ``CrossKD.resolve``)."""
         if self.cfg.layer is None:
             raise ValueError(
                 "distill.crosskd.layer is null: fill it in (distill.config.resolve_defaults, "

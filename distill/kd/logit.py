@@ -4,20 +4,27 @@ teacher's at a temperature (``distill.losses.logits.soft_label_loss``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
-from distill.config import DistillConfig, LogitKDConfig, register_choices
+from distill.config import DistillConfig
 from distill.kd.base import Batch, KDTerm
 from distill.losses.logits import LOGIT_KINDS, soft_label_loss, teacher_confidence
 from distill.models.retinanet import DenseOutputs
 
-__all__ = ["ANCHOR_WEIGHTINGS", "LogitKD"]
+__all__ = ["ANCHOR_WEIGHTINGS", "LogitKD", "LogitKDConfig"]
 
 ANCHOR_WEIGHTINGS = ("none", "teacher_max")
 
-register_choices({"distill.logit.kind": LOGIT_KINDS,
-                  "distill.logit.anchor_weighting": ANCHOR_WEIGHTINGS})  # fmt: skip
+
+@dataclass(frozen=True)
+class LogitKDConfig:
+    kind: str = "bce"  # bce | kl
+    weight: float = 0.0
+    temperature: float = 4.0
+    # per-anchor weighting: none | teacher_max (teacher's max class probability)
+    anchor_weighting: str = "teacher_max"
 
 
 @dataclass(frozen=True)
@@ -25,11 +32,20 @@ class LogitKD(KDTerm):
     """``soft_label_loss`` at ``cfg.temperature``, anchors weighted by the teacher's max class
     probability (``anchor_weighting: teacher_max``) or uniformly (``none``)."""
 
+    name: ClassVar[str] = "logit"
+    config_class: ClassVar[type] = LogitKDConfig
+    positive: ClassVar[tuple[str, ...]] = ("temperature",)
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        "kind": LOGIT_KINDS,
+        "anchor_weighting": ANCHOR_WEIGHTINGS,
+    }
+
     cfg: LogitKDConfig
 
     @classmethod
     def from_config(cls, cfg: DistillConfig) -> LogitKD | None:
-        return cls(cfg.logit) if cfg.logit.weight > 0 else None
+        section = cls.section_of(cfg)
+        return cls(section) if cls.is_on(section) else None
 
     def weights(self) -> dict[str, float]:
         return {"logit": self.cfg.weight}

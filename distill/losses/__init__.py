@@ -11,10 +11,7 @@ plain detection loss (focal + box vs ground truth) is torchvision's, in
 
 from distill.losses.crosskd import crosskd_box_loss, kd_quality_focal_loss, match_anchors
 from distill.losses.features import (
-    FEATURE_KINDS,
-    LEVEL_REDUCTIONS,
     cwd_loss,
-    feature_kd_loss,
     fgd_attention_spread,
     fgd_loss,
     fgd_masks,
@@ -33,13 +30,10 @@ from distill.losses.logits import (
 
 __all__ = [
     "BOX_KINDS",
-    "FEATURE_KINDS",
-    "LEVEL_REDUCTIONS",
     "LOGIT_KINDS",
     "box_distill_loss",
     "crosskd_box_loss",
     "cwd_loss",
-    "feature_kd_loss",
     "fgd_attention_spread",
     "fgd_loss",
     "fgd_masks",

@@ -2,17 +2,16 @@
 
 Every loss compares one level, student (N, C, H, W) against teacher (N, C, H, W) with the same
 shape: the student's features have already gone through a learnable 1x1 adapter to the
-teacher's channel count (the feature term's adapters, ``distill.kd.feature``, which also holds
-FGD's global-context blocks and MGD's generators: the learnable parts live with the term).
-``feature_kd_loss`` sums one of them over the selected levels (as MMRazor, FGD and the papers
-do: a weight from a paper means the same here), or averages them with ``reduction="mean"``.
+teacher's channel count (the feature term's adapters, ``distill.kd.feature``; the learnable
+parts of a kind, FGD's global-context blocks and MGD's generators, live with the kind in
+``distill.kd.features``, which also sums a kind's loss over the distilled levels).
 
 Like the head losses, they run in float32 with autocast off and detach the teacher.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,19 +20,14 @@ from torch import Tensor
 from distill.losses.logits import autocast_off
 
 __all__ = [
-    "FEATURE_KINDS",
-    "LEVEL_REDUCTIONS",
     "cwd_loss",
-    "feature_kd_loss",
+    "fgd_attention_spread",
     "fgd_loss",
     "fgd_masks",
     "mgd_loss",
     "mse_loss",
     "pkd_loss",
 ]
-
-FEATURE_KINDS = ("mse", "cwd", "pkd", "fgd", "mgd")
-LEVEL_REDUCTIONS = ("sum", "mean")  # of the per-level losses
 
 
 def _check_pair(s: Tensor, t: Tensor) -> None:
@@ -246,84 +240,3 @@ def mgd_loss(generated: Tensor, t: Tensor) -> Tensor:
     _check_pair(generated, t)
     with autocast_off(generated):
         return (generated.float() - t.detach().float()).pow(2).sum() / generated.shape[0]
-
-
-def feature_kd_loss(
-    kind: str,
-    student_feats: Mapping[str, Tensor],
-    teacher_feats: Mapping[str, Tensor],
-    levels: Sequence[str],
-    *,
-    tau: float = 1.0,
-    boxes_per_image: Sequence[Tensor] | None = None,
-    image_size: tuple[int, int] | None = None,
-    fgd_alpha: float = 0.001,
-    fgd_beta: float = 0.0005,
-    fgd_gamma: float = 0.0005,
-    fgd_lambda: float = 0.000005,
-    global_s: Mapping[str, Tensor] | None = None,
-    global_t: Mapping[str, Tensor] | None = None,
-    reduction: str = "sum",
-) -> Tensor:
-    """One feature loss summed (or averaged) over FPN levels.
-
-    student_feats: {level: (N, C, H_l, W_l)} adapted student features
-    teacher_feats: {level: (N, C, H_l, W_l)} teacher features
-    levels: the levels to distil, e.g. ("p3", "p4", "p5", "p6", "p7")
-    reduction: "sum": ``loss = sum_l loss_kind(s_l, t_l)`` (the papers'); "mean": the same
-        divided by the number of levels L
-    returns: scalar float32
-
-    For mgd, ``student_feats`` are the generator's outputs (``mgd_loss``).
-    ``tau`` is the temperature of cwd and fgd (the feature term passes ``fgd_tau`` for fgd);
-    ``boxes_per_image`` and ``image_size`` are
-    required by fgd, ``global_s`` / ``global_t`` ({level: (N, C, H_l, W_l)}) are its optional
-    global-context outputs (levels missing from them get no global term).
-    """
-    if kind not in FEATURE_KINDS:
-        raise ValueError(f"unknown feature KD kind {kind!r}; expected one of {FEATURE_KINDS}")
-    if not levels:
-        raise ValueError("feature KD needs at least one level")
-    if reduction not in LEVEL_REDUCTIONS:
-        raise ValueError(
-            f"unknown level reduction {reduction!r}; expected one of {LEVEL_REDUCTIONS}"
-        )
-    if kind == "fgd" and (boxes_per_image is None or image_size is None):
-        raise ValueError("fgd needs boxes_per_image and image_size")
-    per_level = []
-    for level in levels:
-        if level not in student_feats or level not in teacher_feats:
-            raise KeyError(
-                f"level {level!r} missing: student has {sorted(student_feats)}, "
-                f"teacher has {sorted(teacher_feats)}"
-            )
-        s, t = student_feats[level], teacher_feats[level]
-        if kind == "mse":
-            per_level.append(mse_loss(s, t))
-        elif kind == "cwd":
-            per_level.append(cwd_loss(s, t, tau))
-        elif kind == "pkd":
-            per_level.append(pkd_loss(s, t))
-        elif kind == "mgd":
-            per_level.append(mgd_loss(s, t))
-        else:
-            assert boxes_per_image is not None and image_size is not None  # checked above
-            g_s = global_s.get(level) if global_s is not None else None
-            g_t = global_t.get(level) if global_t is not None else None
-            per_level.append(
-                fgd_loss(
-                    s,
-                    t,
-                    boxes_per_image,
-                    image_size,
-                    tau=tau,
-                    alpha=fgd_alpha,
-                    beta=fgd_beta,
-                    gamma=fgd_gamma,
-                    lam=fgd_lambda,
-                    global_s=g_s,
-                    global_t=g_t,
-                )
-            )
-    stacked = torch.stack(per_level)  # (L,)
-    return stacked.sum() if reduction == "sum" else stacked.mean()

@@ -21,7 +21,7 @@ import json
 import logging
 from pathlib import Path
 
-from distill.config import KD_WEIGHT_KEYS, Config, flatten, load_config, replace, to_dict
+from distill.config import Config, flatten, load_config, replace, to_dict
 from distill.data import CocoDetection, build_dataset
 from distill.engine.accelerator import inference_accelerator
 from distill.evaluation.cost import measure
@@ -35,6 +35,7 @@ from distill.evaluation.evaluate import (
     run_metrics,
 )
 from distill.fileio import write_text_atomic
+from distill.kd import weight_keys
 from distill.models.retinanet import build_transform
 from distill.report.html import build_page
 from distill.report.model import Lineup, Model, ReportError, metric
@@ -78,7 +79,7 @@ def read_run(path: Path, role: str, overrides: list[str]) -> Model:
 def is_plain(cfg: Config) -> bool:
     """A plain student: every KD weight 0."""
     flat = flatten(cfg)
-    return all(flat[key] == 0 for key in KD_WEIGHT_KEYS)
+    return all(flat[key] == 0 for key in weight_keys())
 
 
 def is_sweep(path: Path) -> bool:

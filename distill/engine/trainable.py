@@ -18,17 +18,25 @@ from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.image_list import ImageList
 
-from distill.kd.base import TermModule
+from distill.kd.base import KDTerm, TermModule
 from distill.models.retinanet import DenseOutputs, dense_forward
 
 
 class TrainableModule(nn.Module):
-    """``detector`` (a torchvision RetinaNet) and ``kd``, the KD terms' parts by term name."""
+    """``detector`` (a torchvision RetinaNet), ``kd``, the KD terms' parts by term name, and
+    ``terms``, the KD terms it trains with (built once, with their parts: their losses are
+    computed every step from them)."""
 
-    def __init__(self, detector: RetinaNet, kd: Mapping[str, TermModule] | None = None) -> None:
+    def __init__(
+        self,
+        detector: RetinaNet,
+        kd: Mapping[str, TermModule] | None = None,
+        terms: Mapping[str, KDTerm] | None = None,
+    ) -> None:
         super().__init__()
         self.detector = detector
         self.kd = nn.ModuleDict(kd or {})
+        self.terms = dict(terms or {})
 
     def forward(
         self,

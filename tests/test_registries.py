@@ -1,0 +1,129 @@
+"""A feature kind added at runtime, in this file alone: its own keys (defaults, bounds), its
+default levels, its trainable part and its loss go through the config reader, the resolved
+config, the resume check and the training step without any other file naming it. (A KD term
+added the same way: ``tests/test_kd_terms.py``, ``ToyKD``.)"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from distill.config import ConfigError, dump_config, load_config, replace
+from distill.config.resume import check_resume_config
+from distill.engine.build import build_models
+from distill.engine.step import step_losses, teacher_forward
+from distill.kd import Batch, FeatureKind, register_kind, unregister_kind
+from distill.kd.features import KindPart
+from distill.models.retinanet import DenseOutputs, build_transform
+from tests.conftest import REPO
+
+SMOKE = REPO / "configs" / "shapes" / "smoke.yaml"
+ON = ["distill.feature.kind=gain", "distill.feature.weight=1", "distill.logit.weight=0",
+      "distill.box.weight=0"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GainConfig:
+    scale: float = 2.0
+
+
+class GainPart(KindPart):
+    """A learnable gain per level on the adapted student's features."""
+
+    def __init__(self, levels: Sequence[str]) -> None:
+        super().__init__()
+        self.gain = nn.ParameterDict({lv: nn.Parameter(torch.tensor(1.5)) for lv in levels})
+
+    def forward(
+        self, adapted: Mapping[str, Tensor], teacher: DenseOutputs | None
+    ) -> dict[str, Tensor]:
+        return {f"gain/{lv}": adapted[lv] * self.gain[lv] for lv in self.gain}
+
+
+class Gain(FeatureKind):
+    """``scale * mean |gain * student - teacher|`` per level."""
+
+    name = "gain"
+    config_class = GainConfig
+    positive = ("scale",)
+    default_levels = ("p4", "p5")
+    cfg: GainConfig
+
+    def part(self, levels: Sequence[str], channels: int, seed: int) -> GainPart:
+        return GainPart(levels)
+
+    def loss(
+        self, level: str, student: Tensor, teacher: Tensor, extras: Mapping[str, Tensor],
+        batch: Batch,
+    ) -> Tensor:  # fmt: skip
+        return self.cfg.scale * (extras[f"gain/{level}"].float() - teacher.float()).abs().mean()
+
+
+@pytest.fixture
+def gain() -> Iterator[type[Gain]]:
+    register_kind(Gain)
+    yield Gain
+    unregister_kind("gain")
+
+
+def test_a_kind_added_at_runtime_owns_its_keys_defaults_and_bounds(
+    gain: type[Gain], tmp_path: Path
+) -> None:
+    cfg = load_config(SMOKE, ON)
+    feature = cfg.distill.feature
+    assert feature.levels == ("p4", "p5")  # the kind's default levels, resolved
+    assert feature.gain == GainConfig() and feature.cwd.tau == 1.0  # every kind's section
+    assert load_config(SMOKE, [*ON, "distill.feature.gain.scale=3"]).distill.feature.gain.scale == 3
+    with pytest.raises(ConfigError, match=r"distill\.feature\.gain\.scale in --set .* > 0"):
+        load_config(SMOKE, [*ON, "distill.feature.gain.scale=0"])
+    with pytest.raises(ConfigError, match=r"unknown key distill\.feature\.gain\.scal\b"):
+        load_config(SMOKE, [*ON, "distill.feature.gain.scal=3"])
+    dump_config(cfg, tmp_path / "config.yaml")  # a run's resolved config reads back the same
+    assert load_config(tmp_path / "config.yaml") == cfg
+    # a CWD run resumes whatever the other kinds' keys say; the gain run does not
+    cwd = load_config(SMOKE)
+    dump_config(replace(cwd, **{"distill.feature.gain.scale": 5.0}), tmp_path / "config.yaml")
+    check_resume_config(cwd, tmp_path)
+    dump_config(replace(cfg, **{"distill.feature.gain.scale": 5.0}), tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match=r"distill\.feature\.gain\.scale: 5\.0 -> 2\.0"):
+        check_resume_config(cfg, tmp_path)
+
+
+def test_a_kind_added_at_runtime_trains_through_the_step(gain: type[Gain]) -> None:
+    """Its part sits in the trainable module and gets a gradient; its loss is the step's
+    feature term, as computed by hand."""
+    from accelerate import Accelerator
+
+    cfg = load_config(SMOKE, ON)
+    torch.manual_seed(0)
+    module, teacher = build_models(cfg, "student", 9)
+    assert teacher is not None
+    part = module.kd["feature"].part
+    assert isinstance(part, GainPart) and set(part.gain) == {"p4", "p5"}
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * 2
+    image_list, targets = build_transform(cfg)(images, targets)
+    teacher_out = teacher_forward(Accelerator(cpu=True), teacher, image_list, [module.terms])
+    total, logs = step_losses(
+        module, module.detector, module.terms, image_list, targets, teacher_out, 1.0
+    )
+    out = module(image_list.tensors, image_list.image_sizes, teacher_out)
+    expected = sum(
+        2.0 * (out.adapted[lv] * 1.5 - teacher_out.features[lv]).abs().mean() for lv in ("p4", "p5")
+    )
+    torch.testing.assert_close(logs["kd/feature"], expected)
+    total.backward()
+    assert all(p.grad is not None and p.grad.abs() > 0 for p in part.gain.values())
+
+
+def test_an_unregistered_kind_is_refused(gain: type[Gain]) -> None:
+    unregister_kind("gain")
+    with pytest.raises(ConfigError, match=r"distill\.feature\.kind .*'gain' is not one of"):
+        load_config(SMOKE, ON)
+    with pytest.raises(ConfigError, match=r"unknown key distill\.feature\.gain"):
+        load_config(SMOKE, ["distill.feature.gain.scale=3"])

@@ -324,14 +324,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "summary":
         # imported here, not at the top: keeps the CLI's start-up fast
-        from distill.evaluation.cost import format_summary, summarize
+        from distill.deploy.latency import format_deployed, summarize_deployed
+        from distill.evaluation.cost import summarize
 
         cfg = load_config(args.config, args.overrides)
-        result = summarize(cfg, deploy=not args.no_deploy)
+        result = summarize(cfg) if args.no_deploy else summarize_deployed(cfg)
         if args.json:
             print(json.dumps(result, indent=2))
         else:
-            print(format_summary(result))
+            print(format_deployed(result))
         return 0
     if args.command == "check":
         if args.sample < 0:

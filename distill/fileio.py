@@ -90,3 +90,8 @@ def import_script(path: Path) -> ModuleType:
     sys.modules[path.stem] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module
+
+
+def write_json(payload: Any, path: Path) -> None:
+    """Atomic JSON write (``write_text_atomic``), indented, with a final newline."""
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import load_config, override
-from distill.evaluation.evaluate import publish
-from distill.experiments.machine import machine
+from distill.experiments.machine import machine, publish
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "scripts") not in sys.path:  # bench_kd.py beside this file, however this is imported

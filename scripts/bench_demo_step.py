@@ -25,10 +25,9 @@ from typing import Any
 
 from distill.config import replace
 from distill.data.shapes import generate_shapes
-from distill.engine.accelerator import native_bf16
-from distill.evaluation.evaluate import publish
+from distill.device import native_bf16
 from distill.experiments import demo
-from distill.experiments.machine import instruction_set_caps, machine
+from distill.experiments.machine import instruction_set_caps, machine, publish
 
 REPO = Path(__file__).resolve().parents[1]
 # row -> (image size, config changes); the first row is the demo as it is

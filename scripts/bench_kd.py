@@ -49,9 +49,9 @@ from distill.engine.checkpoint import (
 )
 from distill.engine.loop import train, train_group
 from distill.evaluation.cost import summarize
-from distill.evaluation.evaluate import evaluate_checkpoints, publish, run_metrics
+from distill.evaluation.evaluate import evaluate_checkpoints, run_metrics
 from distill.experiments.goals import Goal, check_goals
-from distill.experiments.machine import machine
+from distill.experiments.machine import machine, publish
 from distill.kd import weight_keys
 from distill.report.collect import report_command
 from distill.report.figures import bench_figure

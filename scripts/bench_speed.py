@@ -73,7 +73,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection.image_list import ImageList
 
 from distill.config import Config, load_config, override, replace
-from distill.engine.accelerator import native_bf16
+from distill.device import native_bf16
 from distill.engine.build import Trainee, build_accelerator, build_train_loader, build_trainee
 from distill.engine.step import StepOutcome, teacher_forward, train_step
 from distill.experiments.machine import machine
@@ -690,10 +690,10 @@ def deployment(settings: Settings) -> dict[str, Any]:
     """``distill summary``'s deployment numbers for the benchmark's config and size: per model
     {pytorch_ms, onnxruntime_ms, weights_mb, onnx_mb, threads} and student / teacher ratios
     (the deployed graph at batch 1 on the CPU, median of ``iters`` runs after ``warmup``)."""
-    from distill.evaluation.cost import summarize
+    from distill.deploy.latency import summarize_deployed
 
     cfg = load_config(settings.config, [*settings.overrides, f"data.image_size={settings.size}"])
-    result = summarize(cfg, warmup=settings.warmup, iterations=settings.iters, deploy=True)
+    result = summarize_deployed(cfg, warmup=settings.warmup, iterations=settings.iters)
     if "deploy" not in result["student"]:  # no onnx/onnxruntime: summarize warned
         return {}
     return {

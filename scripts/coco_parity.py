@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from distill.config import load_config, override  # noqa: E402
-from distill.engine.accelerator import make_accelerator  # noqa: E402
+from distill.device import make_accelerator  # noqa: E402
 from distill.evaluation.evaluate import detect, load_detector  # noqa: E402
 from distill.models.retinanet import build_transform  # noqa: E402
 from tests.test_coco_parity import ARCHS, NUM_CLASSES, raise_bias  # noqa: E402

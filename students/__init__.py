@@ -27,9 +27,8 @@ from torchvision.models import (
 
 from distill.config import AnchorConfig, Config, register_choices, resize_bounds
 from distill.models.provenance import check_trained_settings
-from distill.models.retinanet import build_anchor_generator
+from distill.models.retinanet import FreezableRetinaNet, build_anchor_generator
 from distill.models.weights import (
-    FreezableRetinaNet,
     load_detector_weights,
     load_state_dict_file,
     load_weights,

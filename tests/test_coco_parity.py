@@ -31,7 +31,7 @@ from torchvision.ops import box_convert
 from distill.cli import main
 from distill.config import TORCHVISION_ANCHORS, Config, load_config
 from distill.data import load_image
-from distill.engine.accelerator import make_accelerator
+from distill.device import make_accelerator
 from distill.engine.build import build_models
 from distill.evaluation.evaluate import detect, load_detector
 from distill.models.card import write_card

@@ -183,7 +183,7 @@ def test_onnx_map_equals_pytorch_on_shapes_val(
     exported: Path, run_dir: Path, shapes_root: Path
 ) -> None:
     from distill.data import predictions_to_coco
-    from distill.engine.accelerator import make_accelerator
+    from distill.device import make_accelerator
     from distill.evaluation.evaluate import predict
     from distill.models.retinanet import build_transform
 
@@ -245,7 +245,7 @@ def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch, run_dir: Path, 
 
 
 def test_summary_deployment_numbers(shapes_root: Path, tmp_path: Path) -> None:
-    from distill.evaluation.cost import deploy_latency, format_deploy
+    from distill.deploy.latency import deploy_latency, format_deploy
 
     cfg = load_config(SMOKE, smoke_overrides(shapes_root, tmp_path))
     save_model(cfg, "student", tmp_path)

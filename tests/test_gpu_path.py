@@ -21,14 +21,14 @@ from accelerate import PartialState
 from accelerate.utils import GradScalerKwargs, set_seed
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import distill.engine.accelerator
+import distill.device
 import distill.engine.loop
 import distill.engine.setup
 import distill.engine.step
 import distill.experiments.sweep
 from distill.config import Config, ConfigError, load_config
 from distill.data import build_dataset, collate
-from distill.engine.accelerator import make_accelerator
+from distill.device import make_accelerator
 from distill.engine.build import build_models, check_lockstep
 from distill.engine.loop import TrainingStopped, train, train_group
 from distill.engine.step import mean_over_processes, step_losses, teacher_forward
@@ -62,9 +62,9 @@ def test_fp16_overflows_shrink_the_scale_and_a_resume_keeps_it(
     1000x an overflow): the first two steps are the scaler's own skips. The run, stopped
     after the first one and resumed, goes on; they are not non-finite losses, the LR schedule
     waits for them, and the resumed run starts from the saved scale."""
-    monkeypatch.setenv(distill.engine.accelerator.CPU_FP16_ENV, "1")
+    monkeypatch.setenv(distill.device.CPU_FP16_ENV, "1")
     monkeypatch.setattr(
-        distill.engine.accelerator,
+        distill.device,
         "GRAD_SCALER",
         GradScalerKwargs(init_scale=1e10, backoff_factor=1e-3),
     )

@@ -1,10 +1,13 @@
-"""The package's layout: no import cycles, few files at the top of ``distill/``, lazy imports only
-where they keep the command line's start-up fast."""
+"""The package's layout: layers that only point down (an order of the subpackages), no import
+cycles, few files at the top of ``distill/``, lazy imports only where they keep the command
+line's start-up fast."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -91,6 +94,75 @@ def test_no_module_imports_one_that_imports_it_back() -> None:
     modules = project_modules()
     graph = {name: {m for m, _, _ in imports_of(path, modules)} for name, path in modules.items()}
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
+
+
+# The layers, top to bottom: a module imports its own package and the layers below its own,
+# never one beside or above it. ``distill`` is the package's face (it imports the registries).
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("distill", "distill.__main__"),  # the package's face; ``python -m distill``
+    ("distill.cli",),  # the command line
+    ("distill.experiments",),  # many models: sweeps, the demo, machine records
+    ("distill.deploy", "distill.report"),  # a trained model outside training
+    ("distill.engine",),  # training: step, loop, build, checkpoint, check
+    ("distill.evaluation",),  # COCO mAP, size, compute, latency
+    ("distill.kd",),  # the KD terms and feature kinds
+    ("teachers", "students"),  # the builders
+    ("distill.models", "distill.device"),  # the split forward, weights, cards; the Accelerator
+    ("distill.data",),  # datasets
+    ("distill.config",),  # YAML -> dataclasses
+    ("distill.losses", "distill.fileio"),  # pure functions; files
+)
+
+
+def package_of(module: str) -> str:
+    """The entry of ``LAYERS`` that holds ``module`` (its longest prefix there)."""
+    names = [name for layer in LAYERS for name in layer]
+    # ``distill`` holds only the package's own __init__ (its modules have their own layers)
+    found = [n for n in names if module == n or (n != "distill" and module.startswith(n + "."))]
+    if not found:
+        raise KeyError(f"{module} is in no layer of tests/test_layout.py's LAYERS: place it")
+    return max(found, key=len)
+
+
+def climbing_imports(imports: dict[str, list[tuple[str, int]]]) -> list[str]:
+    """The imports that do not point down: ``"a.b:12 imports c.d (layer 3 -> 1 up)"``.
+
+    imports: {module: [(module it imports, line), ...]}"""
+    floor = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+    found = []
+    for module, targets in sorted(imports.items()):
+        here = package_of(module)
+        for target, line in targets:
+            there = package_of(target)
+            if there != here and floor[there] <= floor[here]:
+                found.append(
+                    f"{module}:{line} imports {target}: {here} (layer {floor[here] + 1}) may "
+                    f"import only the layers below it, and {there} is layer {floor[there] + 1}"
+                )
+    return found
+
+
+def test_climbing_imports_names_the_arrow_that_climbs() -> None:
+    assert climbing_imports({"distill.engine.step": [("distill.kd.combine", 3)]}) == []
+    assert climbing_imports({"distill.engine.step": [("distill.engine.build", 3)]}) == []
+    (up,) = climbing_imports({"distill.evaluation.cost": [("distill.deploy.export", 26)]})
+    assert up.startswith("distill.evaluation.cost:26 imports distill.deploy.export")
+    (beside,) = climbing_imports({"teachers": [("students.parts", 5)]})
+    assert "teachers (layer 8)" in beside and "students is layer 8" in beside
+    with pytest.raises(KeyError, match=r"distill\.newpackage\.x is in no layer"):
+        climbing_imports({"distill.newpackage.x": []})
+
+
+def test_layers_only_point_down() -> None:
+    """Every project module sits in a layer of ``LAYERS`` and imports (at any depth of its
+    code) only its own package and the layers below."""
+    modules = project_modules()
+    imports = {
+        name: [(m, line) for m, line, _ in imports_of(path, modules)]
+        for name, path in modules.items()
+    }
+    climbing = climbing_imports(imports)
+    assert not climbing, "imports that climb:\n" + "\n".join(climbing)
 
 
 def test_few_files_at_the_top_of_the_package() -> None:

@@ -27,6 +27,7 @@ from distill.models.retinanet import (
     LEVELS,
     STRIDES,
     DenseOutputs,
+    FreezableRetinaNet,
     build_anchor_generator,
     build_transform,
     check_compatible,
@@ -37,7 +38,6 @@ from distill.models.retinanet import (
 )
 from distill.models.weights import (
     CLS_LOGITS_KEYS,
-    FreezableRetinaNet,
     WeightsMismatchError,
     load_state_dict_file,
     resolve_weights,

@@ -14,7 +14,7 @@ from distill.cli import main
 from distill.config import Config, load_config
 from distill.data import build_dataset
 from distill.deploy.predict import find_categories
-from distill.engine.accelerator import make_accelerator
+from distill.device import make_accelerator
 from distill.evaluation.evaluate import load_detector, predict
 from distill.models.card import dataset_categories, write_card
 from distill.models.retinanet import build_transform

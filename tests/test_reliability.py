@@ -39,7 +39,7 @@ import distill.engine.step
 from distill.cli import main
 from distill.config import ConfigError, load_config
 from distill.data import build_dataset, predictions_to_coco
-from distill.engine.accelerator import make_accelerator
+from distill.device import make_accelerator
 from distill.engine.build import build_models, build_optimizer, check_not_optimized
 from distill.engine.checkpoint import (
     ModelsMismatchError,
@@ -48,7 +48,8 @@ from distill.engine.checkpoint import (
     write_text_atomic,
 )
 from distill.engine.loop import TrainingStopped, train, train_group
-from distill.evaluation.evaluate import coco_metrics, evaluate, write_json
+from distill.evaluation.evaluate import coco_metrics, evaluate
+from distill.fileio import write_json
 from distill.models.retinanet import build_transform
 from distill.models.weights import load_state_dict_file, save_state_dict_file
 from students import build_student

@@ -155,13 +155,13 @@ def test_auto_precision_is_bf16_only_where_it_is_native(
 
     monkeypatch.setattr(build, "native_bf16", lambda: False)
     assert build.check_mixed_precision("auto") == "no"
-    with caplog.at_level(logging.WARNING, logger="distill.engine.accelerator"):
+    with caplog.at_level(logging.WARNING, logger="distill.device"):
         assert build.check_mixed_precision("bf16") == "bf16"  # honoured, with a warning
     assert "without native bf16" in caplog.text and "train.mixed_precision=auto" in caplog.text
     caplog.clear()
     monkeypatch.setattr(build, "native_bf16", lambda: True)
     assert build.check_mixed_precision("auto") == "bf16"
-    with caplog.at_level(logging.WARNING, logger="distill.engine.accelerator"):
+    with caplog.at_level(logging.WARNING, logger="distill.device"):
         assert build.check_mixed_precision("bf16") == "bf16"
         assert build.check_mixed_precision("no") == "no"
     assert caplog.text == ""
@@ -172,7 +172,7 @@ def test_auto_precision_is_bf16_only_where_it_is_native(
 def test_native_bf16_matches_the_cpu_flags() -> None:
     """On x86 Linux, PyTorch's oneDNN has bf16 kernels where the CPU has AVX-512 (avx512bw,
     avx512vl, avx512dq), AMX or AVX-NE-CONVERT; without them bf16 is emulated and slow."""
-    from distill.engine.accelerator import native_bf16
+    from distill.device import native_bf16
 
     cpuinfo = Path("/proc/cpuinfo")
     if torch.cuda.is_available() or platform.machine() != "x86_64" or not cpuinfo.is_file():

@@ -20,8 +20,7 @@ import torch
 from torch import Tensor
 from torchvision.models.detection import RetinaNet
 
-from distill.models.retinanet import dense_forward
-from distill.models.weights import eval_mode
+from distill.models.retinanet import dense_forward, eval_mode
 
 
 class ExportError(RuntimeError):

@@ -45,9 +45,10 @@ from tqdm import tqdm
 from distill.config import Config
 from distill.data import DatasetError, build_dataset, load_image
 from distill.deploy.onnx_runtime import ExportError, detect_onnx, open_session, read_metadata
-from distill.engine.accelerator import inference_accelerator
+from distill.device import inference_accelerator
 from distill.evaluation.draw import draw_boxes
-from distill.evaluation.evaluate import detect, load_detector, write_json
+from distill.evaluation.evaluate import detect, load_detector
+from distill.fileio import write_json
 from distill.models.card import CardError, read_card
 from distill.models.provenance import is_torchvision_name, torchvision_categories
 from distill.models.retinanet import build_transform

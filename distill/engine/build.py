@@ -20,7 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from distill.config import Config, ConfigError, TrainConfig
 from distill.data import CocoDetection, build_dataset, collate, seed_worker
-from distill.engine.accelerator import make_accelerator
+from distill.device import make_accelerator
 from distill.engine.trainable import TrainableModule
 from distill.kd import KDTerm, kd_terms
 from distill.models.retinanet import check_compatible, set_postprocess

@@ -44,7 +44,8 @@ from distill.engine.signals import StopFlag
 from distill.engine.step import StepOutcome, teacher_forward, train_step
 from distill.engine.trainable import student_state_dict
 from distill.evaluation.draw import log_detections
-from distill.evaluation.evaluate import evaluate, write_json
+from distill.evaluation.evaluate import evaluate
+from distill.fileio import write_json
 from distill.models.card import dataset_categories, write_card
 from distill.models.weights import save_state_dict_file
 

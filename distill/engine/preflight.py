@@ -35,7 +35,7 @@ from torchvision.models.detection import RetinaNet
 
 from distill.config import Config, replace
 from distill.data import CocoDetection, build_dataset, collate
-from distill.engine.accelerator import inference_accelerator
+from distill.device import inference_accelerator
 from distill.engine.build import build_models
 from distill.engine.step import step_losses, teacher_forward
 from distill.engine.trainable import TrainableModule

@@ -9,9 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,11 +21,7 @@ from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.image_list import ImageList
 
 from distill.config import Config, resize_bounds
-from distill.deploy.export import DeployedDetector, export_onnx
-from distill.deploy.onnx_runtime import MissingExtraError, open_session, require_onnx
-from distill.models.card import make_card
-from distill.models.retinanet import dense_forward, set_postprocess
-from distill.models.weights import save_state_dict_file
+from distill.models.retinanet import dense_forward
 from students import build_student
 from teachers import build_teacher, teacher_weights_missing
 
@@ -35,12 +29,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NUM_CLASSES = 7  # the built-in shapes benchmark: 6 shapes + background
 METRICS = ("params", "gflops", "latency_ms")
-DEPLOY_METRICS = ("pytorch_ms", "onnxruntime_ms", "weights_mb", "onnx_mb")
 
 
-def summarize(
-    cfg: Config, *, warmup: int = 2, iterations: int = 5, deploy: bool = False
-) -> dict[str, Any]:
+def summarize(cfg: Config, *, warmup: int = 2, iterations: int = 5) -> dict[str, Any]:
     """Params, GFLOPs and median CPU latency of teacher and student, and student / teacher.
 
     GFLOPs: backbone + FPN + head (no transform, no post-processing) on one
@@ -48,13 +39,9 @@ def summarize(
     counted by FlopCounterMode (a multiply-add is 2 FLOPs).
     latency_ms: median wall time of that forward on the CPU at batch 1, after ``warmup`` runs.
     Returns {"teacher": {params, gflops, latency_ms}, "student": {...}, "ratio": {...},
-    "image_size": int, "num_classes": int}.
-    deploy: also export both models to ONNX and time the deployed graph (``deploy_latency``):
-    each model gets "deploy" {pytorch_ms, onnxruntime_ms, weights_mb, onnx_mb, threads} and
-    the ratio its ms and MB; without onnx/onnxruntime installed, a warning names the extra.
+    "image_size": int, "num_classes": int}. (The deployed graph's cost:
+    ``distill.deploy.latency.summarize_deployed``.)
     """
-
-    num_classes = _num_classes(cfg)
     missing = teacher_weights_missing(cfg)
     if missing is not None:
         log.warning(
@@ -62,7 +49,20 @@ def summarize(
             "the summary does not need them",
             missing,
         )
-    # Weights change no number reported here; not loading them avoids downloads.
+    num_classes, teacher, student = summary_models(cfg)
+    size = min(resize_bounds(cfg.data))  # a square image is resized to this side
+    result: dict[str, Any] = {"image_size": size, "num_classes": num_classes}
+    for name, model in (("teacher", teacher), ("student", student)):
+        result[name] = measure(model, size, warmup, iterations)
+    result["ratio"] = {k: result["student"][k] / result["teacher"][k] for k in METRICS}
+    return result
+
+
+def summary_models(cfg: Config) -> tuple[int, RetinaNet, RetinaNet]:
+    """(number of classes, teacher, student) of ``cfg``'s architectures, in eval mode, with
+    random weights: weights change no number the summary reports, and not loading them avoids
+    downloads."""
+    num_classes = _num_classes(cfg)
     cfg = dataclasses.replace(
         cfg,
         teacher=dataclasses.replace(cfg.teacher, weights=None, backbone_weights=None),
@@ -71,15 +71,7 @@ def summarize(
     # frozen=False: the same architecture, without build_teacher's random-weights warning.
     teacher = build_teacher(cfg, num_classes, frozen=False).eval()
     student = build_student(cfg, num_classes).eval()
-
-    size = min(resize_bounds(cfg.data))  # a square image is resized to this side
-    result: dict[str, Any] = {"image_size": size, "num_classes": num_classes}
-    for name, model in (("teacher", teacher), ("student", student)):
-        result[name] = measure(model, size, warmup, iterations)
-    result["ratio"] = {k: result["student"][k] / result["teacher"][k] for k in METRICS}
-    if deploy:
-        _add_deploy(result, cfg, {"teacher": teacher, "student": student}, warmup, iterations)
-    return result
+    return num_classes, teacher, student
 
 
 def measure(model: RetinaNet, size: int, warmup: int = 2, iterations: int = 5) -> dict[str, Any]:
@@ -91,30 +83,6 @@ def measure(model: RetinaNet, size: int, warmup: int = 2, iterations: int = 5) -
         "gflops": _gflops(model, size),
         "latency_ms": _latency_ms(model, size, warmup, iterations),
     }
-
-
-def _add_deploy(
-    result: dict[str, Any],
-    cfg: Config,
-    models: dict[str, RetinaNet],
-    warmup: int,
-    iterations: int,
-) -> None:
-
-    try:
-        require_onnx()
-    except MissingExtraError as err:
-        log.warning("no deployment latency: %s", err)
-        return
-    with tempfile.TemporaryDirectory(prefix="distill-summary-") as workdir:
-        for name, model in models.items():
-            set_postprocess(model, cfg.eval)
-            card = make_card(cfg, name, result["num_classes"], [])
-            result[name]["deploy"] = deploy_latency(
-                model, card, result["image_size"], workdir, name, warmup, iterations
-            )
-    t, s = result["teacher"]["deploy"], result["student"]["deploy"]
-    result["ratio"]["deploy"] = {k: s[k] / t[k] for k in DEPLOY_METRICS}
 
 
 def format_summary(result: dict[str, Any]) -> str:
@@ -137,33 +105,13 @@ def format_summary(result: dict[str, Any]) -> str:
             f"{result['ratio']['latency_ms']:.3f}",
         ),
     ]
-    lines = _align(rows)
+    lines = align_rows(rows)
     size = result.get("image_size")
     note = f"batch 1, {size}x{size} input, backbone + FPN + head; latency: median on CPU"
-    if "deploy" not in result["student"]:
-        return "\n".join([*lines, note])
-    return "\n".join([*lines, note, "", format_deploy(result)])
+    return "\n".join([*lines, note])
 
 
-def format_deploy(result: dict[str, Any]) -> str:
-    """The deployment table of ``summarize(..., deploy=True)``."""
-    rows: list[tuple[str, ...]] = [("", "PyTorch ms", "ONNX Runtime ms", "weights MB", "ONNX MB")]
-    for name in ("teacher", "student"):
-        d = result[name]["deploy"]
-        rows.append((name, *(f"{d[k]:.1f}" for k in DEPLOY_METRICS)))
-    rows.append(
-        ("student/teacher", *(f"{result['ratio']['deploy'][k]:.3f}" for k in DEPLOY_METRICS))
-    )
-    size, threads = result["image_size"], result["student"]["deploy"]["threads"]
-    note = (
-        f"deployed graph (normalise, backbone + FPN + head, box decoding, NMS), CPU, batch 1, "
-        f"{size}x{size}, {threads} thread{'s' * (threads != 1)}; median after warm-up; "
-        "weights: the .pt state dict"
-    )
-    return "\n".join([*_align(rows), note])
-
-
-def _align(rows: Sequence[Sequence[str]]) -> list[str]:
+def align_rows(rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
         "  ".join(
@@ -203,10 +151,10 @@ def _gflops(model: RetinaNet, size: int) -> float:
 def _latency_ms(model: RetinaNet, size: int, warmup: int, iterations: int) -> float:
     images = _probe(size)
     with torch.inference_mode():
-        return _median_ms(lambda: dense_forward(model, images), warmup, iterations)
+        return median_ms(lambda: dense_forward(model, images), warmup, iterations)
 
 
-def _median_ms(run: Callable[[], object], warmup: int, iterations: int) -> float:
+def median_ms(run: Callable[[], object], warmup: int, iterations: int) -> float:
     """Median wall time of ``run()`` in ms over ``iterations`` calls after ``warmup`` calls."""
     times = []
     for i in range(warmup + iterations):
@@ -215,42 +163,3 @@ def _median_ms(run: Callable[[], object], warmup: int, iterations: int) -> float
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1000.0)
     return float(statistics.median(times))
-
-
-def deploy_latency(
-    detector: RetinaNet,
-    card: dict[str, Any],
-    size: int,
-    workdir: str | os.PathLike[str],
-    name: str,
-    warmup: int = 2,
-    iterations: int = 10,
-) -> dict[str, Any]:
-    """What deploying ``detector`` costs on this CPU, at batch 1 on a ``size`` square image.
-
-    The model is saved to ``workdir/{name}.pt`` (plain state dict) and exported to
-    ``workdir/{name}.onnx``; the same deployed graph (normalise, backbone + head, decoding,
-    NMS) is timed in PyTorch eager and in ONNX Runtime, each with torch's thread count, as the
-    median of ``iterations`` runs after ``warmup``. Returns {"pytorch_ms", "onnxruntime_ms",
-    "weights_mb", "onnx_mb", "threads"}.
-    """
-
-    workdir = Path(workdir)
-    weights, onnx_file = workdir / f"{name}.pt", workdir / f"{name}.onnx"
-    save_state_dict_file(detector.state_dict(), weights)
-    export_onnx(detector, onnx_file, card)
-    threads = torch.get_num_threads()
-    session = open_session(onnx_file, threads=threads, spinning=True)  # ORT's default
-    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    module = DeployedDetector(detector).eval()
-    with torch.inference_mode():
-        eager = _median_ms(lambda: module(image), warmup, iterations)
-    feed = {"images": image.numpy()}
-    runtime = _median_ms(lambda: session.run(None, feed), warmup, iterations)
-    return {
-        "pytorch_ms": eager,
-        "onnxruntime_ms": runtime,
-        "weights_mb": weights.stat().st_size / 1e6,
-        "onnx_mb": onnx_file.stat().st_size / 1e6,
-        "threads": threads,
-    }

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from distill.config import Config, replace
 from distill.data import CocoDetection, build_dataset, collate, predictions_to_coco
-from distill.engine.accelerator import inference_accelerator
-from distill.fileio import FileFormatError, read_json, write_text_atomic
+from distill.device import inference_accelerator
+from distill.fileio import FileFormatError, read_json, write_json
 from distill.models.retinanet import build_transform, dense_forward, postprocess, set_postprocess
 from students import build_student
 from teachers import build_teacher
@@ -304,16 +303,3 @@ def eval_command(
             )
             write_json(payload, out)
             print(f"wrote {out}")
-
-
-def write_json(payload: Any, path: Path) -> None:
-    """Atomic JSON write (``write_text_atomic``)."""
-    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
-
-
-def publish(result: Any, path: Path, table: str) -> None:
-    """A benchmark script's ending: its result as JSON in ``path``, its table printed, then
-    where the JSON went."""
-    write_json(result, path)
-    print(table)
-    print(f"\nwrote {path}")

@@ -48,11 +48,11 @@ from distill.engine.checkpoint import (
 from distill.engine.loop import train, train_group
 from distill.engine.step import teacher_forward, train_step
 from distill.evaluation.cost import summarize
-from distill.evaluation.evaluate import run_metrics, write_json
+from distill.evaluation.evaluate import run_metrics
 from distill.experiments.goals import Goal, check_goals
 from distill.experiments.machine import instruction_set_caps, machine
 from distill.experiments.sweep import plain_overrides
-from distill.fileio import FileFormatError, read_json
+from distill.fileio import FileFormatError, read_json, write_json
 from distill.models.card import read_card
 from distill.models.retinanet import build_transform
 

@@ -12,7 +12,8 @@ import accelerate
 import torch
 import torchvision
 
-from distill.engine.accelerator import native_bf16
+from distill.device import native_bf16
+from distill.fileio import write_json
 
 # Environment variables that cap the instruction sets of oneDNN and of PyTorch's own kernels: an
 # AVX2-only host imitated on a newer CPU (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2).
@@ -82,3 +83,11 @@ def machine() -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
     }
+
+
+def publish(result: Any, path: Path, table: str) -> None:
+    """A benchmark script's ending: its result as JSON in ``path``, its table printed, then
+    where the JSON went."""
+    write_json(result, path)
+    print(table)
+    print(f"\nwrote {path}")

@@ -8,18 +8,22 @@ on the same ``ImageList``, so anchor ``a`` of the student is anchor ``a`` of the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from distill.config import LEVEL_NAMES, AnchorConfig, Config, EvalConfig, resize_bounds
-from distill.models.weights import eval_mode
+
+M = TypeVar("M", bound=nn.Module)
 
 LEVELS = LEVEL_NAMES
 STRIDES = (8, 16, 32, 64, 128)
@@ -223,3 +227,64 @@ def check_compatible(teacher: RetinaNet, student: RetinaNet) -> None:
             "teacher and student do not share anchors, so their outputs cannot be compared "
             "anchor by anchor:\n  " + "\n  ".join(problems)
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Freezing
+# --------------------------------------------------------------------------------------------
+
+
+class FreezableRetinaNet(RetinaNet):
+    """torchvision's RetinaNet, whose eval mode can be pinned against a parent's ``.train()``.
+
+    ``freeze()``: the whole model is a fixed function (the distillation teacher). No parameter
+    requires grad, and ``train()``, also when reached through a parent module, leaves every
+    submodule in eval mode, so BatchNorm statistics never move.
+
+    ``freeze_backbone_norm()``: the same for the BatchNorm layers of the backbone body only, the
+    usual treatment of a pretrained backbone trained with small batches. It is what torchvision
+    gets from FrozenBatchNorm2d, but the modules stay BatchNorm2d so that every build of an
+    architecture has the same state dict keys.
+    """
+
+    frozen: bool = False
+    frozen_norm: bool = False
+
+    def freeze(self) -> FreezableRetinaNet:
+        self.frozen = True
+        self.requires_grad_(False)
+        return self.train(False)
+
+    def freeze_backbone_norm(self) -> FreezableRetinaNet:
+        self.frozen_norm = True
+        for module in _backbone_norms(self):
+            module.requires_grad_(False)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> FreezableRetinaNet:
+        super().train(mode and not self.frozen)
+        if self.frozen_norm:
+            for module in _backbone_norms(self):
+                module.train(False)
+        return self
+
+
+def _backbone_norms(model: RetinaNet) -> Iterator[nn.Module]:
+    body = getattr(model.backbone, "body", model.backbone)
+    return (m for m in body.modules() if isinstance(m, _BatchNorm))
+
+
+@contextmanager
+def eval_mode(module: M) -> Iterator[M]:
+    """Run a block with ``module`` in eval mode, then restore every submodule's own flag.
+
+    Flags are restored one by one rather than through ``train()``, which a frozen model
+    overrides; a probe forward in eval mode also leaves BatchNorm statistics untouched.
+    """
+    flags: list[tuple[nn.Module, Any]] = [(m, m.training) for m in module.modules()]
+    module.train(False)
+    try:
+        yield module
+    finally:
+        for m, flag in flags:
+            m.training = flag

@@ -14,14 +14,11 @@ import logging
 import os
 import pickle
 from collections import OrderedDict
-from collections.abc import Collection, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models import WeightsEnum
 from torchvision.models.detection import RetinaNet
 
@@ -29,7 +26,6 @@ from distill.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
-M = TypeVar("M", bound=nn.Module)
 
 # The output layer of RetinaNet's classification branch: the only part whose shape depends on
 # the number of classes.
@@ -297,64 +293,3 @@ def init_from_teacher(student: RetinaNet, teacher: RetinaNet, parts: Collection[
 
 def _shape(tensor: Tensor | None) -> str:
     return "missing" if tensor is None else str(tuple(tensor.shape))
-
-
-# --------------------------------------------------------------------------------------------
-# Freezing
-# --------------------------------------------------------------------------------------------
-
-
-class FreezableRetinaNet(RetinaNet):
-    """torchvision's RetinaNet, whose eval mode can be pinned against a parent's ``.train()``.
-
-    ``freeze()``: the whole model is a fixed function (the distillation teacher). No parameter
-    requires grad, and ``train()``, also when reached through a parent module, leaves every
-    submodule in eval mode, so BatchNorm statistics never move.
-
-    ``freeze_backbone_norm()``: the same for the BatchNorm layers of the backbone body only, the
-    usual treatment of a pretrained backbone trained with small batches. It is what torchvision
-    gets from FrozenBatchNorm2d, but the modules stay BatchNorm2d so that every build of an
-    architecture has the same state dict keys.
-    """
-
-    frozen: bool = False
-    frozen_norm: bool = False
-
-    def freeze(self) -> FreezableRetinaNet:
-        self.frozen = True
-        self.requires_grad_(False)
-        return self.train(False)
-
-    def freeze_backbone_norm(self) -> FreezableRetinaNet:
-        self.frozen_norm = True
-        for module in _backbone_norms(self):
-            module.requires_grad_(False)
-        return self.train(self.training)
-
-    def train(self, mode: bool = True) -> FreezableRetinaNet:
-        super().train(mode and not self.frozen)
-        if self.frozen_norm:
-            for module in _backbone_norms(self):
-                module.train(False)
-        return self
-
-
-def _backbone_norms(model: RetinaNet) -> Iterator[nn.Module]:
-    body = getattr(model.backbone, "body", model.backbone)
-    return (m for m in body.modules() if isinstance(m, _BatchNorm))
-
-
-@contextmanager
-def eval_mode(module: M) -> Iterator[M]:
-    """Run a block with ``module`` in eval mode, then restore every submodule's own flag.
-
-    Flags are restored one by one rather than through ``train()``, which a frozen model
-    overrides; a probe forward in eval mode also leaves BatchNorm statistics untouched.
-    """
-    flags: list[tuple[nn.Module, Any]] = [(m, m.training) for m in module.modules()]
-    module.train(False)
-    try:
-        yield module
-    finally:
-        for m, flag in flags:
-            m.training = flag

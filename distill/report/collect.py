@@ -23,7 +23,7 @@ from pathlib import Path
 
 from distill.config import Config, flatten, load_config, replace, to_dict
 from distill.data import CocoDetection, build_dataset
-from distill.engine.accelerator import inference_accelerator
+from distill.device import inference_accelerator
 from distill.evaluation.cost import measure
 from distill.evaluation.evaluate import (
     category_names,

@@ -35,7 +35,7 @@ from bench_kd import QUICK, _teacher_metrics, _train_or_resume, make_data  # noq
 RECIPE = REPO / "configs" / "shapes" / "distill.yaml"
 
 FGD = ["distill.feature.kind=fgd", "distill.feature.weight=FGD_WEIGHT"]
-PKD = ["distill.feature.kind=pkd", "distill.feature.weight=2.0"]  # README: PKD in place of CWD
+PKD = ["distill.feature.kind=pkd", "distill.feature.weight=2.0"]  # docs/recipes.md: PKD for CWD
 # FGD's terms are sums over pixels (as in FGD's code), so its loss is ~1e5 times CWD's mean: at
 # weight 1 `distill check` shows it at 1.4e5 against a detection loss of 1.09. 5e-4 brings it to
 # ~71 at step 0, where the recipe's CWD (weight 6) is at ~73: the same pull, so only tau and gamma

@@ -68,8 +68,8 @@ def only(*keep: str) -> list[str]:
 
 FEATURE, LOGIT, BOX = "distill.feature.weight", "distill.logit.weight", "distill.box.weight"
 CROSSKD = ("distill.crosskd.cls_weight", "distill.crosskd.box_weight")
-# A term the recipe does not use, at the weight its sweep chose (the sweeps' figures: README,
-# "How the recipes were chosen").
+# A term the recipe does not use, at the weight its sweep chose (the sweeps' figures:
+# docs/recipes.md, "Shapes recipe").
 MGD = ["distill.feature.kind=mgd", "distill.feature.weight=1.0e-8"]
 # Rows of the first seed only, as overrides of configs/shapes/distill.yaml (the default recipe:
 # CWD + soft labels + box KD + CrossKD): each of its terms alone, MGD alone, CrossKD beside the

@@ -1,12 +1,13 @@
-"""Regenerate the README's result tables from ``results/*.json`` (never typed by hand).
+"""Regenerate the result tables in README.md and docs/*.md from ``results/*.json``.
 
-    python scripts/readme_tables.py          # rewrite README.md in place
-    python scripts/readme_tables.py --check  # exit 1 if README.md is out of date
+    python scripts/readme_tables.py          # rewrite README.md and docs/*.md in place
+    python scripts/readme_tables.py --check  # exit 1 if one of them is out of date
 
 Each table sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers, where NAME is
-the results file's stem (``bench_speed``). The table is the one the benchmark script prints,
-followed by the command, machine and date recorded in the JSON. ``demo*.json`` files are
-written by ``distill demo --record FILE`` (one per kind of host) and formatted by the demo;
+the results file's stem (``bench_speed``), in whichever of those files holds them (each results
+file in one place). The table is the one the benchmark script prints, followed by the command,
+machine and date recorded in the JSON; none is typed by hand. ``demo*.json`` files are written by
+``distill demo --record FILE`` (one per kind of host) and formatted by the demo;
 ``NAME-HOST.json`` is ``scripts/NAME.py``'s on another kind of host.
 """
 
@@ -24,6 +25,12 @@ from distill.fileio import import_script
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+DOCS = REPO / "docs"
+
+
+def documents() -> list[Path]:
+    """The files that may hold generated tables: README.md and docs/*.md."""
+    return [README, *sorted(DOCS.glob("*.md"))]
 
 
 def _script(name: str) -> ModuleType:
@@ -77,7 +84,7 @@ def machine_text(machine: dict[str, Any]) -> str:
 
 def bench_speed_notes(result: dict[str, Any]) -> str:
     """What the speed JSON says about bf16 on its host and about the lockstep bound, from its
-    own fields (the README's speed prose is this text, never typed by hand)."""
+    own fields (the speed prose of docs/results.md is this text, never typed by hand)."""
     lines = []
     native = result.get("machine", {}).get("native_bf16")
     if "bf16" in result and "fp32" in result:
@@ -133,31 +140,50 @@ def deployment_table(deployment: dict[str, Any] | None) -> str:
 NOTES = {"bench_speed": bench_speed_notes}
 
 
-def render(readme: str) -> str:
+def render(text: str) -> str:
+    """``text`` with the section of every results file whose markers it holds regenerated."""
     for path in sorted((REPO / "results").glob("*.json")):
         name = path.stem
         start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-        if start not in readme:
+        if start not in text:
             continue
+        if text.count(start) > 1:
+            times = text.count(start)
+            raise ValueError(f"{start} appears {times} times: a table goes in one place")
         body = section(name, json.loads(path.read_text()))
-        before, _, rest = readme.partition(start)
+        before, _, rest = text.partition(start)
         _, _, after = rest.partition(end)
-        readme = f"{before}{start}\n{body}{end}{after}"
-    return readme
+        text = f"{before}{start}\n{body}{end}{after}"
+    return text
+
+
+def placements(paths: list[Path]) -> dict[str, list[Path]]:
+    """Each results file's stem -> the files in ``paths`` that hold its start marker."""
+    return {
+        result.stem: [p for p in paths if f"<!-- {result.stem}:start -->" in p.read_text()]
+        for result in sorted((REPO / "results").glob("*.json"))
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="only check that README.md is current")
+    parser.add_argument(
+        "--check", action="store_true", help="only check that README.md and docs/ are current"
+    )
     args = parser.parse_args(argv)
-    old = README.read_text()
-    new = render(old)
-    if args.check:
-        if new != old:
-            print("README.md tables are out of date: run python scripts/readme_tables.py")
-            return 1
-        return 0
-    README.write_text(new)
+    stale = []
+    for path in documents():
+        old = path.read_text()
+        new = render(old)
+        if new == old:
+            continue
+        stale.append(path.relative_to(REPO))
+        if not args.check:
+            path.write_text(new)
+    if args.check and stale:
+        names = ", ".join(str(p) for p in stale)
+        print(f"tables out of date in {names}: run python scripts/readme_tables.py")
+        return 1
     return 0
 
 

@@ -1,9 +1,12 @@
-"""scripts/readme_tables.py renders what a results JSON records, and only that."""
+"""scripts/readme_tables.py renders what a results JSON records, and only that, into README.md and
+docs/*.md; the committed tables are what it renders."""
 
 from __future__ import annotations
 
 import json
 from types import ModuleType
+
+import pytest
 
 from tests.conftest import REPO, load_script
 
@@ -56,5 +59,32 @@ def test_speed_notes_come_from_the_json() -> None:
     assert "bf16 on this host: native;" in tables.bench_speed_notes(recorded)
     only_fp32 = {k: v for k, v in result.items() if k != "bf16"}
     assert "bf16 on this host" not in tables.bench_speed_notes(only_fp32)
-    # and the README holds exactly these lines
-    assert notes in (REPO / "README.md").read_text()
+    # and the document that holds the speed table holds exactly these lines
+    (holder,) = tables.placements(tables.documents())["bench_speed"]
+    assert notes in holder.read_text()
+
+
+def test_committed_tables_are_generated_from_results() -> None:
+    tables = load_tables()
+    docs = tables.documents()
+    assert REPO / "README.md" in docs and REPO / "docs" / "results.md" in docs
+    for doc in docs:
+        text = doc.read_text()
+        assert tables.render(text) == text, f"{doc}: run python scripts/readme_tables.py"
+    # every results file has its table in exactly one document (none lost, none twice)
+    placed = tables.placements(docs)
+    assert placed and {name: len(where) for name, where in placed.items()} == dict.fromkeys(
+        placed, 1
+    )
+    assert tables.main(["--check"]) == 0
+
+
+def test_a_stale_table_is_rewritten() -> None:
+    tables = load_tables()
+    (holder,) = tables.placements(tables.documents())["bench_kd"]
+    text = holder.read_text()
+    start, end = "<!-- bench_kd:start -->", "<!-- bench_kd:end -->"
+    stale = text.replace(text[text.index(start) : text.index(end)], f"{start}\n| hand-typed |\n")
+    assert stale != text and tables.render(stale) == text
+    with pytest.raises(ValueError, match="a table goes in one place"):  # the same table twice
+        tables.render(f"{start}\n{end}\n{start}\n{end}\n")

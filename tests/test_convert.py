@@ -379,3 +379,26 @@ def test_unknown_format_and_split(tmp_path: Path) -> None:
         convert_dataset("yolo", config, tmp_path / "out", splits=["test"])
     with pytest.raises(DatasetError, match="classes= is for voc only"):
         convert_dataset("yolo", config, tmp_path / "out", classes=["a"])
+
+
+def test_the_command_converts_and_reports_bad_input_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``distill data convert``: the converted dataset's statistics, then a defect as one line
+    naming the file and line, exit status 2 (bad input), nothing written."""
+    from distill.cli import main
+
+    config = make_yolo(tmp_path / "yolo")
+    assert main(["data", "convert", "yolo", str(config), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "train.json" in out and "val.json" in out and out.count("missing files  0") == 2
+    check_converted(tmp_path / "out", NAMES, YOLO_FILE_NAMES)
+    broken, words = yolo_broken(tmp_path / "broken", "fields")
+    assert main(["data", "convert", "yolo", str(broken), str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out2").exists()
+    # an output that holds a conversion already is kept unless --overwrite
+    assert main(["data", "convert", "yolo", str(config), str(tmp_path / "out")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["data", "convert", "yolo", str(config), str(tmp_path / "out"), "--overwrite"]) == 0

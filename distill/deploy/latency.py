@@ -31,7 +31,9 @@ def summarize_deployed(cfg: Config, *, warmup: int = 2, iterations: int = 5) -> 
     "deploy" {pytorch_ms, onnxruntime_ms, weights_mb, onnx_mb, threads}, with the ratio of its
     ms and MB; without onnx/onnxruntime installed, a warning names the extra and the summary
     comes without it."""
-    result = cost.summarize(cfg, warmup=warmup, iterations=iterations)  # by module: tests replace it
+    result = cost.summarize(
+        cfg, warmup=warmup, iterations=iterations
+    )  # by module: tests replace it
     try:
         require_onnx()
     except MissingExtraError as err:

@@ -39,6 +39,36 @@ def add_data_stats(data_sub: Subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def add_data_convert(data_sub: Subparsers) -> argparse.ArgumentParser:
+    p = data_sub.add_parser(
+        "convert", help="convert a YOLO or Pascal VOC dataset to a COCO-format dataset"
+    )
+    p.add_argument("format", choices=["yolo", "voc"])
+    p.add_argument(
+        "source", type=Path,
+        help="yolo: data.yaml or its folder; voc: the folder with Annotations/, JPEGImages/, "
+        "ImageSets/Main/",
+    )  # fmt: skip
+    p.add_argument("out", type=Path, help="folder for <split>.json and images/<split>/")
+    p.add_argument(
+        "--split", dest="splits", action="append", default=None,
+        help="a split to convert (repeatable); default: train, val, test where present",
+    )  # fmt: skip
+    p.add_argument(
+        "--classes", default=None,
+        help="voc only: class names in order, comma-separated; default: all names found, sorted",
+    )  # fmt: skip
+    p.add_argument(
+        "--copy", action="store_true",
+        help="copy the images into OUT/images instead of linking them",
+    )  # fmt: skip
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace the annotation files and images OUT already holds",
+    )  # fmt: skip
+    return p
+
+
 def add_train_teacher(sub: Subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("train-teacher", help="train the teacher architecture (no KD)")
     add_config_args(p)

@@ -39,9 +39,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from distill import cli_args
+from distill.cli import args as cli_args
 from distill.config import Config, ConfigError, load_config
 from distill.data.coco import DatasetError
+from distill.data.convert import convert_dataset
 from distill.data.shapes import generate_shapes
 from distill.data.stats import format_stats
 from distill.deploy import latency
@@ -103,8 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = cli_args.add_data(sub)
     cli_args.add_data_shapes(data).set_defaults(handler=_data_shapes)
     cli_args.add_data_stats(data).set_defaults(handler=_data_stats)
-    # distill data convert: cli_args.add_data_convert(data).set_defaults(handler=_data_convert),
-    # a handler over distill.data.convert.convert_dataset (imported at the top)
+    cli_args.add_data_convert(data).set_defaults(handler=_data_convert)
     cli_args.add_train_teacher(sub).set_defaults(handler=_train_teacher)
     cli_args.add_run(sub).set_defaults(handler=_run)
     cli_args.add_check(sub).set_defaults(handler=_check_command)
@@ -140,6 +140,16 @@ def _data_shapes(args: argparse.Namespace) -> int:
 
 def _data_stats(args: argparse.Namespace) -> int:
     print(format_stats(args.root, args.ann or ["train.json", "val.json"], args.images))
+    return 0
+
+
+def _data_convert(args: argparse.Namespace) -> int:
+    classes = args.classes.split(",") if args.classes else None
+    written = convert_dataset(
+        args.format, args.source, args.out, splits=args.splits, classes=classes,
+        copy_images=args.copy, overwrite=args.overwrite,
+    )  # fmt: skip
+    print(format_stats(args.out, [p.name for p in written], "images"))
     return 0
 
 

@@ -57,7 +57,11 @@ def test_the_parser_has_every_documented_command() -> None:
         "demo",
         "report",
     ]
-    expected = {(name,) for name in top} | {("data", "shapes"), ("data", "stats"), ("data", "convert")}
+    expected = {(name,) for name in top} | {
+        ("data", "shapes"),
+        ("data", "stats"),
+        ("data", "convert"),
+    }
     assert expected <= set(COMMANDS), expected - set(COMMANDS)
 
 

@@ -19,7 +19,7 @@
     distill report RUN_DIR... [--teacher RUN_DIR_OR_WEIGHTS] [--baseline RUN_DIR] --out DIR
 
 Each command is a handler, ``_<command>(args) -> int``, registered with its parser in
-``build_parser`` (the arguments are declared in ``distill.cli_args``): a thin layer over a library
+``build_parser`` (the arguments are declared in ``distill.cli.args``): a thin layer over a library
 function. Errors a user can fix (a missing file, a bad config key) are printed as one line and
 exit with status 2.
 

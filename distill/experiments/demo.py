@@ -55,10 +55,10 @@ from distill.experiments.sweep import KD_WEIGHTS
 from distill.fileio import FileFormatError, read_json
 from distill.models.card import read_card
 from distill.models.retinanet import build_transform
+from distill.shipped import shipped_path
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs" / "demo"
-BENCH_KD = REPO / "results" / "bench_kd.json"
+CONFIGS = shipped_path("configs", "demo")  # in the installed package, or the clone's configs/
+BENCH_KD = shipped_path("results", "bench_kd.json")
 
 DEMO_TRAIN, DEMO_VAL, DEMO_SIZE, DEMO_DIFFICULTY = 2000, 200, 96, "demo"
 # The reference schedule (configs/demo/*.yaml train.max_steps): the steps the teacher needs to

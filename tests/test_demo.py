@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
+import distill.experiments.costs as costs_module
 import distill.experiments.demo as demo_module
 from distill.config import load_config
+from distill.config import replace as replace_config
 from distill.engine.build import check_lockstep
-from distill.engine.loop import TrainingStopped
+from distill.engine.loop import TrainingStopped, train_batch
+from distill.experiments.costs import RunCost
 from tests.conftest import REPO, load_script
 
 
@@ -32,7 +36,7 @@ def test_demo_end_to_end_and_teacher_reuse(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     for name, value in {"DEMO_TRAIN": 16, "DEMO_VAL": 4, "TEACHER_STEPS": 2,
-                        "STUDENT_STEPS": 2}.items():  # fmt: skip
+                        "STUDENT_STEPS": 2, "PROBE_STEPS": (1, 1)}.items():  # fmt: skip
         monkeypatch.setattr(demo_module, name, value)
     out, data, record = tmp_path / "runs", tmp_path / "data", tmp_path / "demo.json"
     # a record names an instruction-set cap in its command ("ALL": no cap, whenever it is read)
@@ -51,8 +55,16 @@ def test_demo_end_to_end_and_teacher_reuse(
     assert "continuing the teacher from step 1 of an earlier run" in result["note"]
     assert list(result["rows"]) == ["teacher", "student", "student + KD"]
     plan = result["plan"]
-    assert set(plan["seconds"]) == {"teacher", "student", "student + KD"}
-    assert all(s > 0 for s in plan["seconds"].values())
+    # probed as the demo trains: the teacher's run, and the students' in lockstep
+    assert set(plan["seconds"]) == set(plan["costs"]) == {"teacher", "students"}
+    assert all(c["step"] > 0 and c["end"] > 0 for c in plan["costs"].values())
+    # the plan's minutes beside the wall's, of the demo and of each run
+    assert result["planned_minutes"] == pytest.approx(
+        plan["minutes"] + result["continued"]["teacher"]["minutes"]
+    )
+    assert plan["minutes"] > 0 and f"(planned {result['planned_minutes']:.1f})" in result["note"]
+    for name, run in (("teacher", "teacher"), ("student", "students")):
+        assert result["models"][name]["planned_minutes"] == plan["run_minutes"][run]
     # a tiny schedule stays whole (on a busy CPU the probe may ask for less: MIN_SCALE keeps it)
     assert plan["steps"] == {"teacher": 2, "student": 2, "student + KD": 2}
     printed = capsys.readouterr().out
@@ -72,6 +84,8 @@ def test_demo_end_to_end_and_teacher_reuse(
 
     # --record: the same numbers as JSON, which the README's table is generated from
     recorded = json.loads(record.read_text())
+    assert recorded["planned_minutes"] == result["planned_minutes"]
+    assert recorded["total_minutes"] == result["total_minutes"]
     assert recorded["command"].startswith("ONEDNN_MAX_CPU_ISA=ALL distill demo --out ")
     assert recorded["machine"]["onednn_max_cpu_isa"] == "ALL"
     assert recorded["models"]["teacher"]["map"] == result["rows"]["teacher"]["map"]
@@ -85,13 +99,14 @@ def test_demo_end_to_end_and_teacher_reuse(
     # seconds of a fast machine: the students may train MAX_STUDENT_SCALE times their reference)
     probed: list[list[str]] = []
 
-    def probe(configs: dict[str, Any]) -> dict[str, float]:
-        probed.append(list(configs))
-        return dict.fromkeys(configs, 0.01)
+    def probe(configs: dict[str, Any]) -> dict[str, RunCost]:
+        probed.append([cfg.output.dir for cfgs in configs.values() for cfg in cfgs])
+        return {run: RunCost(0.0, 0.01, 0.0, 0.0, 1) for run in configs}
 
-    monkeypatch.setattr(demo_module, "probe_seconds", probe)
+    monkeypatch.setattr(demo_module, "probe_costs", probe)
     again = demo_module.demo(out=out, data_root=data)
-    assert probed == [["student", "student + KD"]]  # the reused teacher is not timed
+    # the reused teacher is not timed; the students are, together
+    assert probed == [[str(out / "student"), str(out / "distill")]]
     assert again["continued"] == {}
     assert math.isnan(again["minutes"]["teacher"])
     assert again["plan"]["steps"]["student"] == 2 * demo_module.MAX_STUDENT_SCALE
@@ -99,69 +114,136 @@ def test_demo_end_to_end_and_teacher_reuse(
     assert "| teacher | reused |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_the_probe_times_the_students_in_lockstep_as_they_train(
+    shapes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's students, as train_group trains them: both in each batch of the run's own
+    loader (its workers, its batch size), one frozen teacher; then its checkpoint and its end."""
+    configs = demo_module.demo_configs(tmp_path / "runs", shapes_root, tmp_path / "t.pt")
+    students = [
+        replace_config(configs[n], **{"data.image_size": 64, "data.batch_size": 4})
+        for n in demo_module.STUDENTS
+    ]
+    seen: list[tuple[int, bool, int, int]] = []
+
+    def spy(run: Any, images: list[Any], targets: Any, epoch: int) -> Any:
+        loader = run.train_loader
+        seen.append((len(run.trainees), run.teacher is not None, len(images), loader.num_workers))
+        return train_batch(run, images, targets, epoch)
+
+    monkeypatch.setattr(costs_module, "train_batch", spy)
+    cost = costs_module.probe_run(students, "student", warmup=1, steps=2)
+    # 1 + 2 steps, then the first of a new epoch; each trains both students on the batch
+    assert seen == [(2, True, 4, students[0].data.num_workers)] * 4
+    assert students[0].data.num_workers == 2  # as the demo loads its batches
+    assert cost.steps_per_epoch == 16 // 4  # the shared shapes set: 16 training images
+    assert min(cost.start, cost.step, cost.epoch, cost.end) > 0
+    assert not list(tmp_path.iterdir())  # the probe wrote into a scratch folder only
+
+
+def test_a_run_costs_its_start_steps_epochs_and_end() -> None:
+    cost = RunCost(start=10.0, step=1.0, epoch=3.0, end=5.0, steps_per_epoch=250)
+    assert cost.seconds(454) == 10 + 454 + 2 * 3 + 5  # two epochs, each with its checkpoint
+    assert cost.seconds(500) == 10 + 500 + 2 * 3 + 5
+    assert cost.seconds(501) == 10 + 501 + 3 * 3 + 5
+    # continued from step 300: its checkpoint is loaded, epochs 2 and 3 are left
+    assert cost.seconds(600, done=300) == 10 + 3 + 300 + 2 * 3 + 5
+    assert cost.per_step == 1.0 + 3 / 250
+
+
+# What the demo's runs cost where it imitated an AVX2-only CPU (fp32, 96 px: results/demo-avx2.json
+# and bench_demo_step-avx2.json; the students' step trains both, in lockstep), with a start, an
+# end and a checkpoint of a few seconds.
+AVX2 = {
+    "teacher": RunCost(start=6.0, step=0.85, epoch=4.0, end=10.0, steps_per_epoch=250),
+    "students": RunCost(start=8.0, step=0.67, epoch=2.0, end=12.0, steps_per_epoch=250),
+}
+
+
 def test_the_schedule_shrinks_by_one_factor_to_fit_the_budget() -> None:
-    # seconds per step where the demo imitated an AVX2-only CPU (fp32, 96 px; the KD step has
-    # the teacher's forward): the reference schedule would train for 14 min
-    seconds = {"teacher": 0.85, "student": 0.16, "student + KD": 0.51}
-    plan = demo_module.plan_steps(seconds, minutes=15)
+    elapsed = 40.0  # data, sizes and the probe, spent before the plan
+    plan = demo_module.plan_steps(AVX2, minutes=15, elapsed=elapsed)
     reference = demo_module.reference_steps()
-    budget = 15 * 60 * demo_module.TRAIN_SHARE
-    assert plan["scale"] == pytest.approx(
-        budget / sum(reference[n] * s for n, s in seconds.items())
-    )
+    budget = 15 * 60 * demo_module.PLAN_SHARE - elapsed
+    fixed = sum(c.start + c.end for c in AVX2.values())
+    per_scale = 500 * AVX2["teacher"].per_step + 600 * AVX2["students"].per_step
+    assert plan["scale"] == pytest.approx((budget - fixed) / per_scale)
     for name, steps in plan["steps"].items():
         assert steps == round(reference[name] * plan["scale"])
-    trained = sum(plan["steps"][n] * s for n, s in seconds.items())
-    rounding = 0.5 * sum(seconds.values())  # each count is rounded to a whole step
-    assert trained <= budget + rounding
+    # the minutes it announces: the whole demo, what was spent before the plan included
+    runs = {"teacher": plan["steps"]["teacher"], "students": plan["steps"]["student"]}
+    seconds = {run: AVX2[run].seconds(steps) for run, steps in runs.items()}
+    assert plan["run_minutes"] == pytest.approx({r: s / 60 for r, s in seconds.items()})
+    assert plan["minutes"] == pytest.approx((elapsed + sum(seconds.values())) / 60)
+    # within the budget but for whole epochs and steps (planned pro rata, counted whole)
+    slack = sum(c.epoch + c.step / 2 for c in AVX2.values())
+    assert plan["minutes"] * 60 <= elapsed + budget + slack
     text = demo_module.describe_plan(plan, 15)
-    predicted = sum(reference[n] * s for n, s in seconds.items()) / 60  # 14 min
-    assert f"would train for {predicted:.0f} min" in text and "--minutes 0" in text
+    predicted = (elapsed + AVX2["teacher"].seconds(500) + AVX2["students"].seconds(600)) / 60
+    assert plan["predicted"] / 60 == pytest.approx(predicted)
+    assert f"the demo would take {predicted:.0f} min" in text and "--minutes 0" in text
     assert f"shortened to {plan['scale']:.2g}x of it" in text
+    assert f"the demo takes about {plan['minutes']:.1f} min here in all" in text
+    assert "teacher 0.85 s, students 0.67 s a step" in text
+    assert "past the budget" not in text and not plan["over_budget"]
 
     # a reused teacher: only the students train, so their schedule shrinks less...
-    students = {"student": 0.35, "student + KD": 1.0}
-    assert 0.9 < demo_module.plan_steps(students, minutes=15)["scale"] < 0.95
+    students = {"students": replace(AVX2["students"], step=1.35)}
+    assert 0.9 < demo_module.plan_steps(students, minutes=15, elapsed=elapsed)["scale"] < 0.99
     # ...or grows, up to MAX_STUDENT_SCALE times the reference, where they are fast
-    fast = demo_module.plan_steps({"student": 0.05, "student + KD": 0.1}, minutes=15)
+    fast = demo_module.plan_steps({"students": replace(AVX2["students"], step=0.15)}, minutes=15)
     assert fast["steps"]["student"] == round(reference["student"] * demo_module.MAX_STUDENT_SCALE)
+    assert fast["steps"]["teacher"] == reference["teacher"]  # not trained
     assert "students train 3.0x" in demo_module.describe_plan(fast, 15)
     # with the teacher to train: never longer than the reference
-    assert demo_module.plan_steps({"teacher": 1e-3}, minutes=15)["steps"] == reference
-    assert "past the budget" not in text and not plan["over_budget"]
+    quick = {run: replace(cost, step=1e-3) for run, cost in AVX2.items()}
+    whole = demo_module.plan_steps(quick, minutes=15)
+    assert whole["steps"] == reference
+    assert "the reference schedule fits" in demo_module.describe_plan(whole, 15)
 
 
 def test_a_machine_too_slow_for_the_budget_trains_the_shortest_schedule_that_works() -> None:
-    # Issue 34's AVX2-only EPYC (fp32, 96 px): 3.78 s a teacher step. The budget alone would leave
-    # the teacher a fifth of its steps, too few to learn the task: the demo trains MIN_SCALE of
-    # the reference instead, and says before training how long that takes here.
-    seconds = {"teacher": 3.78, "student": 0.6, "student + KD": 2.0}
+    # Issue 42's AVX2-only EPYC (2 cores): 1.2 s a teacher step, 1.0 s a lockstep step of the two
+    # students. The budget alone would cut the teacher below what it needs to learn the task:
+    # the demo trains MIN_SCALE of the reference instead, and says before training how long
+    # the whole demo then takes here.
+    epyc = {
+        "teacher": replace(AVX2["teacher"], step=1.2),
+        "students": replace(AVX2["students"], step=1.0),
+    }
     reference = demo_module.reference_steps()
-    plan = demo_module.plan_steps(seconds, minutes=15)
+    plan = demo_module.plan_steps(epyc, minutes=15, elapsed=60)
     assert plan["over_budget"] and plan["scale"] == demo_module.MIN_SCALE
     assert plan["steps"] == {n: round(s * demo_module.MIN_SCALE) for n, s in reference.items()}
-    trained = sum(plan["steps"][n] * s for n, s in seconds.items()) / 60
-    assert plan["minutes"] == pytest.approx(trained) and trained > 15
+    took = (60 + epyc["teacher"].seconds(450) + epyc["students"].seconds(540)) / 60
+    assert plan["minutes"] == pytest.approx(took) and took > 15
     text = demo_module.describe_plan(plan, 15)
-    assert f"trains for about {trained:.0f} min here" in text and "past the budget" in text
-    assert f"would train for {plan['predicted'] / 60:.0f} min" in text
+    assert f"the demo takes about {took:.1f} min here in all, past the budget" in text
+    assert f"would take {plan['predicted'] / 60:.0f} min" in text
     # a budget that holds MIN_SCALE of the reference is used whole, not exceeded
-    enough = demo_module.reference_seconds(seconds) * demo_module.MIN_SCALE / 60
-    fits = demo_module.plan_steps(seconds, minutes=enough / demo_module.TRAIN_SHARE + 0.1)
+    enough = demo_module.MIN_SCALE * (
+        500 * epyc["teacher"].per_step + 600 * epyc["students"].per_step
+    )
+    enough += 60 + sum(c.start + c.end for c in epyc.values())
+    fits = demo_module.plan_steps(
+        epyc, minutes=enough / 60 / demo_module.PLAN_SHARE + 0.1, elapsed=60
+    )
     assert not fits["over_budget"] and fits["scale"] > demo_module.MIN_SCALE
     # a teacher an earlier demo stopped at step 300 of 450 keeps its schedule; its 150 steps
     # left come first, and the students fit what remains
-    students = {"student": 0.16, "student + KD": 0.51}
-    fast = {"teacher": 0.85, **students}
-    go_on = demo_module.plan_steps(fast, minutes=10, continued={"teacher": (300, 450)})
+    go_on = demo_module.plan_steps(AVX2, minutes=10, elapsed=30, continued={"teacher": (300, 450)})
     assert go_on["steps"]["teacher"] == 450 and not go_on["over_budget"]
-    budget = 10 * 60 * demo_module.TRAIN_SHARE - 150 * 0.85
-    assert go_on["scale"] == pytest.approx(budget / demo_module.reference_seconds(students))
+    budget = 10 * 60 * demo_module.PLAN_SHARE - 30 - AVX2["teacher"].seconds(450, done=300)
+    students = AVX2["students"]
+    assert go_on["scale"] == pytest.approx(
+        (budget - students.start - students.end) / (600 * students.per_step)
+    )
     # tiny test schedules keep at least one step
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(demo_module, "TEACHER_STEPS", 1)
         patch.setattr(demo_module, "STUDENT_STEPS", 1)
-        tiny = demo_module.plan_steps(seconds, minutes=0.01)["steps"]
+        tiny = demo_module.plan_steps(epyc, minutes=0.01)["steps"]
         assert tiny == {"teacher": 1, "student": 1, "student + KD": 1}
 
 

@@ -111,7 +111,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("distill.models", "distill.device"),  # the split forward, weights, cards; the Accelerator
     ("distill.data",),  # datasets
     ("distill.config",),  # YAML -> dataclasses
-    ("distill.losses", "distill.fileio"),  # pure functions; files
+    ("distill.losses", "distill.fileio", "distill.shipped"),  # pure functions; files
 )
 
 

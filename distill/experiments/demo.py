@@ -4,9 +4,11 @@
    images of ``DEMO_SIZE`` px, difficulty ``demo`` (circle, square and triangle, 2-6 objects an
    image; made for a from-scratch ResNet50-FPN to converge within minutes, not for fidelity to
    the benchmark),
-2. fit the schedule to the time budget (``--minutes``): time a few training steps of each model
-   on this machine and shorten the reference schedule if it would not fit, but never below
-   ``MIN_SCALE`` of it (a machine too slow for that trains that, past the budget, and is told),
+2. fit the schedule to the time budget (``--minutes``): measure what each training run costs on
+   this machine (``costs.probe_run``: the teacher's run, and the two students' in lockstep as
+   they train, data loading, checkpoints and evaluation included), shorten the reference
+   schedule if the demo would not fit, but never below ``MIN_SCALE`` of it (a machine too slow
+   for that trains that, past the budget, and is told), and say how long the demo will take,
 3. train the teacher (``configs/demo/teacher.yaml``), or reuse ``OUT/teacher/teacher.pt`` or
    ``--teacher FILE`` (if its card's classes are the task's); a reused teacher leaves the whole
    budget to the students. A run an earlier demo started and a stop cut short (the teacher, or
@@ -28,7 +30,8 @@ import shlex
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -49,16 +52,17 @@ from distill.engine.loop import train, train_group
 from distill.engine.step import teacher_forward, train_step
 from distill.evaluation.cost import summarize
 from distill.evaluation.evaluate import run_metrics
+from distill.experiments.costs import RunCost, probe_run
 from distill.experiments.goals import Goal, check_goals
 from distill.experiments.machine import instruction_set_caps, machine
 from distill.experiments.sweep import plain_overrides
 from distill.fileio import FileFormatError, read_json, write_json
 from distill.models.card import read_card
 from distill.models.retinanet import build_transform
+from distill.shipped import shipped_path
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs" / "demo"
-BENCH_KD = REPO / "results" / "bench_kd.json"
+CONFIGS = shipped_path("configs", "demo")  # in the installed package, or the clone's configs/
+BENCH_KD = shipped_path("results", "bench_kd.json")
 
 DEMO_TRAIN, DEMO_VAL, DEMO_SIZE, DEMO_DIFFICULTY = 2000, 200, 96, "demo"
 # The reference schedule (configs/demo/*.yaml train.max_steps): the steps the teacher needs to
@@ -66,7 +70,9 @@ DEMO_TRAIN, DEMO_VAL, DEMO_SIZE, DEMO_DIFFICULTY = 2000, 200, 96, "demo"
 TEACHER_STEPS = 500
 STUDENT_STEPS = 600  # both students, in lockstep
 MINUTES = 15.0
-TRAIN_SHARE = 0.85  # of the budget for training steps; the rest: evaluation, model builds, probe
+# The share of the budget the plan fills: the rest is for what the probe cannot foresee (the step
+# time drifts by a few percent over a run, more on a CPU that other work shares).
+PLAN_SHARE = 0.95
 # The shortest schedule the budget may cut the reference to, as a share of it: below it the
 # teacher has not converged and the demo cannot show distillation (cut to 0.78x, the teacher had
 # mAP 0.258, short of the 0.30 goal; at 0.91x it had 0.394: README, "How the recipes were
@@ -77,6 +83,10 @@ MIN_SCALE = 0.9
 # reference schedule (the KD recipe was measured up to there on the benchmark: 750-900 steps).
 MAX_STUDENT_SCALE = 3.0
 STUDENTS = ("student", "student + KD")
+# Steps the probe times of each run: warm-up steps, then the steps it averages.
+PROBE_STEPS = (2, 4)
+# The demo's training runs (a train_group call each) and the models each trains.
+RUNS: dict[str, tuple[str, ...]] = {"teacher": ("teacher",), "students": STUDENTS}
 # What "distillation clearly helped" means here (issue 25's goals for a host with native bf16).
 GOALS: dict[str, Goal] = {
     "teacher_map": ("teacher mAP", ">=", 0.30),
@@ -277,10 +287,14 @@ def demo(
         "seconds": {},
     }
     configs = demo_configs(out, data_root, teacher_weights, plan["steps"])
+    # Before the plan: the sizes take the same time whatever the schedule, so it is spent then,
+    # not predicted.
+    sizes = summarize(configs["student + KD"])
     if minutes > 0:
-        names = [n for n in configs if not (reuse_teacher and n == "teacher")]
-        seconds = probe_seconds({n: configs[n] for n in names})
-        plan = plan_steps(seconds, minutes - (time.perf_counter() - start) / 60, schedule)
+        runs = [r for r in RUNS if not (reuse_teacher and r == "teacher")]
+        costs = probe_costs({r: [configs[n] for n in RUNS[r]] for r in runs})
+        kept = {r: schedule[m[0]] for r, m in RUNS.items() if m[0] in schedule}
+        plan = plan_steps(costs, minutes, time.perf_counter() - start, kept)
         log.log(
             logging.WARNING if plan["over_budget"] else logging.INFO,
             "%s",
@@ -315,16 +329,18 @@ def demo(
         rows[name] = metrics
         spent[name] = (time.perf_counter() - tic) / 60  # the lockstep pair's wall time
 
-    sizes = summarize(configs["student + KD"])
     size_of = {"teacher": sizes["teacher"], **{n: sizes["student"] for n in STUDENTS}}
     total = (time.perf_counter() - start) / 60
     # a run continued here counts the training an earlier demo gave it
     earlier = sum(continued[n][2] for n in earlier_runs) / 60
     total += earlier
-    took = ""
+    # what the plan said, on the same terms (None: no plan, --minutes 0)
+    plan_said = plan["minutes"] + earlier if "minutes" in plan else None
+    took = "" if plan_said is None else f" (planned {plan_said:.1f})"
     if earlier_runs:
         since = ", ".join(f"{_runs_of(n)} from step {continued[n][0]}" for n in earlier_runs)
-        took = f" (continuing the {since} of an earlier run: its {earlier:.1f} min included)"
+        took += f" (continuing the {since} of an earlier run: its {earlier:.1f} min included)"
+    run_minutes = plan.get("run_minutes", {})
     note = (
         f"{'cuda' if torch.cuda.is_available() else 'cpu'}, total {total:.1f} min{took}; "
         f"{teacher_run}, "
@@ -339,6 +355,7 @@ def demo(
                 },
                 "steps": None if name == "teacher" and reuse_teacher else steps[name],
                 "train_minutes": spent[name],
+                "planned_minutes": run_minutes.get(_runs_of(name)),  # of its run, like the above
                 **{k: size_of[name][k] for k in ("params", "gflops", "latency_ms")},
             }
             for name in ("teacher", *STUDENTS)
@@ -347,6 +364,7 @@ def demo(
         "continued": {n: {"from_step": c[0], "minutes": c[2] / 60} for n, c in continued.items()},
         "plan": plan,
         "budget_minutes": minutes,
+        "planned_minutes": plan_said,
         "total_minutes": total,
         "note": note,
     }
@@ -388,9 +406,17 @@ def demo(
     return {**result, "rows": rows, "sizes": size_of, "minutes": spent}
 
 
+def probe_costs(configs: Mapping[str, Sequence[Config]]) -> dict[str, RunCost]:
+    """What each of the demo's runs in ``configs`` (``RUNS``: "teacher", "students") costs on
+    this machine, as it trains them (``costs.probe_run``: the two students in lockstep)."""
+    job = {"teacher": "teacher", "students": "student"}
+    return {run: probe_run(cfgs, job[run], *PROBE_STEPS) for run, cfgs in configs.items()}
+
+
 def probe_seconds(configs: Mapping[str, Config], steps: int = 3) -> dict[str, float]:
-    """Seconds per training step of each demo model on this machine: the median of ``steps``
-    steps after one warm-up step, on one real batch, through the loop's own ``train_step`` (and
+    """Seconds per training step of each demo model alone (``scripts/bench_demo_step.py``'s
+    levers; the demo plans with ``probe_costs``): the median of ``steps`` steps after one warm-up
+    step, on one real batch, through the loop's own ``train_step`` (and
     ``teacher_forward`` for the distilled student, so that the two students' sum is the cost of
     one lockstep step). The teacher has random weights here: its cost does not depend on them."""
 
@@ -436,45 +462,58 @@ def reference_seconds(seconds: Mapping[str, float]) -> float:
 
 
 def plan_steps(
-    seconds: Mapping[str, float],
+    costs: Mapping[str, RunCost],
     minutes: float,
+    elapsed: float = 0.0,
     continued: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict[str, Any]:
-    """The schedule whose training steps take ``TRAIN_SHARE`` of ``minutes``, given the seconds
-    per step of the models in ``seconds``: the reference schedule scaled by one factor. With the
-    teacher to train, never longer than the reference (the schedule the demo was measured with);
-    with a reused teacher (no "teacher" in ``seconds``) the students get the whole budget, up to
-    ``MAX_STUDENT_SCALE`` times their reference. Never shorter than ``MIN_SCALE`` of it: a
-    machine too slow for that within the budget trains that (``over_budget``, with the
-    ``minutes`` its training steps will take). ``continued``: (steps taken, steps planned) of
-    runs an earlier demo started, which keep their schedule; their steps left come first."""
-    continued = continued or {}
-    reference = reference_steps()
-    left = sum((p - done) * seconds[n] for n, (done, p) in continued.items() if n in seconds)
-    free = {n: s for n, s in seconds.items() if n not in continued}
-    free_seconds = reference_seconds(free)
-    predicted = free_seconds + left
-    budget = max(minutes, 0.0) * 60 * TRAIN_SHARE - left
-    longest = 1.0 if "teacher" in seconds else MAX_STUDENT_SCALE
-    fitted = min(longest, budget / free_seconds) if free_seconds > 0 else 1.0
+    """The schedule with which the whole demo takes ``PLAN_SHARE`` of ``minutes``: the reference
+    schedule scaled by one factor. ``costs``: what each run to train costs here (``RUNS``:
+    "teacher" unless it is reused, "students"; ``probe_costs``); ``elapsed``: the seconds the demo
+    has spent already (data, sizes, the probe). With the teacher to train, never longer than the
+    reference (the schedule the demo was measured with); with a reused teacher the students get
+    the whole budget, up to ``MAX_STUDENT_SCALE`` times their reference. Never shorter than
+    ``MIN_SCALE`` of it: a machine too slow for that within the budget trains that
+    (``over_budget``). ``continued``: (steps taken, steps planned) of runs an earlier demo
+    started, which keep their schedule.
+
+    Returns the scale, the steps of each model, the seconds of a step of each run, each run's
+    costs and its planned minutes (``run_minutes``), ``minutes``: the whole demo as planned
+    (``elapsed`` included), ``predicted``: the seconds it would take with the reference schedule,
+    and ``over_budget``."""
+    reference = {"teacher": TEACHER_STEPS, "students": STUDENT_STEPS}
+    continued = {run: c for run, c in (continued or {}).items() if run in costs}
+    done = {run: continued[run][0] if run in continued else 0 for run in costs}
+    kept = sum(costs[r].seconds(planned, done[r]) for r, (_, planned) in continued.items())
+    free = [run for run in costs if run not in continued]
+    budget = max(minutes, 0.0) * 60 * PLAN_SHARE - elapsed - kept
+    # the free runs take fixed + scale * per_scale seconds (their epochs' costs pro rata)
+    fixed = sum(costs[r].start + costs[r].end for r in free)
+    per_scale = sum(reference[r] * costs[r].per_step for r in free)
+    longest = 1.0 if "teacher" in costs else MAX_STUDENT_SCALE
+    fitted = min(longest, (budget - fixed) / per_scale) if per_scale > 0 else 1.0
     scale = max(MIN_SCALE, fitted)
-    steps = {name: max(1, round(n * scale)) for name, n in reference.items()}
-    steps.update({n: planned for n, (_, planned) in continued.items()})
-    if "teacher" not in seconds and "teacher" not in continued:
+    steps = {run: max(1, round(n * scale)) for run, n in reference.items()}
+    steps.update({run: planned for run, (_, planned) in continued.items()})
+    if "teacher" not in costs and "teacher" not in continued:
         steps["teacher"] = reference["teacher"]  # not trained in this run
-    trained = sum(steps[n] * s for n, s in free.items()) + left
+    seconds = {r: costs[r].seconds(steps[r], done[r]) for r in costs}
+    as_reference = {r: costs[r].seconds(steps[r] if r in continued else n, done[r])
+                    for r, n in reference.items() if r in costs}  # fmt: skip
     return {
         "scale": scale,
-        "steps": steps,
-        "seconds": dict(seconds),
-        "predicted": predicted,
+        "steps": {name: steps[_runs_of(name)] for name in reference_steps()},
+        "seconds": {run: cost.step for run, cost in costs.items()},
+        "costs": {run: asdict(cost) for run, cost in costs.items()},
+        "run_minutes": {run: s / 60 for run, s in seconds.items()},
+        "predicted": elapsed + sum(as_reference.values()),
         "over_budget": fitted < MIN_SCALE or budget < 0,
-        "minutes": trained / 60,
+        "minutes": (elapsed + sum(seconds.values())) / 60,
     }
 
 
 def describe_plan(plan: Mapping[str, Any], minutes: float) -> str:
-    per_step = ", ".join(f"{name} {s:.2f} s" for name, s in plan["seconds"].items())
+    per_step = ", ".join(f"{run} {s:.2f} s" for run, s in plan["seconds"].items())
     steps = plan["steps"]
     trains_teacher = "teacher" in plan["seconds"]
     schedule = (
@@ -482,31 +521,34 @@ def describe_plan(plan: Mapping[str, Any], minutes: float) -> str:
         if trains_teacher
         else f"students {steps['student']} steps (teacher reused)"
     )
+    takes = f"the demo takes about {plan['minutes']:.1f} min here in all"
     if plan["scale"] == 1:
-        return f"Budget {minutes:g} min: the reference schedule fits ({schedule}; {per_step})."
+        return (
+            f"Budget {minutes:g} min: the reference schedule fits ({schedule}; {per_step} a "
+            f"step): {takes}."
+        )
     if plan["scale"] > 1:
         return (
             f"Budget {minutes:g} min with the teacher reused: the students train "
             f"{plan['scale']:.1f}x their reference {STUDENT_STEPS} steps ({schedule}; {per_step} "
-            "a step)."
+            f"a step): {takes}."
         )
     reference = (
         f"{TEACHER_STEPS}/{STUDENT_STEPS} steps" if trains_teacher else f"{STUDENT_STEPS} steps"
     )
     would = (
-        f"Budget {minutes:g} min: the reference schedule ({reference}) would train for "
+        f"Budget {minutes:g} min: with the reference schedule ({reference}) the demo would take "
         f"{plan['predicted'] / 60:.0f} min on this machine ({per_step} a step)"
     )
     if plan.get("over_budget"):
         return (
             f"{would}. The demo does not cut it below {MIN_SCALE:g}x, where the teacher no "
-            f"longer converges: that schedule ({schedule}) trains for about "
-            f"{plan['minutes']:.0f} min here, past the budget. Is the CPU busy with other work? "
-            "A stop (Ctrl-C) keeps what was trained, and the next `distill demo` continues "
-            "where it stopped."
+            f"longer converges: with that schedule ({schedule}) {takes}, past the budget. Is "
+            "the CPU busy with other work? A stop (Ctrl-C) keeps what was trained, and the next "
+            "`distill demo` continues where it stopped."
         )
     return (
-        f"{would}, so it was shortened to {plan['scale']:.2g}x of it: {schedule}. "
+        f"{would}, so it was shortened to {plan['scale']:.2g}x of it: {schedule}; {takes}. "
         "`distill demo --minutes 0` runs the reference schedule."
     )
 
@@ -619,6 +661,7 @@ def format_table(result: Mapping[str, Any]) -> str:
 
 
 def _runs_of(name: str) -> str:
+    """The run (``RUNS``) that trains model ``name``."""
     return "teacher" if name == "teacher" else "students"
 
 

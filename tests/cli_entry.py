@@ -9,7 +9,7 @@ SPEC is a JSON list of commands, run in order in the same process (one process g
      "nan_rank": 1, "nan_steps": [1, 2],          # optional: non-finite total loss on that rank
      "digest_dir": "DIR"}                         # optional: DIR/digest.rank{R}.json, see below
 
-The non-finite loss replaces ``distill.engine.step.combine``'s total on the chosen rank and
+The non-finite loss replaces ``distill.engine.step.step_losses``'s total on the chosen rank and
 steps, so only that process sees it. The digest file records, for the detector that rank
 evaluates at the end of training, SHA-256 digests taken before anything is broadcast and at
 the evaluation:
@@ -48,10 +48,16 @@ def patched(spec: dict[str, Any]) -> None:
     """Install (or remove) this command's patches of ``distill.engine.loop``."""
     nan_steps = set(spec.get("nan_steps") or ()) if spec.get("nan_rank") == RANK else set()
 
-    def combine(*args: Any, **kwargs: Any) -> Any:
-        total, logs = _combine(*args, **kwargs)
-        step = args[3] if len(args) > 3 else kwargs["step"]
-        if step in nan_steps:
+    now: dict[str, int] = {}
+
+    def train_step(*args: Any) -> Any:
+        # (accelerator, trainee, image_list, targets, teacher_out, step, epoch)
+        now["step"] = args[5]
+        return _train_step(*args)
+
+    def step_losses(*args: Any, **kwargs: Any) -> Any:
+        total, logs = _step_losses(*args, **kwargs)
+        if now.get("step") in nan_steps:
             total = total * float("nan")
         return total, logs
 
@@ -77,7 +83,8 @@ def patched(spec: dict[str, Any]) -> None:
             path.write_text(json.dumps(digests))
         return _evaluate(detector, *args, **kwargs)
 
-    distill.engine.step.combine = combine
+    distill.engine.loop.train_step = train_step
+    distill.engine.step.step_losses = step_losses
     distill.engine.loop.broadcast = broadcast
     distill.engine.loop.evaluate = evaluate
 
@@ -91,7 +98,8 @@ def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-_combine = distill.engine.step.combine
+_train_step = distill.engine.loop.train_step
+_step_losses = distill.engine.step.step_losses
 _broadcast = distill.engine.loop.broadcast
 _evaluate = distill.engine.loop.evaluate
 

@@ -189,10 +189,10 @@ def test_names_and_ranges_are_checked_when_the_config_is_read(
 
 def test_the_names_a_key_accepts_come_from_the_registries() -> None:
     from distill.config import choices
-    from distill.losses.features import FEATURE_KINDS
+    from distill.kd import KINDS
     from students import STUDENTS
 
-    assert choices()["distill.feature.kind"] == FEATURE_KINDS
+    assert choices()["distill.feature.kind"] == tuple(KINDS) == ("mse", "cwd", "pkd", "fgd", "mgd")
     assert choices()["student.arch"] == tuple(STUDENTS)
     for path in sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml")):
         load_config(path)  # every shipped config passes

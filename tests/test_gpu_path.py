@@ -278,7 +278,9 @@ def kd_gradient(shapes_root: Path, out: Path) -> None:
         kd_scale(cfg.distill, 10, 0), mean_over_processes(accelerator),
     )  # fmt: skip
     accelerator.backward(total)
-    kd = {k: v for k, v in logs.items() if k.startswith("kd/") and k != "kd/scale"}
+    kd = {
+        k.removeprefix("kd/"): v for k, v in logs.items() if k.startswith("kd/") and k != "kd/scale"
+    }
     terms = {name: accelerator.reduce(value, "mean") for name, value in kd.items()}
     params = accelerator.unwrap_model(module).named_parameters()
     grads = {name: p.grad.clone() for name, p in params if p.grad is not None}

@@ -22,6 +22,7 @@ from torchvision.models.detection.image_list import ImageList
 import distill.evaluation.cost as summary_module
 from distill.cli import main
 from distill.config import AnchorConfig, Config, load_config, replace
+from distill.deploy.latency import format_deployed
 from distill.evaluation.cost import DEFAULT_NUM_CLASSES, _num_classes, format_summary
 from distill.models.retinanet import (
     LEVELS,
@@ -473,7 +474,8 @@ def test_summary_command_counts_the_default_models(tmp_path, caplog, capsys, mon
     monkeypatch.setattr(summary_module, "summarize", lambda cfg, **options: result)
     assert main(["summary", str(config), "--no-deploy", "--set", weights]) == 0
     table = capsys.readouterr().out
-    assert table == format_summary(result) + "\n"
+    assert table == format_deployed(result) + "\n"  # the deployment table too, where it ran
+    assert table.startswith(format_summary(result))
     assert f"{result['teacher']['gflops']:.2f}" in table.splitlines()[1]
     assert table.splitlines()[3].startswith("student/teacher")
 

@@ -760,16 +760,26 @@ def test_yaml_with_a_python_tag_is_refused(
 # ---------------------------------------------------------------------------------------------
 
 
-def nan_on(steps: set[int], calls: list[int] | None = None) -> Callable[..., Any]:
-    real = distill.engine.step.combine
+def nan_on(
+    monkeypatch: pytest.MonkeyPatch, steps: set[int], calls: list[int] | None = None
+) -> None:
+    """The training step's total loss (``step_losses``'s) made NaN at the optimizer ``steps``;
+    ``calls``: every step the loop trains."""
+    real_step, real_losses = distill.engine.loop.train_step, distill.engine.step.step_losses
+    now: dict[str, int] = {}
 
-    def combine(det: Any, kd: Any, cfg: Any, step: int, epoch: int) -> Any:
-        if calls is not None:
-            calls.append(step)
-        total, logs = real(det, kd, cfg, step, epoch)
-        return (total * float("nan") if step in steps else total), logs
+    def train_step(*args: Any) -> Any:
+        now["step"] = args[5]  # (accelerator, trainee, image_list, targets, teacher_out, step,
+        if calls is not None:  # epoch)
+            calls.append(args[5])
+        return real_step(*args)
 
-    return combine
+    def step_losses(*args: Any, **kwargs: Any) -> Any:
+        total, logs = real_losses(*args, **kwargs)
+        return (total * float("nan") if now.get("step") in steps else total), logs
+
+    monkeypatch.setattr(distill.engine.loop, "train_step", train_step)
+    monkeypatch.setattr(distill.engine.step, "step_losses", step_losses)
 
 
 def test_nonfinite_step_is_skipped_and_counted(
@@ -779,7 +789,7 @@ def test_nonfinite_step_is_skipped_and_counted(
     included), and the skip is counted in metrics.json and TensorBoard."""
     out = tmp_path / "run"
     cfg = load_config(SMOKE, plain(shapes_root, out, "train.max_steps=1", "data.max_val_images=1"))
-    monkeypatch.setattr(distill.engine.step, "combine", nan_on({0}))
+    nan_on(monkeypatch, {0})
     train(cfg)
     num_classes = build_dataset(cfg.data, "train").num_categories + 1
     set_seed(cfg.train.seed)
@@ -798,7 +808,7 @@ def test_too_many_nonfinite_losses_in_a_row_stop_the_run(
 ) -> None:  # fmt: skip
     """NaN at steps 0, 2, 3 with max_nonfinite=2: step 1 resets the count, step 3 stops."""
     calls: list[int] = []
-    monkeypatch.setattr(distill.engine.step, "combine", nan_on({0, 2, 3}, calls))
+    nan_on(monkeypatch, {0, 2, 3}, calls)
     out = tmp_path / "run"
     overrides = plain(shapes_root, out, "train.max_nonfinite=2")
     assert main(["run", str(SMOKE), *sets(*overrides)]) == 1
@@ -914,7 +924,7 @@ def test_teacher_is_outside_the_optimizer_and_stays_in_eval_mode(shapes_root: Pa
     assert not any(m.training for m in teacher.modules())
     assert not any(p.requires_grad for p in teacher.parameters())
     # FGD's blocks on teacher features are in the trainable module
-    assert len(module.kd["feature"].global_t) > 0
+    assert len(module.kd["feature"].part.global_t) > 0
     check_not_optimized(teacher, [SimpleNamespace(optimizer=optimizer)])  # type: ignore[list-item]
     optimizer.add_param_group({"params": [next(teacher.parameters())]})
     with pytest.raises(RuntimeError, match="teacher parameter is in an optimizer"):

@@ -151,7 +151,7 @@ def test_fp16_on_cpu_is_a_clear_error(
 def test_auto_precision_is_bf16_only_where_it_is_native(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from distill.engine import accelerator as build
+    from distill import device as build
 
     monkeypatch.setattr(build, "native_bf16", lambda: False)
     assert build.check_mixed_precision("auto") == "no"

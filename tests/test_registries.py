@@ -5,6 +5,7 @@ added the same way: ``tests/test_kd_terms.py``, ``ToyKD``.)"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,3 +128,20 @@ def test_an_unregistered_kind_is_refused(gain: type[Gain]) -> None:
         load_config(SMOKE, ON)
     with pytest.raises(ConfigError, match=r"unknown key distill\.feature\.gain"):
         load_config(SMOKE, ["distill.feature.gain.scale=3"])
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("tau", "cwd.tau"), ("fgd_tau", "fgd.tau"), ("fgd_lambda", "fgd.lambda_"),
+     ("mgd_ratio", "mgd.ratio")],
+)  # fmt: skip
+def test_a_key_that_moved_into_a_kinds_section_is_named_where_it_is_now(
+    old: str, new: str, tmp_path: Path
+) -> None:
+    """A config (or an old run's config.yaml) that names a kind's key where it sat before the
+    kinds had sections of their own gets its new name, with the file."""
+    path = tmp_path / "old.yaml"
+    path.write_text(f"distill:\n  feature: {{kind: cwd, weight: 1.0, {old}: 0.5}}\n")
+    new_key = re.escape(f"distill.feature.{new}")
+    with pytest.raises(ConfigError, match=rf"distill\.feature\.{old} in {path} is now {new_key}"):
+        load_config(path)

@@ -36,6 +36,7 @@ from distill.config.schema import (
     Extensible,
     choices,
     registered_sections,
+    renamed_keys,
     resolve_defaults,
     walk_sections,
 )
@@ -294,7 +295,12 @@ def from_dict(cls: type[T], raw: Mapping[str, Any], source: str, prefix: str = "
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "sections"}  # type: ignore[arg-type]
     declared = registered_sections(cls.AT) if issubclass(cls, Extensible) else {}
     hints = typing.get_type_hints(cls)
+    renamed = renamed_keys(prefix.rstrip("."))
     for key in raw:
+        if key in renamed and key not in fields:
+            raise ConfigError(
+                f"{prefix}{key} in {source} is now {prefix}{renamed[key]}: rename it there"
+            )
         if key not in fields and key not in declared:
             known = [*fields, *declared]
             # keys of the sub-sections too: a key that moved into one (fgd_tau -> fgd.tau)

@@ -266,6 +266,7 @@ class Section:
         for values a type and the bounds cannot check
     unused: ``section -> keys`` that change nothing in a run with this section (a term that is
         off, another feature kind's keys): a resumed run may differ from its start there
+    renamed: {old key: its key now}, for an error that names the new key to an old config
     """
 
     config: type
@@ -274,6 +275,7 @@ class Section:
     resolve: Callable[[Any, Config], Any] | None = None
     check: Callable[[Any, Config, str], None] | None = None
     unused: Callable[[Any], Iterable[str]] | None = None
+    renamed: Mapping[str, str] = field(default_factory=dict)
 
 
 _SECTIONS: dict[str, dict[str, Section]] = {}  # {"distill": {"feature": Section, ...}, ...}
@@ -289,6 +291,13 @@ def unregister_section(at: str, name: str) -> None:
     _SECTIONS.get(at, {}).pop(name, None)
     for key in [k for k in _CHOICES if k.startswith(f"{at}.{name}.")]:
         del _CHOICES[key]
+
+
+def renamed_keys(path: str) -> dict[str, str]:
+    """{old key: its key now} that the registered section at dotted ``path`` declares."""
+    at, _, name = path.rpartition(".")
+    section = _SECTIONS.get(at, {}).get(name)
+    return dict(section.renamed) if section is not None else {}
 
 
 def registered_sections(at: str) -> dict[str, Section]:

@@ -119,6 +119,7 @@ class KDTerm(ABC):
     positive: ClassVar[tuple[str, ...]] = ()  # keys that must be > 0
     non_negative: ClassVar[tuple[str, ...]] = ()  # keys that must be >= 0 (besides weights)
     choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {}  # {key: the names it accepts}
+    renamed: ClassVar[Mapping[str, str]] = {}  # {old key: its key now}, named to old configs
 
     @classmethod
     def section_of(cls, cfg: DistillConfig) -> Any:

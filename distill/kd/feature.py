@@ -50,6 +50,11 @@ class FeatureKD(KDTerm):
     name: ClassVar[str] = "feature"
     config_class: ClassVar[type] = FeatureKDConfig
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"level_reduction": LEVEL_REDUCTIONS}
+    # the kinds' own keys sat beside the shared ones before they had sections of their own
+    renamed: ClassVar[dict[str, str]] = {
+        "tau": "cwd.tau", "fgd_tau": "fgd.tau", "fgd_alpha": "fgd.alpha", "fgd_beta": "fgd.beta",
+        "fgd_gamma": "fgd.gamma", "fgd_lambda": "fgd.lambda_", "mgd_ratio": "mgd.ratio",
+    }  # fmt: skip
 
     cfg: FeatureKDConfig
 

@@ -49,6 +49,7 @@ def register_term(term: type[KDTerm]) -> type[KDTerm]:
         resolve=term.resolve,
         check=term.check,
         unused=term.unused_keys,
+        renamed=term.renamed,
     )
     register_section("distill", term.name, section)
     register_choices({f"distill.{term.name}.{key}": names for key, names in term.choices.items()})

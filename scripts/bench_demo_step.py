@@ -1,17 +1,19 @@
 """What a training step of each demo model costs on this host, for the levers that could make the
 demo cheaper (issue 34): image size, batch size, the teacher's head (v1 or v2). Each row times
-the demo's own configs (configs/demo/*.yaml with the row's changes) through ``distill demo``'s
-probe (the loop's ``train_step``; the distilled student's includes the teacher forward), the
+the demo's own configs (configs/demo/*.yaml with the row's changes) through the loop's
+``train_step`` (the distilled student's includes the teacher forward), each model alone, the
 median of ``--steps`` steps after one warm-up, on a small copy of the demo's task at the row's
-size. ``train.mixed_precision`` stays ``auto``: bf16 where native, fp32 elsewhere.
+size. (The demo itself plans with what its runs cost as they train, the students in lockstep:
+``distill.experiments.costs``.) ``train.mixed_precision`` stays ``auto``: bf16 where native,
+fp32 elsewhere.
 
     python scripts/bench_demo_step.py
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python scripts/bench_demo_step.py \\
         --out results/bench_demo_step-avx2.json      # an AVX2-only host, imitated
 
 "reference min" is what the demo's reference schedule (teacher 500 steps, students 600 in
-lockstep) would train for at these step costs; the demo's budget leaves 0.85 x 15 = 12.75 min
-for training. Writes ``results/bench_demo_step.json`` and prints a table.
+lockstep) would train for at these step costs. Writes ``results/bench_demo_step.json`` and
+prints a table.
 """
 
 from __future__ import annotations
@@ -19,15 +21,24 @@ from __future__ import annotations
 import argparse
 import datetime
 import shlex
+import statistics
 import sys
+import tempfile
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from distill.config import replace
+import torch
+
+from distill.config import Config, replace
 from distill.data.shapes import generate_shapes
 from distill.device import native_bf16
+from distill.engine.build import build_accelerator, build_train_loader, build_trainee
+from distill.engine.step import teacher_forward, train_step
 from distill.experiments import demo
 from distill.experiments.machine import instruction_set_caps, machine, publish
+from distill.models.retinanet import build_transform
 
 REPO = Path(__file__).resolve().parents[1]
 # row -> (image size, config changes); the first row is the demo as it is
@@ -40,9 +51,56 @@ ROWS: dict[str, tuple[int, dict[str, Any]]] = {
 }
 
 
+def probe_seconds(configs: Mapping[str, Config], steps: int = 3) -> dict[str, float]:
+    """Seconds per training step of each demo model alone: the median of ``steps`` steps after
+    one warm-up step, on one real batch, through the loop's own ``train_step`` (and
+    ``teacher_forward`` for the distilled student, so that the two students' sum is the cost of
+    one lockstep step). The teacher has random weights here: its cost does not depend on them."""
+
+    seconds = {}
+    with tempfile.TemporaryDirectory(prefix="distill-probe-") as scratch:
+        for name, cfg in configs.items():
+            job = "teacher" if name == "teacher" else "student"
+            cfg = replace(
+                cfg,
+                **{"teacher.weights": None, "data.num_workers": 0, "output.dir": scratch},
+            )
+            accelerator = build_accelerator(cfg)
+            train_set, loader = build_train_loader(accelerator, cfg)
+            images, targets = next(iter(loader))
+            transform = build_transform(cfg).to(accelerator.device)
+            t, frozen = build_trainee(
+                accelerator, cfg, job, train_set.num_categories + 1, steps + 1
+            )
+            if frozen is not None:
+                frozen.to(accelerator.device)
+            times = []
+            for step in range(steps + 1):
+                tic = time.perf_counter()
+                image_list, batch_targets = transform(images, targets)
+                teacher_out = None
+                if frozen is not None:  # the distilled student
+                    teacher_out = teacher_forward(accelerator, frozen, image_list, [t.terms])
+                train_step(accelerator, t, image_list, batch_targets, teacher_out, step, 0)
+                if accelerator.device.type == "cuda":
+                    torch.cuda.synchronize(accelerator.device)
+                times.append(time.perf_counter() - tic)
+            if t.writer is not None:
+                t.writer.close()
+            seconds[name] = statistics.median(times[1:])
+    return seconds
+
+
+def reference_seconds(seconds: Mapping[str, float]) -> float:
+    """Seconds the reference schedule of the models in ``seconds`` trains for, at those seconds
+    per step."""
+    reference = demo.reference_steps()
+    return sum(reference[name] * s for name, s in seconds.items())
+
+
 def reference_minutes(seconds: dict[str, float]) -> float:
     """Training minutes of the demo's reference schedule at these seconds per step."""
-    return demo.reference_seconds(seconds) / 60
+    return reference_seconds(seconds) / 60
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
@@ -56,7 +114,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             model: replace(cfg, **{"data.image_size": size, **changes})
             for model, cfg in demo.demo_configs(args.data / "runs", data, Path("unused.pt")).items()
         }
-        seconds = demo.probe_seconds(configs, steps=args.steps)
+        seconds = probe_seconds(configs, steps=args.steps)
         rows[name] = {
             "image_size": size,
             "changes": changes,

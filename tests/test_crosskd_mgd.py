@@ -17,9 +17,9 @@ from distill.engine.checkpoint import state_digest
 from distill.engine.loop import train, train_group
 from distill.engine.trainable import TrainableModule
 from distill.kd import Batch, combine, distill_terms, kd_terms, kd_weights
+from distill.kd.crosshead import CrossHead, align_scale, channel_stats, held_tower_outputs
 from distill.kd.features.mgd import mgd_mask
 from distill.losses import crosskd_box_loss, kd_quality_focal_loss, match_anchors, mgd_loss
-from distill.models.crosshead import CrossHead, align_scale, channel_stats, held_tower_outputs
 from distill.models.retinanet import DenseOutputs
 from distill.models.weights import load_state_dict_file
 from tests.conftest import REPO

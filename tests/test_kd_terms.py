@@ -221,6 +221,29 @@ def code_without_docstrings(obj: Any) -> str:
     return ast.unparse(tree)
 
 
+LAYERS_ABOVE_AND_BELOW = ("config", "cli", "engine", "experiments")
+
+
+@pytest.mark.parametrize("package", LAYERS_ABOVE_AND_BELOW)
+def test_the_config_the_engine_and_the_command_line_name_no_kd_method(package: str) -> None:
+    """Their code (docstrings and comments aside) names no KD term, feature kind or KD part:
+    the terms and kinds declare what they own in distill/kd."""
+    for path in sorted((REPO / "distill" / package).glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.FunctionDef | ast.ClassDef) and ast.get_docstring(
+                node
+            ):
+                node.body = node.body[1:] or [ast.Pass()]
+        code = ast.unparse(tree)
+        # generic words: the targets' boxes and box deltas, logits in a help text, generators
+        for word in ("boxes", "bbox_regression", "box deltas", "class logits", "Generator",
+                     "anchor_generator", "feature_strides", "its boxes"):  # fmt: skip
+            code = code.replace(word, "")
+        names = re.compile(r"feature|logit|\bbox|crosskd|adapter|fgd|mgd|cwd|pkd|mse", re.I)
+        assert not names.findall(code), (path, names.findall(code))
+
+
 @pytest.mark.parametrize("obj", ENGINE, ids=lambda o: o.__name__)
 def test_the_engine_names_no_kd_term(obj: Any) -> None:
     code = code_without_docstrings(obj)

@@ -30,7 +30,9 @@ def project_modules() -> dict[str, Path]:
     }
 
 
-def imports_of(path: Path, modules: dict[str, Path]) -> list[tuple[str, int, bool]]:
+def imports_of(
+    path: Path, modules: dict[str, Path], here: str | None = None
+) -> list[tuple[str, int, bool]]:
     """(module imported, line, at module level?) for every import of a project module.
 
     ``from a.b import c`` imports ``a.b.c`` where that is a module, else ``a.b``. Parent
@@ -38,19 +40,19 @@ def imports_of(path: Path, modules: dict[str, Path]) -> list[tuple[str, int, boo
     import its submodules without that being a cycle."""
     tree = ast.parse(path.read_text(), str(path))
     top_level = {id(node) for node in tree.body}
-    here = module_name(path)
+    here = here or module_name(path)
     found = []
     for node in ast.walk(tree):
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module is not None:
-            base = node.module
-            if node.level:  # relative import
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import: ``from .. import engine``, ``from .x import y``
                 package = here.split(".")[
                     : len(here.split(".")) - node.level + (path.name == "__init__.py")
                 ]
-                base = ".".join([*package, node.module])
+                base = ".".join([*package, *([node.module] if node.module else [])])
             names = [
                 f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names
             ]
@@ -152,6 +154,15 @@ def test_climbing_imports_names_the_arrow_that_climbs() -> None:
     assert "teachers (layer 8)" in beside and "students is layer 8" in beside
     with pytest.raises(KeyError, match=r"distill\.newpackage\.x is in no layer"):
         climbing_imports({"distill.newpackage.x": []})
+
+
+def test_relative_imports_are_read_too(tmp_path: Path) -> None:
+    source = tmp_path / "x.py"
+    source.write_text("from .. import engine\nfrom ..engine.step import train_step\n")
+    modules = {"distill.engine": Path(), "distill.engine.step": Path()}
+    found = imports_of(source, modules, here="distill.evaluation.x")
+    assert found == [("distill.engine", 1, True), ("distill.engine.step", 2, True)]
+    assert climbing_imports({"distill.evaluation.x": [(m, n) for m, n, _ in found]})
 
 
 def test_layers_only_point_down() -> None:

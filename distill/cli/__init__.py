@@ -2,6 +2,7 @@
 
     distill data shapes OUT [--train N --val N --size PX --seed S --difficulty PRESET]
     distill data stats ROOT [--ann train.json]
+    distill data convert yolo|voc SOURCE OUT [--split S] [--classes A,B] [--copy] [--overwrite]
     distill train-teacher CONFIG [--set key=value ...] [--resume RUN_DIR]
     distill run CONFIG [--set key=value ...] [--resume RUN_DIR] [--no-check | --force]
     distill check CONFIG [--set key=value ...] [--sample N] [--out FILE]

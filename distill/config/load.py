@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import re
 import types
@@ -46,6 +47,7 @@ from distill.fileio import write_text_atomic
 # Reading, checking, overriding, writing
 # --------------------------------------------------------------------------------------------
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 # a number in exponent notation without a dot (1e-4, 5E6): a float to YAML 1.2 and to Python,
 # a string to PyYAML (YAML 1.1); read as the float the user meant where a float is expected
@@ -296,11 +298,9 @@ def from_dict(cls: type[T], raw: Mapping[str, Any], source: str, prefix: str = "
     declared = registered_sections(cls.AT) if issubclass(cls, Extensible) else {}
     hints = typing.get_type_hints(cls)
     renamed = renamed_keys(prefix.rstrip("."))
+    if any(key in renamed and key not in fields for key in raw):
+        raw = _moved(raw, renamed, prefix, source)
     for key in raw:
-        if key in renamed and key not in fields:
-            raise ConfigError(
-                f"{prefix}{key} in {source} is now {prefix}{renamed[key]}: rename it there"
-            )
         if key not in fields and key not in declared:
             known = [*fields, *declared]
             # keys of the sub-sections too: a key that moved into one (fgd_tau -> fgd.tau)
@@ -320,6 +320,34 @@ def from_dict(cls: type[T], raw: Mapping[str, Any], source: str, prefix: str = "
     if sections:
         values["sections"] = tuple(sections)
     return cls(**values)
+
+
+def _moved(
+    raw: Mapping[str, Any], renamed: Mapping[str, str], prefix: str, source: str
+) -> dict[str, Any]:
+    """``raw`` with the keys a section renamed (``Section.renamed``: an old run's config.yaml,
+    an old recipe) read at their new place, and a warning that names them; both names given is
+    an error."""
+    moved = {key: value for key, value in raw.items() if key in renamed}
+    out = {key: value for key, value in raw.items() if key not in renamed}
+    for old, value in moved.items():
+        *path, last = renamed[old].split(".")
+        node = out
+        for part in path:
+            child = node.get(part, {})
+            node[part] = child = dict(child) if isinstance(child, Mapping) else child
+            if not isinstance(child, dict):
+                raise ConfigError(f"{prefix}{part} in {source} must be a mapping")
+            node = child
+        if last in node:
+            raise ConfigError(
+                f"{prefix}{old} in {source} is the old name of {prefix}{renamed[old]}, which is "
+                "given too: keep the new one"
+            )
+        node[last] = value
+    names = ", ".join(f"{prefix}{old} -> {prefix}{renamed[old]}" for old in moved)
+    log.warning("%s: old key names read at their new place (%s); rename them there", source, names)
+    return out
 
 
 def _convert(tp: Any, value: Any, key: str, source: str) -> Any:

@@ -96,13 +96,16 @@ class StudentConfig:
     init_from_teacher: tuple[str, ...] = ()
 
 
+_EXTENSIBLE: dict[str, type] = {}  # the extensible sections by dotted key: {"distill": ...}
+
+
 @dataclass(frozen=True)
 class Extensible:
     """A section whose sub-sections are declared by a registry, not here (``register_section``):
     ``distill`` holds one per KD term (``distill.feature``, ``distill.logit``, ...), declared by
     the terms in ``distill.kd``; a term's own section may be extensible in turn (the feature
-    kinds' ``distill.feature.<kind>``). A sub-section reads like a field, ``cfg.distill.logit``,
-    and a section built before a registration gets the registered sub-sections' defaults.
+    kinds' ``distill.feature.<kind>``). A sub-section reads like a field, ``cfg.distill.logit``;
+    one registered after the section was built reads as its defaults.
 
     ``AT`` is the section's dotted key; ``sections`` holds ``(name, value)`` in registration
     order (a tuple, so that a config stays hashable and compares by value).
@@ -110,6 +113,10 @@ class Extensible:
 
     AT: ClassVar[str] = ""
     sections: tuple[tuple[str, Any], ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _EXTENSIBLE[cls.AT] = cls  # a registered name must not shadow one of its keys
 
     def __post_init__(self) -> None:
         given = dict(self.sections)
@@ -131,15 +138,20 @@ class Extensible:
         for key, value in self.__dict__.get("sections", ()):
             if key == name:
                 return value
+        declared = registered_sections(self.AT)
+        if name in declared:  # registered after this section was built: its defaults
+            return declared[name].config()
         raise AttributeError(f"{self.AT or type(self).__name__} has no key or section {name!r}")
 
     def with_sections(self, **values: Any) -> Any:
-        """A copy with the named sub-sections replaced."""
-        unknown = set(values) - {name for name, _ in self.sections}
+        """A copy with the named sub-sections replaced (or added, where registered since)."""
+        held = [name for name, _ in self.sections]
+        unknown = set(values) - set(held) - set(registered_sections(self.AT))
         if unknown:
             raise KeyError(f"{self.AT} has no section {sorted(unknown)[0]!r}")
-        sections = tuple((name, values.get(name, value)) for name, value in self.sections)
-        return replace(self, sections=sections)
+        sections = [(name, values.get(name, value)) for name, value in self.sections]
+        sections += [(name, value) for name, value in values.items() if name not in held]
+        return replace(self, sections=tuple(sections))
 
 
 @dataclass(frozen=True)
@@ -283,6 +295,9 @@ _SECTIONS: dict[str, dict[str, Section]] = {}  # {"distill": {"feature": Section
 
 def register_section(at: str, name: str, section: Section) -> None:
     """Declare sub-section ``name`` of the extensible section ``at`` (in this order)."""
+    owner = _EXTENSIBLE.get(at)
+    if owner is not None and hasattr(owner, name):
+        raise ValueError(f"{at}.{name}: a section cannot take the name of a key of {at}")
     _SECTIONS.setdefault(at, {})[name] = section
 
 
@@ -305,6 +320,18 @@ def registered_sections(at: str) -> dict[str, Section]:
     return dict(_SECTIONS.get(at, {}))
 
 
+def _declaration(at: str, name: str) -> Section:
+    """The declaration of a sub-section a config holds; an error when this process has not
+    registered it (its term or kind was registered where the config was built, not here)."""
+    section = _SECTIONS.get(at, {}).get(name)
+    if section is None:
+        raise ConfigError(
+            f"{at}.{name} is not registered in this process: import the module that registers "
+            "it before reading or using this config"
+        )
+    return section
+
+
 def walk_sections(obj: Any) -> Iterator[tuple[str, Section, Any]]:
     """(dotted key, declaration, value) of every registered sub-section in a config (or a
     section of it), parents before their own sub-sections."""
@@ -313,9 +340,8 @@ def walk_sections(obj: Any) -> Iterator[tuple[str, Section, Any]]:
         if is_dataclass(value):
             yield from walk_sections(value)
     if isinstance(obj, Extensible):
-        declared = registered_sections(obj.AT)
         for name, value in obj.sections:
-            yield f"{obj.AT}.{name}", declared[name], value
+            yield f"{obj.AT}.{name}", _declaration(obj.AT, name), value
             yield from walk_sections(value)
 
 
@@ -334,10 +360,10 @@ def _resolved(obj: Any, cfg: Config) -> Any:
     }
     changes = {name: v for name, v in changes.items() if v is not getattr(obj, name)}
     if isinstance(obj, Extensible):
-        declared, sections, changed = registered_sections(obj.AT), [], False
+        sections, changed = [], False
         for name, value in obj.sections:
             new = _resolved(value, cfg)
-            resolve = declared[name].resolve
+            resolve = _declaration(obj.AT, name).resolve
             if resolve is not None:
                 new = resolve(new, cfg)
             sections.append((name, new))

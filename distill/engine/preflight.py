@@ -40,7 +40,7 @@ from distill.engine.build import build_models
 from distill.engine.step import step_losses, teacher_forward
 from distill.engine.trainable import TrainableModule
 from distill.evaluation.evaluate import evaluate
-from distill.kd import FAIL, OK, SKIP, WARN, Finding, kd_terms
+from distill.kd import FAIL, OK, SKIP, WARN, Finding, needs_teacher
 from distill.models.card import read_card
 from distill.models.provenance import torchvision_categories
 from distill.models.retinanet import build_transform, feature_strides, set_postprocess
@@ -63,7 +63,7 @@ def check_setup(cfg: Config, sample: int = 50) -> list[Finding]:
     """Every check of the module docstring for a distillation config; ``sample`` validation
     images for the teacher's mAP (0: that check is skipped). Raises only for what stops the
     run before any model is built (a missing dataset: ``DatasetError``)."""
-    if not kd_terms(cfg.distill):
+    if not needs_teacher(cfg.distill):
         return [Finding("kd terms", WARN, "every KD weight is 0: nothing is distilled")]
     train_set = build_dataset(cfg.data, "train", seed=cfg.train.seed)
     num_classes = train_set.num_categories + 1
@@ -189,11 +189,10 @@ def _shapes_finding(teacher: RetinaNet, student: RetinaNet) -> Finding:
     widths = [getattr(model.backbone, "out_channels", "?") for model in (teacher, student)]
     anchors = teacher.anchor_generator.num_anchors_per_location()[0]
     strides = feature_strides(student)
-    adapters = " (1x1 adapters for feature KD)" if widths[0] != widths[1] else ""
     return Finding(
         "shapes",
         OK,
-        f"FPN widths teacher {widths[0]}, student {widths[1]}{adapters}; {anchors} anchors per "
+        f"FPN widths teacher {widths[0]}, student {widths[1]}; {anchors} anchors per "
         f"location, strides {'/'.join(map(str, strides))} on both",
     )
 

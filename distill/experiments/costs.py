@@ -99,7 +99,7 @@ def probe_run(cfgs: Sequence[Config], job: str, warmup: int = 2, steps: int = 4)
         if val_batches > 1:  # the other validation batches, as the evaluation runs them
             for t in run.trainees:
                 end += (val_batches - 1) * _inference_seconds(run, t.detector, images)
-        steps_per_epoch = len(run.train_loader) // cfgs[0].train.grad_accum
+        steps_per_epoch = max(1, len(run.train_loader) // cfgs[0].train.grad_accum)
     return RunCost(started + first_steps, step, epoch, end, steps_per_epoch)
 
 
@@ -155,10 +155,11 @@ def _sync(run: Run) -> None:
 def _quiet() -> Iterator[None]:
     """Log records of WARNING and below, and Python warnings (torchvision's about drawing no
     box), are dropped; errors still raise."""
-    logging.disable(logging.WARNING)
+    before = logging.root.manager.disable  # a level a caller disabled stays disabled after
+    logging.disable(max(before, logging.WARNING))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(before)

@@ -27,8 +27,6 @@ import logging
 import math
 import os
 import shlex
-import statistics
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -39,7 +37,6 @@ import torch
 
 from distill.config import Config, ConfigError, flatten, load_config, override, replace
 from distill.data.shapes import DEMO_DATA, DEMO_OUT, generate_shapes
-from distill.engine.build import build_accelerator, build_train_loader, build_trainee
 from distill.engine.checkpoint import (
     CheckpointError,
     RunExistsError,
@@ -49,7 +46,6 @@ from distill.engine.checkpoint import (
     read_progress,
 )
 from distill.engine.loop import train, train_group
-from distill.engine.step import teacher_forward, train_step
 from distill.evaluation.cost import summarize
 from distill.evaluation.evaluate import run_metrics
 from distill.experiments.costs import RunCost, probe_run
@@ -58,7 +54,6 @@ from distill.experiments.machine import instruction_set_caps, machine
 from distill.experiments.sweep import plain_overrides
 from distill.fileio import FileFormatError, read_json, write_json
 from distill.models.card import read_card
-from distill.models.retinanet import build_transform
 from distill.shipped import shipped_path
 
 CONFIGS = shipped_path("configs", "demo")  # in the installed package, or the clone's configs/
@@ -411,54 +406,6 @@ def probe_costs(configs: Mapping[str, Sequence[Config]]) -> dict[str, RunCost]:
     this machine, as it trains them (``costs.probe_run``: the two students in lockstep)."""
     job = {"teacher": "teacher", "students": "student"}
     return {run: probe_run(cfgs, job[run], *PROBE_STEPS) for run, cfgs in configs.items()}
-
-
-def probe_seconds(configs: Mapping[str, Config], steps: int = 3) -> dict[str, float]:
-    """Seconds per training step of each demo model alone (``scripts/bench_demo_step.py``'s
-    levers; the demo plans with ``probe_costs``): the median of ``steps`` steps after one warm-up
-    step, on one real batch, through the loop's own ``train_step`` (and
-    ``teacher_forward`` for the distilled student, so that the two students' sum is the cost of
-    one lockstep step). The teacher has random weights here: its cost does not depend on them."""
-
-    seconds = {}
-    with tempfile.TemporaryDirectory(prefix="distill-probe-") as scratch:
-        for name, cfg in configs.items():
-            job = "teacher" if name == "teacher" else "student"
-            cfg = replace(
-                cfg,
-                **{"teacher.weights": None, "data.num_workers": 0, "output.dir": scratch},
-            )
-            accelerator = build_accelerator(cfg)
-            train_set, loader = build_train_loader(accelerator, cfg)
-            images, targets = next(iter(loader))
-            transform = build_transform(cfg).to(accelerator.device)
-            t, frozen = build_trainee(
-                accelerator, cfg, job, train_set.num_categories + 1, steps + 1
-            )
-            if frozen is not None:
-                frozen.to(accelerator.device)
-            times = []
-            for step in range(steps + 1):
-                tic = time.perf_counter()
-                image_list, batch_targets = transform(images, targets)
-                teacher_out = None
-                if frozen is not None:  # the distilled student
-                    teacher_out = teacher_forward(accelerator, frozen, image_list, [t.terms])
-                train_step(accelerator, t, image_list, batch_targets, teacher_out, step, 0)
-                if accelerator.device.type == "cuda":
-                    torch.cuda.synchronize(accelerator.device)
-                times.append(time.perf_counter() - tic)
-            if t.writer is not None:
-                t.writer.close()
-            seconds[name] = statistics.median(times[1:])
-    return seconds
-
-
-def reference_seconds(seconds: Mapping[str, float]) -> float:
-    """Seconds the reference schedule of the models in ``seconds`` trains for, at those seconds
-    per step."""
-    reference = reference_steps()
-    return sum(reference[name] * s for name, s in seconds.items())
 
 
 def plan_steps(

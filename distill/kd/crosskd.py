@@ -4,7 +4,7 @@ and those cross-head predictions are distilled towards the teacher's.
 
 Three places, one term: the teacher's forward gives the channel statistics of its tower conv
 (``TowerStats``), the trainable module holds the student's tower conv output and runs the cross
-head (``CrossKDModule``, ``distill.models.crosshead``), and the two losses compare the
+head (``CrossKDModule``, ``distill.kd.crosshead``), and the two losses compare the
 cross-head predictions with the teacher's (``distill.losses.crosskd``).
 """
 
@@ -21,8 +21,7 @@ from torchvision.models.detection import RetinaNet
 
 from distill.config import Config, ConfigError, DistillConfig
 from distill.kd.base import Batch, KDTerm, TermModule
-from distill.losses.crosskd import crosskd_box_loss, kd_quality_focal_loss, match_anchors
-from distill.models.crosshead import (
+from distill.kd.crosshead import (
     BRANCHES,
     CrossHead,
     channel_stats,
@@ -30,6 +29,7 @@ from distill.models.crosshead import (
     tower_depth,
     tower_width,
 )
+from distill.losses.crosskd import crosskd_box_loss, kd_quality_focal_loss, match_anchors
 from distill.models.retinanet import DenseOutputs
 
 __all__ = ["CrossKD", "CrossKDConfig", "CrossKDModule", "TowerStats"]

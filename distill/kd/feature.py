@@ -24,6 +24,11 @@ from distill.models.retinanet import DenseOutputs
 __all__ = ["LEVEL_REDUCTIONS", "FeatureKD", "FeatureKDConfig", "FeatureModule", "build_adapters"]
 
 LEVEL_REDUCTIONS = ("sum", "mean")  # of the per-level losses
+# FeatureModule's state-dict keys before the kinds had parts of their own: (old, new) prefixes
+MOVED_KEYS = (
+    ("global_s.", "part.global_s."), ("global_t.", "part.global_t."),
+    ("generators.", "part.generators."), ("mgd_forwards", "part.forwards"),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,8 @@ class FeatureKD(KDTerm):
     @property
     def kind(self) -> FeatureKind:
         """The configured kind, with its own section."""
-        return KINDS[self.cfg.kind](getattr(self.cfg, self.cfg.kind, None))
+        kind = KINDS[self.cfg.kind]
+        return kind(getattr(self.cfg, kind.name) if kind.config_class is not None else None)
 
     @property
     def levels(self) -> tuple[str, ...]:
@@ -151,6 +157,15 @@ class FeatureModule(TermModule):
         self.levels = tuple(levels)  # the levels whose (adapted) features are compared
         self.adapters = adapters if adapters is not None else nn.ModuleDict()
         self.part = part
+        self.register_load_state_dict_pre_hook(FeatureModule._moved_keys)
+
+    @staticmethod
+    def _moved_keys(_module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        # a checkpoint from before the kinds had parts of their own holds FGD's blocks and MGD's
+        # generators at this module's top: read them at their place in ``part``
+        for old, new in MOVED_KEYS:
+            for key in [k for k in state_dict if k.startswith(prefix + old)]:
+                state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
 
     def forward(self, out: DenseOutputs, teacher: DenseOutputs | None, held: Any = None) -> None:
         """Sets ``out.adapted`` {level: (N, C_t, H_l, W_l)} and adds the kind's part's tensors

@@ -1,5 +1,5 @@
 """CrossKD's losses (Wang et al., CVPR 2024): the cross-head predictions
-(``distill.models.crosshead``) pulled towards the teacher's own.
+(``distill.kd.crosshead``) pulled towards the teacher's own.
 
     valid[n, a] = 0 in the matcher's ignore zone (IoU 0.4-0.5), else 1
     avg = sum_n max(foreground anchors of image n, 1)

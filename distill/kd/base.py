@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, cast
 
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
@@ -151,10 +151,13 @@ class KDTerm(ABC):
         return set(flatten(section)) - set(cls.weight_keys)
 
     @classmethod
-    @abstractmethod
     def from_config(cls, cfg: DistillConfig) -> KDTerm | None:
         """The term as ``cfg`` configures it, or None when all its weights are 0: then nothing
-        of it is built, run or computed."""
+        of it is built, run or computed. Default: the term made of its section alone (a
+        dataclass whose one field is the section); a term built otherwise overrides this."""
+        section = cls.section_of(cfg)
+        make = cast(Callable[[Any], KDTerm], cls)
+        return make(section) if cls.is_on(section) else None
 
     @abstractmethod
     def weights(self) -> dict[str, float]:

@@ -8,7 +8,6 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from distill.config import DistillConfig
 from distill.kd.base import Batch, KDTerm
 from distill.losses.logits import BOX_KINDS, box_distill_loss, teacher_confidence
 from distill.models.retinanet import DenseOutputs
@@ -34,11 +33,6 @@ class BoxKD(KDTerm):
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"kind": BOX_KINDS}
 
     cfg: BoxKDConfig
-
-    @classmethod
-    def from_config(cls, cfg: DistillConfig) -> BoxKD | None:
-        section = cls.section_of(cfg)
-        return cls(section) if cls.is_on(section) else None
 
     def weights(self) -> dict[str, float]:
         return {"box": self.cfg.weight}

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torchvision.models.detection import RetinaNet
 
-from distill.config import Config, ConfigError, DistillConfig
+from distill.config import Config, ConfigError
 from distill.kd.base import Batch, KDTerm, TermModule
 from distill.kd.crosshead import (
     BRANCHES,
@@ -81,11 +81,6 @@ class CrossKD(KDTerm):
     non_negative: ClassVar[tuple[str, ...]] = ("layer", "teacher_layer", "beta")
 
     cfg: CrossKDConfig
-
-    @classmethod
-    def from_config(cls, cfg: DistillConfig) -> CrossKD | None:
-        section = cls.section_of(cfg)
-        return cls(section) if cls.is_on(section) else None
 
     @classmethod
     def resolve(cls, section: Any, cfg: Config) -> Any:

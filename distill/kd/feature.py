@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
 
-from distill.config import LEVEL_NAMES, Config, ConfigError, DistillConfig, Extensible
+from distill.config import LEVEL_NAMES, Config, ConfigError, Extensible
 from distill.kd.base import Batch, Finding, KDTerm, TermModule
 from distill.kd.features import KINDS, FeatureKind, KindPart
 from distill.models.retinanet import DenseOutputs
@@ -62,11 +62,6 @@ class FeatureKD(KDTerm):
     }  # fmt: skip
 
     cfg: FeatureKDConfig
-
-    @classmethod
-    def from_config(cls, cfg: DistillConfig) -> FeatureKD | None:
-        section = cls.section_of(cfg)
-        return cls(section) if cls.is_on(section) else None
 
     @classmethod
     def resolve(cls, section: Any, cfg: Config) -> Any:

@@ -8,7 +8,6 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from distill.config import DistillConfig
 from distill.kd.base import Batch, KDTerm
 from distill.losses.logits import LOGIT_KINDS, soft_label_loss, teacher_confidence
 from distill.models.retinanet import DenseOutputs
@@ -41,11 +40,6 @@ class LogitKD(KDTerm):
     }
 
     cfg: LogitKDConfig
-
-    @classmethod
-    def from_config(cls, cfg: DistillConfig) -> LogitKD | None:
-        section = cls.section_of(cfg)
-        return cls(section) if cls.is_on(section) else None
 
     def weights(self) -> dict[str, float]:
         return {"logit": self.cfg.weight}

@@ -110,8 +110,9 @@ def check_values(cfg: Config, source: str) -> None:
         if flat[key] not in allowed:
             names = " | ".join("null" if a is None else str(a) for a in allowed)
             raise ConfigError(f"{key} in {source}: {flat[key]!r} is not one of {names}")
+    sections = list(walk_sections(cfg))  # what the registered sections declare
     positive, non_negative = list(POSITIVE), list(NON_NEGATIVE)
-    for at, section, _ in walk_sections(cfg):  # the bounds registered sections declare
+    for at, section, _ in sections:
         positive += [f"{at}.{key}" for key in section.positive]
         non_negative += [f"{at}.{key}" for key in section.non_negative]
     for keys, low, words in ((positive, False, "> 0"), (non_negative, True, ">= 0")):
@@ -144,7 +145,7 @@ def check_values(cfg: Config, source: str) -> None:
             f"anchors.sizes in {source}: one base size per level {', '.join(LEVEL_NAMES)}, "
             f"got {list(cfg.anchors.sizes)}"
         )
-    for _, section, value in walk_sections(cfg):  # what the registered sections check
+    for _, section, value in sections:
         if section.check is not None:
             section.check(value, cfg, source)
 
@@ -464,7 +465,7 @@ def replace(cfg: T, **changes: Any) -> T:
     for head, sub in nested.items():
         direct[head] = replace(getattr(cfg, head), **sub)
     if isinstance(cfg, Extensible):  # registered sub-sections are not fields
-        names = {name for name, _ in cfg.sections}
+        names = {name for name, _ in cfg.sections} | set(registered_sections(cfg.AT))
         sections = {k: direct.pop(k) for k in list(direct) if k in names}
         if sections:
             cfg = cfg.with_sections(**sections)

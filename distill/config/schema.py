@@ -278,7 +278,8 @@ class Section:
         for values a type and the bounds cannot check
     unused: ``section -> keys`` that change nothing in a run with this section (a term that is
         off, another feature kind's keys): a resumed run may differ from its start there
-    renamed: {old key: its key now}, for an error that names the new key to an old config
+    renamed: {old key: its key now}: an old config's value is read at the new place, with a
+        warning that names both
     """
 
     config: type

@@ -58,11 +58,6 @@ class FeatureKind:
     def check(cls, section: Any, cfg: Config, source: str) -> None:
         """Raise ``ConfigError`` for a value of its section that bounds cannot check."""
 
-    @property
-    def temperature(self) -> float | None:
-        """The kind's attention temperature, where it has one (for the record and the check)."""
-        return None
-
     def part(self, levels: Sequence[str], channels: int, seed: int) -> KindPart | None:
         """Its trainable part over ``levels`` of ``channels`` (the teacher's width), or None.
         Initial weights draw from the global RNG; ``seed`` is the run's, for draws in training."""

@@ -28,10 +28,6 @@ class CWD(FeatureKind):
     positive = ("tau",)
     cfg: CWDConfig
 
-    @property
-    def temperature(self) -> float:
-        return self.cfg.tau
-
     def loss(
         self, level: str, student: Tensor, teacher: Tensor, extras: Mapping[str, Tensor],
         batch: Batch,

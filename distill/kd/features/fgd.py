@@ -46,10 +46,6 @@ class FGD(FeatureKind):
     non_negative = ("alpha", "beta", "gamma", "lambda_")
     cfg: FGDConfig
 
-    @property
-    def temperature(self) -> float:
-        return self.cfg.tau
-
     def part(self, levels: Sequence[str], channels: int, seed: int) -> FGDPart | None:
         if self.cfg.lambda_ <= 0:
             return None

@@ -163,6 +163,11 @@ class KDTerm(ABC):
     def weights(self) -> dict[str, float]:
         """{loss name: weight > 0}: the losses ``losses`` returns, logged as ``kd/<name>``."""
 
+    def weight_key(self, loss: str) -> str:
+        """The dotted config key that sets the weight of ``loss`` (a name of ``weights``), as
+        ``distill check`` names it in a suggested weight. Default: the term's one weight key."""
+        return f"distill.{self.name}.{self.weight_keys[0]}"
+
     def build(self, student: RetinaNet, teacher: RetinaNet, seed: int) -> TermModule | None:
         """The term's trainable part, built from the student and the (frozen) teacher, or None
         when it computes nothing in the forward. Its initial weights draw from the global RNG:

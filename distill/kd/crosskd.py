@@ -92,6 +92,10 @@ class CrossKD(KDTerm):
         weights = {"crosskd_cls": self.cfg.cls_weight, "crosskd_box": self.cfg.box_weight}
         return {name: weight for name, weight in weights.items() if weight > 0}
 
+    def weight_key(self, loss: str) -> str:
+        key = {"crosskd_cls": "cls_weight", "crosskd_box": "box_weight"}[loss]
+        return f"distill.{self.name}.{key}"
+
     @property
     def layer(self) -> int:
         """The student tower convs before the hand-over (``layer``; a config read by

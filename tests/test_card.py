@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from distill.config import TORCHVISION_ANCHORS, load_config, replace
-from distill.models.card import CARD_VERSION, CardError, card_path, read_card, write_card
+from distill.models.card import (
+    CARD_VERSION,
+    CardError,
+    card_path,
+    evaluation_record,
+    read_card,
+    record_evaluation,
+    write_card,
+)
 from tests.conftest import REPO
 
 CATEGORIES = [{"id": 1, "name": "person", "label": 1}, {"id": 3, "name": "car", "label": 3}]
@@ -49,3 +57,24 @@ def test_broken_card_is_one_line_naming_it(tmp_path: Path, text: str, words: str
     message = str(info.value)
     assert str(tmp_path / "student.json") in message and words in message
     assert "\n" not in message
+
+
+def test_a_teacher_card_records_its_evaluation(tmp_path: Path) -> None:
+    """``distill check`` compares a teacher's mAP on other data with the mAP its card records on
+    its own validation set: written by a run or by ``distill eval``, checked when read."""
+    cfg = load_config(REPO / "configs" / "shapes" / "teacher.yaml")
+    weights = tmp_path / "teacher.pt"
+    metrics = {"map": 0.5, "ap50": 0.8, "num_images": 500}
+    assert not record_evaluation(weights, evaluation_record(metrics, "val.json"))  # no card
+    write_card(weights, cfg, "teacher", 91, CATEGORIES)
+    assert "evaluation" not in (read_card(weights) or {})
+    assert record_evaluation(weights, evaluation_record(metrics, "val.json"))
+    card = read_card(weights)
+    assert card is not None and card["evaluation"] == {
+        "map": 0.5, "ap50": 0.8, "images": 500, "annotations": "val.json"
+    }  # fmt: skip
+    for broken, words in (({"map": 1.5, "images": 5}, "evaluation.map 1.5"),
+                          ({"map": 0.5, "images": 0}, "evaluation.images 0")):  # fmt: skip
+        card_path(weights).write_text(json.dumps({**card, "evaluation": broken}))
+        with pytest.raises(CardError, match=words):
+            read_card(weights)

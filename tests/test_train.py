@@ -66,6 +66,9 @@ def test_train_teacher_outputs(teacher_run: Path) -> None:
     assert card["resize"] == {"min_size": 64, "max_size": 64}  # smoke.yaml's image_size
     assert card["anchors"]["sizes"] == list(cfg.anchors.sizes)
     assert card["num_classes"] == len(card["categories"]) + 1
+    # and its mAP on its own validation set, which distill check compares against
+    assert card["evaluation"]["map"] == pytest.approx(metrics["map"])
+    assert card["evaluation"]["images"] == metrics["num_images"]
 
 
 def test_distill_run_and_eval(teacher_run: Path, shapes_root: Path, tmp_path: Path) -> None:

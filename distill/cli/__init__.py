@@ -32,7 +32,6 @@ Project modules are imported at the top, except those that load TensorBoard (all
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -166,11 +165,14 @@ def _train_teacher(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     # lazy: loads TensorBoard (through distill.engine.build), ~0.3 s of start-up
     from distill.engine.loop import train
+    from distill.engine.preflight import RUN_SAMPLE
 
     cfg = load_config(args.config, args.overrides)
     report: dict[str, Any] | None = None
     if args.resume is None and not args.no_check:
-        report = _check(cfg, 0)  # written to the run's check.json once it has started
+        # the teacher's mAP on a few images, unless a distill check of the same teacher and
+        # data left its verdict in the run directory
+        report = _check(cfg, RUN_SAMPLE, reuse=Path(cfg.output.dir) / "check.json")
         if report["failed"] and not args.force:
             raise UserError(
                 f"{', '.join(report['failed'])}: a check of the setup failed (above): fix "
@@ -189,23 +191,25 @@ def _check_command(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out, json.dumps(found, indent=2) + "\n")
+    # a launcher stops every process when one exits with an error: none leaves before the file
+    # is written
+    from accelerate import PartialState  # set up by _check (check_once)
+
+    PartialState().wait_for_everyone()
     return 1 if found["failed"] else 0
 
 
-def _check(cfg: Config, sample: int) -> dict[str, Any]:
-    """The checks of ``distill check``; prints their table (on the main process of a launch)
-    and returns them as ``check.json`` holds them: findings, the failed checks' names, sample."""
+def _check(cfg: Config, sample: int, reuse: Path | None = None) -> dict[str, Any]:
+    """The checks of ``distill check``, run once (on the main process of a launch, the others
+    wait); prints their table there and returns them as ``check.json`` holds them."""
     # lazy: loads TensorBoard (through distill.engine.build), ~0.3 s of start-up
-    from distill.engine.preflight import check_setup, failures, format_findings
+    from distill.engine.preflight import check_once, format_findings
+    from distill.kd import Finding
 
-    findings = check_setup(cfg, sample)
+    report = check_once(cfg, sample, reuse)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(format_findings(findings), file=sys.stderr)
-    return {
-        "findings": [dataclasses.asdict(f) for f in findings],
-        "failed": [f.check for f in failures(findings)],
-        "sample": sample,
-    }
+        print(format_findings([Finding(**f) for f in report["findings"]]), file=sys.stderr)
+    return report
 
 
 def _eval(args: argparse.Namespace) -> int:

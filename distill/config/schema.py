@@ -66,6 +66,9 @@ class TeacherConfig:
     # torchvision weights name (e.g. COCO_V1), a path to a checkpoint written by this project,
     # or null for random initialisation.
     weights: str | None = None
+    # a random or barely trained teacher on purpose (smoke runs and tests): distill check only
+    # warns of it. Without it distill run refuses one (it would distil noise) unless --force.
+    allow_random: bool = False
     # backbone-only weights: torchvision name (e.g. IMAGENET1K_V1), a local path, or null.
     backbone_weights: str | None = None
     head_norm: str | None = None  # gn | none: override the head's norm (v1: none, v2: GroupNorm)

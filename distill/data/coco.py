@@ -171,7 +171,7 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
         counts = np.bincount(rows, minlength=len(self.image_ids))
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
-        self.coco = _make_coco(
+        self.coco = make_coco(
             {
                 "info": data.get("info", {}),
                 "licenses": data.get("licenses", []),
@@ -215,6 +215,10 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
             coin = torch.Generator().manual_seed(hash((self.seed, self.epoch, image_id)) % 2**63)
             image, target = random_hflip(image, target, self.hflip, coin)
         return image, target
+
+    def labels_of(self, index: int) -> np.ndarray:
+        """The labels (1..K) of image ``index``'s training boxes, without reading the image."""
+        return self._labels[int(self._offsets[index]) : int(self._offsets[index + 1])]
 
     def set_epoch(self, epoch: int) -> None:
         """Flips of epoch ``epoch`` (call before iterating; workers get a copy per epoch)."""
@@ -423,7 +427,7 @@ def _eval_annotations(
     return out
 
 
-def _make_coco(dataset: dict[str, Any]) -> COCO:
+def make_coco(dataset: dict[str, Any]) -> COCO:
     """A pycocotools COCO object over an in-memory dict (no second read of the file)."""
     coco = COCO()
     coco.dataset = dataset

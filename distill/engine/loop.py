@@ -46,7 +46,7 @@ from distill.engine.trainable import student_state_dict
 from distill.evaluation.draw import log_detections
 from distill.evaluation.evaluate import evaluate
 from distill.fileio import write_json
-from distill.models.card import dataset_categories, write_card
+from distill.models.card import dataset_categories, evaluation_record, write_card
 from distill.models.weights import save_state_dict_file
 
 __all__ = [
@@ -326,12 +326,18 @@ def finish(run: Run) -> list[dict[str, Any]]:
             weights_name = "teacher.pt" if run.job == "teacher" else "student.pt"
             # the card first: a weights file on disk always has its card (teacher.json, ...)
             num_classes = run.train_set.num_categories + 1  # + background, as in setup
+            # a teacher's card keeps its mAP on its own validation set: distill check compares
+            # its mAP on another dataset against it
+            evaluation = (
+                evaluation_record(metrics, run.val_set.ann_path) if run.job == "teacher" else None
+            )
             write_card(
                 t.run_dir / weights_name,
                 t.cfg,
                 run.job,
                 num_classes,
                 dataset_categories(run.train_set),
+                evaluation,
             )
             save_state_dict_file(
                 student_state_dict(accelerator.unwrap_model(t.module)), t.run_dir / weights_name

@@ -14,7 +14,7 @@ import enum
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import Any
 
 import torch
@@ -26,7 +26,9 @@ from distill.engine.build import Trainee
 from distill.kd import Batch, KDTerm, combine, distill_terms, kd_scale, kd_weights
 from distill.models.retinanet import DenseOutputs, dense_forward, detection_loss
 
-__all__ = ["StepOutcome", "end_window", "step_losses", "teacher_forward", "train_step"]
+__all__ = [
+    "StepOutcome", "end_window", "step_losses", "step_parts", "teacher_forward", "train_step",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ class StepOutcome(enum.Enum):
 
 
 def teacher_forward(
-    accelerator: Accelerator,
+    accelerator: Accelerator | None,
     teacher: nn.Module,
     image_list: ImageList,
     terms: Sequence[Mapping[str, KDTerm]] = (),
@@ -54,11 +56,13 @@ def teacher_forward(
 
     With the hooks that the KD terms of the trainees (``terms``, one mapping per trainee) need
     around it (their ``teacher_probes``, each distinct one once: CrossKD's tower statistics),
-    whose tensors are added to the outputs' ``extras`` after the forward."""
+    whose tensors are added to the outputs' ``extras`` after the forward. ``accelerator``
+    None: float32, no autocast (``distill check``, which uses no process group)."""
     probes = dict.fromkeys(
         probe for trainee in terms for term in trainee.values() for probe in term.teacher_probes()
     )
-    with torch.no_grad(), accelerator.autocast(), ExitStack() as stack:
+    autocast = accelerator.autocast() if accelerator is not None else nullcontext()
+    with torch.no_grad(), autocast, ExitStack() as stack:
         extras_of = [stack.enter_context(probe.watch(teacher)) for probe in probes]
         out = dense_forward(teacher, image_list)
     for extras in extras_of:
@@ -85,13 +89,31 @@ def step_losses(
     mean_over_processes: ``mean_over_processes(accelerator)`` (None: one process)
     returns: ``combine``'s total and logs
     """
+    det_losses, kd_losses = step_parts(
+        module, detector, terms, image_list, targets, teacher_out, mean_over_processes
+    )
+    return combine(det_losses, kd_losses, kd_weights(terms), scale)
+
+
+def step_parts(
+    module: nn.Module,
+    detector: nn.Module,
+    terms: Mapping[str, KDTerm],
+    image_list: ImageList,
+    targets: list[dict[str, Any]],
+    teacher_out: DenseOutputs | None,
+    mean_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The losses ``step_losses`` combines, each in the autograd graph: the detection losses
+    {name: loss} and the unweighted KD losses {name: loss} (``distill check`` measures the
+    gradient of each)."""
     # the detector and the KD terms' trainable parts, which may read the teacher's outputs
     student_out = module(image_list.tensors, image_list.image_sizes, teacher_out)
     det_losses = detection_loss(detector, student_out, targets)  # vs the ground truth
     size = (int(image_list.tensors.shape[-2]), int(image_list.tensors.shape[-1]))
     batch = Batch(targets, size, mean_over_processes, image_list.image_sizes)
     kd_losses = distill_terms(terms, student_out, teacher_out, batch)  # vs the teacher
-    return combine(det_losses, kd_losses, kd_weights(terms), scale)
+    return det_losses, kd_losses
 
 
 def train_step(

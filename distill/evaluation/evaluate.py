@@ -29,6 +29,7 @@ from distill.config import Config, replace
 from distill.data import CocoDetection, build_dataset, collate, predictions_to_coco
 from distill.device import inference_accelerator
 from distill.fileio import FileFormatError, read_json, write_json
+from distill.models.card import evaluation_record, record_evaluation
 from distill.models.retinanet import build_transform, dense_forward, postprocess, set_postprocess
 from students import build_student
 from teachers import build_teacher
@@ -44,19 +45,25 @@ def detect(
     detector: RetinaNet,
     transform: GeneralizedRCNNTransform,
     images: list[Tensor],
-    accelerator: Accelerator,
+    accelerator: Accelerator | torch.device,
 ) -> list[dict[str, Tensor]]:
     """Detections of a batch of images, as ``distill eval`` scores them.
 
     images: (3, H_i, W_i) float RGB in [0, 1], any sizes. The shared transform, the dense
-    forward under the accelerator's autocast, then torchvision's post-processing with the
-    detector's score_thresh / nms_thresh / detections_per_img.
+    forward under the accelerator's autocast (a bare device: float32, and no process group
+    is touched: ``distill check`` on the main process alone), then torchvision's
+    post-processing with the detector's score_thresh / nms_thresh / detections_per_img.
     Returns per image {"boxes": (D, 4) xyxy in the image's own pixels, "scores": (D,),
     "labels": (D,) in 1..K-1}: float32 / int64 on the CPU, best score first.
     """
-    images = [image.to(accelerator.device) for image in images]
+    autocast: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if isinstance(accelerator, torch.device):
+        device = accelerator
+    else:
+        device, autocast = accelerator.device, accelerator.autocast()
+    images = [image.to(device) for image in images]
     original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-    with accelerator.autocast():
+    with autocast:
         image_list, _ = transform(images)
         outputs = dense_forward(detector, image_list)
     detections = postprocess(detector, transform, outputs, image_list, original_sizes)
@@ -78,22 +85,27 @@ def predict(
     detector: RetinaNet,
     transform: GeneralizedRCNNTransform,
     dataset: CocoDetection,
-    accelerator: Accelerator,
+    accelerator: Accelerator | torch.device,
     batch_size: int,
     num_workers: int = 0,
+    indices: list[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """COCO-format detections for every image of ``dataset``, gathered on all processes.
+    """COCO-format detections for every image of ``dataset`` (or its images ``indices``),
+    gathered on all processes.
 
     Each process takes a contiguous shard of the image indices (uneven shards allowed: no
-    padding, so nothing is duplicated) and the shards are concatenated in process order.
+    padding, so nothing is duplicated) and the shards are concatenated in process order; a
+    bare device (``detect``): this process alone, every image.
     Labels that are no category of the dataset are dropped: torchvision's COCO head has outputs
     for the ids COCO leaves unused, and COCOeval would ignore them too.
     """
     was_training = detector.training
     detector.eval()
-    indices = list(range(len(dataset)))
-    with accelerator.split_between_processes(indices) as shard:
-        shard = list(shard)
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    shard = indices
+    if not isinstance(accelerator, torch.device):
+        with accelerator.split_between_processes(indices) as mine:
+            shard = list(mine)
     loader = DataLoader(
         Subset(dataset, shard),
         batch_size=batch_size,
@@ -115,7 +127,7 @@ def predict(
                 )
             )
     detector.train(was_training)
-    if accelerator.num_processes > 1:
+    if not isinstance(accelerator, torch.device) and accelerator.num_processes > 1:
         results = gather_object(results)
     return results
 
@@ -241,6 +253,10 @@ def evaluate_checkpoints(
             cfg.data.num_workers,
         )
         rows.append((f"{kind} ({weights})", metrics))
+        # a teacher's card keeps its mAP on this validation set (distill check compares)
+        mine = kind == "teacher" and accelerator.is_main_process and Path(weights).is_file()
+        if mine and record_evaluation(weights, evaluation_record(metrics, dataset.ann_path)):
+            log.info("%s: recorded mAP %.4f in its card", weights, metrics["map"])
     return accelerator, rows
 
 

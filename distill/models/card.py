@@ -11,8 +11,12 @@ Every weights file this project writes gets a JSON card with the same stem (``st
      "resize": {"min_size": 800, "max_size": 1333},
      "normalize": {"mean": [...], "std": [...]},
      "postprocess": {"score_threshold": 0.05, "nms_threshold": 0.5, "detections_per_image": 300,
-                     "topk_candidates": 1000}}
+                     "topk_candidates": 1000},
+     "evaluation": {"map": 0.52, "ap50": 0.84, "images": 500, "annotations": "data/val.json"}}
 
+``evaluation`` (optional) is the model's COCO mAP on its own validation set, recorded when a
+teacher is trained or evaluated here (``record_evaluation``); ``distill check`` compares a
+teacher's mAP on the user's data against it.
 ``label`` is the model's output index of a category (0 is background); boxes are xyxy pixels of
 the original image; images are RGB in [0, 1], normalised with ``normalize`` after the resize.
 A file without a card (torchvision's weights, older runs) still loads: see
@@ -67,11 +71,13 @@ def make_card(
     role: str,
     num_classes: int,
     categories: Sequence[Mapping[str, Any]],
+    evaluation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The card of weights trained or used with ``cfg`` as ``role`` (student | teacher).
 
     num_classes: outputs of the classifier, background included.
     categories:  [{"id": dataset category id, "name": str, "label": model output index}].
+    evaluation:  ``evaluation_record`` of the model on its validation set, or None.
     """
 
     if role not in ROLES:
@@ -100,6 +106,7 @@ def make_card(
             "detections_per_image": cfg.eval.detections_per_image,
             "topk_candidates": TOPK_CANDIDATES,
         },
+        **({"evaluation": dict(evaluation)} if evaluation is not None else {}),
     }
 
 
@@ -109,13 +116,37 @@ def write_card(
     role: str,
     num_classes: int,
     categories: Sequence[Mapping[str, Any]],
+    evaluation: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the card of ``weights_path`` (atomically) and return its path. Written before
     the weights, so that a weights file on disk always has its card."""
     path = card_path(weights_path)
-    card = make_card(cfg, role, num_classes, categories)
+    card = make_card(cfg, role, num_classes, categories, evaluation)
     write_text_atomic(path, json.dumps(card, indent=2) + "\n")
     return path
+
+
+def evaluation_record(
+    metrics: Mapping[str, Any], annotations: str | os.PathLike[str]
+) -> dict[str, Any]:
+    """What a card records of an evaluation: mAP, AP50, the number of images, the file."""
+    return {
+        "map": float(metrics["map"]),
+        "ap50": float(metrics["ap50"]),
+        "images": int(metrics["num_images"]),
+        "annotations": str(annotations),
+    }
+
+
+def record_evaluation(weights_path: str | os.PathLike[str], record: Mapping[str, Any]) -> bool:
+    """Add ``record`` (``evaluation_record``) to the card of ``weights_path`` as its
+    ``evaluation``; False (nothing written) when the weights have no card."""
+    card = read_card(weights_path)
+    if card is None:
+        return False
+    card["evaluation"] = dict(record)
+    write_text_atomic(card_path(weights_path), json.dumps(card, indent=2) + "\n")
+    return True
 
 
 def read_card(weights_path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -203,6 +234,7 @@ def check_card(card: dict[str, Any], source: str, weights: Path) -> dict[str, An
             f"{MAX_CLASSES} (the classes, background included)"
         )
     _check_categories(card["categories"], num_classes, source)
+    _check_evaluation(card.get("evaluation"), source)
     post = card["postprocess"]
     if not _is_number(post["score_threshold"]) or not 0 <= post["score_threshold"] <= 1:
         raise CardError(
@@ -256,6 +288,20 @@ def _check_categories(categories: Any, num_classes: int, source: str) -> None:
             if category[key] in seen[key]:
                 raise CardError(f"{where}.{key} {category[key]} is given twice")
             seen[key].add(category[key])
+
+
+def _check_evaluation(evaluation: Any, source: str) -> None:
+    """Absent, or {"map": [0, 1], "images": >= 1, ...}."""
+    if evaluation is None:
+        return
+    if not isinstance(evaluation, dict):
+        raise CardError(f"{source}: evaluation must be an object, got {evaluation!r}")
+    value: Any = evaluation.get("map")
+    if not _is_number(value) or not 0 <= value <= 1:
+        raise CardError(f"{source}: evaluation.map {value!r} must be a number in [0, 1]")
+    images: Any = evaluation.get("images")
+    if not _is_int(images) or images < 1:
+        raise CardError(f"{source}: evaluation.images {images!r} must be a whole number >= 1")
 
 
 def _is_int(value: Any) -> bool:

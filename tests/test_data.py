@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from distill.config import DataConfig
 from distill.data import (
     CocoDetection,
+    DatasetError,
     build_dataset,
     collate,
     hflip,
@@ -194,6 +195,31 @@ def test_missing_and_corrupt_images_name_the_file(tmp_path: Path) -> None:
         ds[1]
     with pytest.raises(ValueError, match=r"cannot read image .*images/3\.png"):
         ds[2]
+
+
+def test_skip_empty_images_leaves_out_the_training_images_without_a_box(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """mmdetection's filter_empty_gt: image 1 has no annotation, image 3 only a crowd box and a
+    box wholly outside it, so neither has a box to train on; both are left out and counted,
+    image 2 stays. Off (the default), all three stay; the validation split keeps them all."""
+    anns = [ann(1, 2, [0, 0, 5, 5]), ann(2, 3, [1, 1, 5, 5], iscrowd=1), ann(3, 3, [70, 5, 10, 10])]
+    write_dataset(tmp_path, [img(1), img(2), img(3)], anns)
+    assert len(CocoDetection(tmp_path, "train.json")) == 3
+    with caplog.at_level(logging.INFO, logger="distill.data"):
+        ds = CocoDetection(tmp_path, "train.json", skip_empty_images=True)
+
+    assert ds.image_ids == [2] and len(ds) == 1 and ds.num_empty_images == 2
+    assert ds[0][1]["boxes"].tolist() == [[0.0, 0.0, 5.0, 5.0]]
+    assert ds.coco.getImgIds() == [2] and ds.coco.getAnnIds() == [1]  # eval matches the data
+    assert ds.num_dropped_boxes == 1 and ds.num_crowd_boxes == 0
+    assert any("left out 2 images without a box" in r.getMessage() for r in caplog.records)
+    cfg = DataConfig(root=str(tmp_path), train="train.json", val="train.json",
+                     skip_empty_images=True)  # fmt: skip
+    assert len(build_dataset(cfg, "train")) == 1 and len(build_dataset(cfg, "val")) == 3
+    write_dataset(tmp_path, [img(1)], [], ann_file="none.json")
+    with pytest.raises(DatasetError, match=r"none\.json: no image has a box to train on"):
+        CocoDetection(tmp_path, "none.json", skip_empty_images=True)
 
 
 def test_skip_bad_images_skips_and_counts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

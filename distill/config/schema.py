@@ -39,6 +39,12 @@ class DataConfig:
     num_workers: int = 2
     hflip: float = 0.5  # probability of a horizontal flip (training only)
     skip_bad_images: bool = False  # skip and count missing/unreadable images instead of failing
+    # leave out (and count) the training images with no box left once crowd and bad boxes are
+    # dropped, as mmdetection's filter_empty_gt and torchvision's detection reference do on COCO
+    # (configs/coco/<method>.yaml set it). Off by default: an image without objects teaches the
+    # detector where not to fire, and a dataset of your own may hold them on purpose; the
+    # validation images are never left out
+    skip_empty_images: bool = False
     max_train_images: int | None = None  # use only the first N training images (smoke runs)
     max_val_images: int | None = None
     # labels = the dataset's category ids (COCO: torchvision's 91-way label space, needed to keep
@@ -175,6 +181,10 @@ class TrainConfig:
     lr: float = 0.01  # for the global batch (batch_size x processes x grad_accum)
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    # also decay the 1-D parameters (biases, norm scales and shifts), as mmdetection does
+    # (configs/coco/<method>.yaml set it). Off by default, as in timm's optimizers (decay pulls
+    # the norms' scales towards 0): the shapes recipes were tuned without it
+    decay_norms_and_biases: bool = False
     warmup_steps: int = 100
     schedule: str = "cosine"  # cosine | step | constant
     step_milestones: tuple[float, ...] = (0.67, 0.89)  # fractions of the run, for "step"

@@ -60,6 +60,9 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
     Crowd annotations are not in the targets; boxes that are empty, non-finite or wholly outside
     the image are dropped, boxes partly outside are clipped. ``coco`` holds the same cleaned
     boxes plus the crowd ones (for ``COCOeval``) and only the images this dataset serves.
+    ``skip_empty_images``: the images with no box left for training (none annotated, or only
+    crowd or dropped boxes) are left out, counted in ``num_empty_images`` (after
+    ``max_images``, which takes the first image ids: fewer may remain).
 
     Images without ``width``/``height`` in the JSON get them from the image file's header at
     construction (so those files must exist then).
@@ -76,6 +79,7 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
         max_images: int | None = None,
         seed: int = 0,
         category_ids_as_labels: bool = False,
+        skip_empty_images: bool = False,
     ) -> None:
         if not 0.0 <= hflip <= 1.0:
             raise DatasetError(f"hflip must be a probability in [0, 1], got {hflip}")
@@ -144,8 +148,6 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
             )
         if not kept:
             raise DatasetError(f"{where}: no usable images")
-        self.image_ids: list[int] = [e["id"] for e in kept]
-        self._sizes = [(e["width"], e["height"]) for e in kept]
 
         # Boxes of all kept images, cleaned in one vectorised pass.
         size_of = {e["id"]: (e["width"], e["height"]) for e in kept}
@@ -156,6 +158,20 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
         crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
         self.num_dropped_boxes = int((~keep).sum())
         self.num_clipped_boxes = int(clipped.sum())
+
+        self.num_empty_images = 0  # left out for want of a box (skip_empty_images)
+        if skip_empty_images:
+            with_box = {anns[j]["image_id"] for j in np.flatnonzero(keep & ~crowd)}
+            if not with_box:
+                raise DatasetError(f"{where}: no image has a box to train on (skip_empty_images)")
+            self.num_empty_images = len(kept) - len(with_box)
+            self._paths = [path for e, path in zip(kept, self._paths) if e["id"] in with_box]
+            kept = [e for e in kept if e["id"] in with_box]
+            on = np.array([a["image_id"] in with_box for a in anns], dtype=bool)
+            anns = [a for a, a_on in zip(anns, on) if a_on]
+            xyxy, keep, crowd = xyxy[on], keep[on], crowd[on]
+        self.image_ids: list[int] = [e["id"] for e in kept]
+        self._sizes = [(e["width"], e["height"]) for e in kept]
         self.num_crowd_boxes = int((keep & crowd).sum())
 
         # Per-image targets as flat arrays + offsets: cheap to index, and no per-image Python
@@ -180,15 +196,19 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
                 "categories": [categories[c] for c in cat_ids],
             }
         )
+        left_out = (
+            f"; left out {self.num_empty_images} images without a box" if skip_empty_images else ""
+        )
         log.info(
             "%s: %d images, %d boxes for training; dropped %d empty/non-finite/outside boxes, "
-            "clipped %d to the image; %d crowd boxes kept for evaluation only",
+            "clipped %d to the image; %d crowd boxes kept for evaluation only%s",
             where,
             len(self.image_ids),
             len(self._labels),
             self.num_dropped_boxes,
             self.num_clipped_boxes,
             self.num_crowd_boxes,
+            left_out,
         )
 
     def __len__(self) -> int:
@@ -508,7 +528,8 @@ def make_generator(seed: int) -> torch.Generator:
 
 
 def build_dataset(cfg: DataConfig, split: str, seed: int = 0) -> CocoDetection:
-    """The "train" or "val" dataset of a config; only training images are flipped."""
+    """The "train" or "val" dataset of a config; only training images are flipped, and only
+    training images without a box are left out (``data.skip_empty_images``)."""
     if split == "train":
         return CocoDetection(
             cfg.root,
@@ -520,6 +541,7 @@ def build_dataset(cfg: DataConfig, split: str, seed: int = 0) -> CocoDetection:
             max_images=cfg.max_train_images,
             seed=seed,
             category_ids_as_labels=cfg.category_ids_as_labels,
+            skip_empty_images=cfg.skip_empty_images,
         )
     if split == "val":
         return CocoDetection(

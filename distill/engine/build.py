@@ -92,15 +92,18 @@ def build_models(
 
 
 def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW; no weight decay on biases and normalisation weights (1-D parameters).
+    """SGD or AdamW; no weight decay on biases and normalisation weights (1-D parameters)
+    unless ``cfg.decay_norms_and_biases``. Two groups either way (multi-dimensional, then 1-D
+    parameters), so that the optimizer's state has one layout.
 
     ``fused=True``: one kernel per step on CPU and CUDA. The default per-parameter loop took
     0.12 s of an R50-FPN teacher's 0.8 s step on 2 CPU cores, the fused AdamW 0.03 s.
     """
     params = [p for p in module.parameters() if p.requires_grad]
+    flat_decay = cfg.weight_decay if cfg.decay_norms_and_biases else 0.0
     groups = [
         {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": flat_decay},
     ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=True)

@@ -51,11 +51,15 @@ class Batch:
         """A scalar's mean over processes (itself with one process)."""
         return value if self.mean_over_processes is None else self.mean_over_processes(value)
 
-    def weight_sum(self, weights: Tensor | None) -> Tensor | None:
+    def weight_sum(self, weights: Tensor) -> Tensor | None:
         """The normaliser of an anchor-weighted loss: the sum of its anchor weights averaged
-        over processes, so that 2 processes with batch B give the gradient of 1 process with
-        batch 2B (None with one process, or no weights: the loss takes its local sum)."""
-        if weights is None or self.mean_over_processes is None:
+        over processes. DDP averages the gradients over the N processes, so each process's
+        ``local sum / mean of the N weight sums`` gives, averaged, ``global sum / global weight
+        sum``: 2 processes with batch B give the loss and gradient of 1 process with batch 2B,
+        whatever the padded size of each. None with one process: the loss takes its local sum.
+        A uniform weighting passes its mask of anchors (``anchors_inside``), not None, so that
+        its normaliser too counts the anchors of every process."""
+        if self.mean_over_processes is None:
             return None
         return self.mean_over_processes(weights.detach().float().sum())
 

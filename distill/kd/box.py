@@ -9,7 +9,12 @@ from typing import ClassVar
 from torch import Tensor
 
 from distill.kd.base import Batch, KDTerm
-from distill.losses.logits import BOX_KINDS, box_distill_loss, teacher_confidence
+from distill.losses.logits import (
+    BOX_KINDS,
+    anchors_inside,
+    box_distill_loss,
+    teacher_confidence,
+)
 from distill.models.retinanet import DenseOutputs
 
 __all__ = ["BoxKD", "BoxKDConfig"]
@@ -26,7 +31,9 @@ class BoxKDConfig:
 @dataclass(frozen=True)
 class BoxKD(KDTerm):
     """``box_distill_loss`` on the anchors whose teacher max class probability is at least
-    ``cfg.score_threshold`` (weight 1 there, 0 elsewhere)."""
+    ``cfg.score_threshold`` (weight 1 there, 0 elsewhere, and 0 in the batch's padding:
+    ``anchors_inside``), divided by the number of those anchors over the batch of every
+    process (``Batch.weight_sum``)."""
 
     name: ClassVar[str] = "box"
     config_class: ClassVar[type] = BoxKDConfig
@@ -41,7 +48,8 @@ class BoxKD(KDTerm):
         self, student: DenseOutputs, teacher: DenseOutputs, batch: Batch
     ) -> dict[str, Tensor]:
         confidence = teacher_confidence(teacher.cls_logits)  # (N, A)
-        selected = (confidence >= self.cfg.score_threshold).float()
+        inside = anchors_inside(student.anchors, batch.image_sizes)  # (N, A): not the padding
+        selected = ((confidence >= self.cfg.score_threshold) & inside).float()
         loss = box_distill_loss(
             student.bbox_regression,
             teacher.bbox_regression,

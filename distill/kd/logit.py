@@ -9,7 +9,12 @@ from typing import ClassVar
 from torch import Tensor
 
 from distill.kd.base import Batch, KDTerm
-from distill.losses.logits import LOGIT_KINDS, soft_label_loss, teacher_confidence
+from distill.losses.logits import (
+    LOGIT_KINDS,
+    anchors_inside,
+    soft_label_loss,
+    teacher_confidence,
+)
 from distill.models.retinanet import DenseOutputs
 
 __all__ = ["ANCHOR_WEIGHTINGS", "LogitKD", "LogitKDConfig"]
@@ -29,7 +34,10 @@ class LogitKDConfig:
 @dataclass(frozen=True)
 class LogitKD(KDTerm):
     """``soft_label_loss`` at ``cfg.temperature``, anchors weighted by the teacher's max class
-    probability (``anchor_weighting: teacher_max``) or uniformly (``none``)."""
+    probability (``anchor_weighting: teacher_max``) or uniformly (``none``), and divided by the
+    sum of those weights over the batch of every process (``Batch.weight_sum``). Anchors whose
+    centre lies in the batch's padding (``anchors_inside``) have weight 0: a portrait image
+    batched with a landscape one has the loss it has alone."""
 
     name: ClassVar[str] = "logit"
     config_class: ClassVar[type] = LogitKDConfig
@@ -53,9 +61,10 @@ class LogitKD(KDTerm):
                 f"unknown distill.logit.anchor_weighting {cfg.anchor_weighting!r}; "
                 f"expected one of {ANCHOR_WEIGHTINGS}"
             )
-        anchor_weights = None
+        # (N, A): 1 for the anchors inside their image, 0 for those in the batch's padding
+        anchor_weights = anchors_inside(student.anchors, batch.image_sizes).float()
         if cfg.anchor_weighting == "teacher_max":
-            anchor_weights = teacher_confidence(teacher.cls_logits)  # (N, A)
+            anchor_weights = anchor_weights * teacher_confidence(teacher.cls_logits)
         loss = soft_label_loss(
             student.cls_logits,
             teacher.cls_logits,

@@ -1,6 +1,8 @@
 """Distillation losses: pure functions of tensors, shapes in their docstrings.
 
-- ``logits``: per-anchor soft labels (``soft_label_loss``) and box KD (``box_distill_loss``)
+- ``logits``: per-anchor soft labels (``soft_label_loss``) and box KD (``box_distill_loss``);
+  the anchor mask and mean every anchor-weighted loss shares (``anchors_inside``,
+  ``weighted_anchor_mean``)
 - ``features``: FPN feature KD (FitNet MSE, CWD, PKD, FGD, MGD)
 - ``crosskd``: CrossKD's two losses on the cross-head predictions
 
@@ -22,6 +24,7 @@ from distill.losses.features import (
 from distill.losses.logits import (
     BOX_KINDS,
     LOGIT_KINDS,
+    anchors_inside,
     box_distill_loss,
     soft_label_loss,
     teacher_confidence,
@@ -31,6 +34,7 @@ from distill.losses.logits import (
 __all__ = [
     "BOX_KINDS",
     "LOGIT_KINDS",
+    "anchors_inside",
     "box_distill_loss",
     "crosskd_box_loss",
     "cwd_loss",

@@ -26,6 +26,7 @@ from torchvision.models.detection._utils import Matcher
 from torchvision.ops import box_iou
 
 from distill.losses.logits import (
+    anchors_inside,
     autocast_off,
     box_distill_loss,
     teacher_confidence,
@@ -52,9 +53,9 @@ def match_anchors(
 
     anchors: per image (A, 4) xyxy; boxes_per_image: per image (M_i, 4) xyxy, same frame
     image_sizes: per image, its own (h, w) in the padded batch (``ImageList.image_sizes``), or
-        None (no padding). An anchor whose centre lies outside it, in the batch's padding, is
-        neither matched nor valid: mmdet gives such anchors (outside its ``valid_flags``) label
-        weight 0 and assigns only the others
+        None (no padding). An anchor whose centre lies outside it, in the batch's padding
+        (``anchors_inside``), is neither matched nor valid: mmdet gives such anchors (outside
+        its ``valid_flags``) label weight 0 and assigns only the others
     returns ``(foreground, valid)`` on the anchors' device:
       foreground: float32 scalar, ``sum_n max(F_n, 1)`` with ``F_n`` image ``n``'s anchors
         matched to a box (IoU >= 0.5, or a box's best anchor): the reference's ``avg_factor``
@@ -67,12 +68,10 @@ def match_anchors(
     On a GPU the matcher's low-quality matches wait for the device once per image (a
     ``nonzero``), as torchvision's own RetinaNet loss does.
     """
-    if image_sizes is not None and len(image_sizes) != len(anchors):
-        raise ValueError(f"{len(image_sizes)} image sizes for {len(anchors)} images of anchors")
+    inside_per_image = anchors_inside(anchors, image_sizes)  # (N, A)
     foreground = anchors[0].new_zeros((), dtype=torch.float32)
     valid = []
-    for i, (image_anchors, boxes) in enumerate(zip(anchors, boxes_per_image)):
-        inside = _inside(image_anchors, None if image_sizes is None else image_sizes[i])  # (A,)
+    for image_anchors, boxes, inside in zip(anchors, boxes_per_image, inside_per_image):
         if boxes.numel() == 0:  # all background (the matcher refuses an image without boxes)
             foreground = foreground + 1.0
             valid.append(inside.float())
@@ -83,17 +82,6 @@ def match_anchors(
         foreground = foreground + (matched >= 0).sum().float().clamp_min(1.0)
         valid.append(((matched != Matcher.BETWEEN_THRESHOLDS) & inside).float())
     return foreground, torch.stack(valid)
-
-
-def _inside(anchors: Tensor, size: tuple[int, int] | None) -> Tensor:
-    """(A,) bool: the anchors (A, 4) xyxy whose centre lies inside an image of ``size`` (h, w)
-    at the top left of the padded batch (all of them when ``size`` is None)."""
-    if size is None:
-        return torch.ones(anchors.shape[0], dtype=torch.bool, device=anchors.device)
-    h, w = size
-    cx = (anchors[:, 0] + anchors[:, 2]) / 2
-    cy = (anchors[:, 1] + anchors[:, 3]) / 2
-    return (cx < w) & (cy < h)
 
 
 def safe_pow(x: Tensor, exponent: float) -> Tensor:

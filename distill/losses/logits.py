@@ -14,6 +14,8 @@ Conventions shared by every loss in ``distill.losses``:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -24,6 +26,7 @@ __all__ = [
     "BOX_KINDS",
     "LOGIT_KINDS",
     "WEIGHT_EPS",
+    "anchors_inside",
     "autocast_off",
     "box_distill_loss",
     "soft_label_loss",
@@ -44,6 +47,33 @@ _BOX_CODER = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
 def autocast_off(x: Tensor) -> torch.autocast:
     """Context that disables autocast on ``x``'s device, so a loss really runs in float32."""
     return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def anchors_inside(
+    anchors: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]] | None
+) -> Tensor:
+    """The anchors that lie in their image rather than in the batch's padding.
+
+    anchors: per image (A, 4) xyxy in the padded batch's frame
+    image_sizes: per image, its own (h, w) at the top left of the padded batch
+        (``ImageList.image_sizes``), or None: every image fills the batch
+    returns: (N, A) bool on the anchors' device, True where the anchor's centre lies inside its
+    image (``cx < w`` and ``cy < h``): mmdetection's ``valid_flags``, which leave the others out
+    of the targets and the normaliser. Every KD term that weights anchors multiplies its
+    weights by it.
+    """
+    if image_sizes is not None and len(image_sizes) != len(anchors):
+        raise ValueError(f"{len(image_sizes)} image sizes for {len(anchors)} images of anchors")
+    inside = []
+    for i, image_anchors in enumerate(anchors):
+        if image_sizes is None:
+            inside.append(image_anchors.new_ones(image_anchors.shape[0], dtype=torch.bool))
+            continue
+        h, w = image_sizes[i]  # Python numbers: no copy to the device, no sync
+        cx = (image_anchors[:, 0] + image_anchors[:, 2]) / 2
+        cy = (image_anchors[:, 1] + image_anchors[:, 3]) / 2
+        inside.append((cx < w) & (cy < h))
+    return torch.stack(inside)
 
 
 def weighted_anchor_mean(

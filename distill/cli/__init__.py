@@ -203,8 +203,7 @@ def _check(cfg: Config, sample: int, reuse: Path | None = None) -> dict[str, Any
     """The checks of ``distill check``, run once (on the main process of a launch, the others
     wait); prints their table there and returns them as ``check.json`` holds them."""
     # lazy: loads TensorBoard (through distill.engine.build), ~0.3 s of start-up
-    from distill.engine.preflight import check_once, format_findings
-    from distill.kd import Finding
+    from distill.engine.preflight import Finding, check_once, format_findings
 
     report = check_once(cfg, sample, reuse)
     if int(os.environ.get("RANK", "0")) == 0:

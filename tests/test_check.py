@@ -123,7 +123,7 @@ def test_classes_swapped_or_of_another_task_are_named(
 
 
 def test_a_kd_weight_orders_of_magnitude_off_is_named(setup: tuple[Path, list[str]]) -> None:
-    findings = by_check(check_setup(config(setup, "distill.feature.weight=1e6"), sample=0))
+    findings = by_check(check_setup(config(setup, "distill.feature.cwd.weight=1e6"), sample=0))
     assert findings["kd/feature"].status == WARN
     assert "drowns" in findings["kd/feature"].detail
     assert findings["kd/logit"].status == OK  # the others are fine
@@ -132,7 +132,7 @@ def test_a_kd_weight_orders_of_magnitude_off_is_named(setup: tuple[Path, list[st
 def test_fgd_attention_on_a_handful_of_pixels_and_channels_is_named(
     setup: tuple[Path, list[str]],
 ) -> None:
-    fgd = ["distill.feature.kind=fgd", "distill.feature.weight=5e-4"]
+    fgd = ["distill.feature.kind=fgd", "distill.feature.fgd.weight=5e-4"]
     findings = by_check(check_setup(config(setup, *fgd), sample=0))
     assert "kd/fgd attention" in findings  # FGD only
     assert "kd/fgd attention" not in by_check(check_setup(config(setup), sample=0))

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distill.config import load_config, override
+from distill.config import Config, load_config, override
 from distill.experiments.machine import machine, publish
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,8 +34,8 @@ from bench_kd import QUICK, _teacher_metrics, _train_or_resume, make_data  # noq
 
 RECIPE = REPO / "configs" / "shapes" / "distill.yaml"
 
-FGD = ["distill.feature.kind=fgd", "distill.feature.weight=FGD_WEIGHT"]
-PKD = ["distill.feature.kind=pkd", "distill.feature.weight=2.0"]  # docs/recipes.md: PKD for CWD
+FGD = ["distill.feature.kind=fgd", "distill.feature.fgd.weight=FGD_WEIGHT"]
+PKD = ["distill.feature.kind=pkd", "distill.feature.pkd.weight=2.0"]  # docs/recipes.md: PKD for CWD
 # FGD's terms are sums over pixels (as in FGD's code), so its loss is ~1e5 times CWD's mean: at
 # weight 1 `distill check` shows it at 1.4e5 against a detection loss of 1.09. 5e-4 brings it to
 # ~71 at step 0, where the recipe's CWD (weight 6) is at ~73: the same pull, so only tau and gamma
@@ -67,7 +67,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=REPO / "runs" / "bench_defaults")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench_defaults.json")
     parser.add_argument("--teacher", type=Path, required=True, help="the benchmark's teacher.pt")
-    parser.add_argument("--fgd-weight", default=FGD_WEIGHT, help="distill.feature.weight of FGD")
+    parser.add_argument("--fgd-weight", default=FGD_WEIGHT, help="distill.feature.fgd.weight")
     parser.add_argument("--quick", action="store_true", help="tiny data and 3 steps: a smoke run")
     return parser.parse_args(argv)
 
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             "measures": ROWS[name][1],
             "feature": {
                 "kind": cfg.distill.feature.kind,
-                "weight": cfg.distill.feature.weight,
+                "weight": _kind_weight(cfg),
                 "levels": list(cfg.distill.feature.levels or ()),
                 "fgd_tau": cfg.distill.feature.fgd.tau,
                 "fgd_gamma": cfg.distill.feature.fgd.gamma,
@@ -116,6 +116,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python scripts/bench_defaults.py " + shlex.join(argv),
     }
+
+
+def _kind_weight(cfg: Config) -> float:
+    """The weight of the feature kind ``cfg`` distils with (``distill.feature.<kind>.weight``)."""
+    feature = cfg.distill.feature
+    return float(getattr(feature, feature.kind).weight)
 
 
 def format_table(result: dict[str, Any]) -> str:

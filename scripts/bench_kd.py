@@ -66,11 +66,12 @@ def only(*keep: str) -> list[str]:
     return [f"{key}=0" for key in weight_keys() if key not in keep]
 
 
-FEATURE, LOGIT, BOX = "distill.feature.weight", "distill.logit.weight", "distill.box.weight"
+# the recipe's feature term is CWD: its weight is CWD's own
+FEATURE, LOGIT, BOX = "distill.feature.cwd.weight", "distill.logit.weight", "distill.box.weight"
 CROSSKD = ("distill.crosskd.cls_weight", "distill.crosskd.box_weight")
 # A term the recipe does not use, at the weight its sweep chose (the sweeps' figures:
 # docs/recipes.md, "Shapes recipe").
-MGD = ["distill.feature.kind=mgd", "distill.feature.weight=1.0e-8"]
+MGD = ["distill.feature.kind=mgd", "distill.feature.mgd.weight=1.0e-8"]
 # Rows of the first seed only, as overrides of configs/shapes/distill.yaml (the default recipe:
 # CWD + soft labels + box KD + CrossKD): each of its terms alone, MGD alone, CrossKD beside the
 # feature term, and the recipe without CrossKD (the default before CrossKD joined it).

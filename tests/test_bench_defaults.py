@@ -16,7 +16,8 @@ def test_rows_differ_from_the_recipe_only_in_the_feature_term() -> None:
     for name, row in rows.items():
         changed = {k for k in recipe if recipe[k] != row[k]}
         assert changed <= {
-            f"distill.feature.{k}" for k in ("kind", "weight", "levels", "fgd.tau", "fgd.gamma")
+            f"distill.feature.{k}"
+            for k in ("kind", "fgd.weight", "pkd.weight", "levels", "fgd.tau", "fgd.gamma")
         }, name
 
     fgd_ref, fgd_before, pkd_ref, pkd_before = rows.values()

@@ -21,37 +21,35 @@ def load_bench_kd() -> ModuleType:
 
 
 def test_each_ablation_keeps_exactly_the_terms_its_name_says() -> None:
-    """The ablations are overrides of the default recipe: "X only" leaves X's weights as the
-    recipe has them and every other KD weight at 0; the recipe without CrossKD drops only it."""
-    from distill.config import flatten, load_config
-    from distill.kd import weight_keys
+    """The ablations are overrides of the default recipe: "X only" trains X's losses at the
+    recipe's weights and no other KD loss; the recipe without CrossKD drops only it."""
+    from distill.config import load_config
+    from distill.kd import kd_terms, kd_weights
 
     bench = load_bench_kd()
-    recipe_cfg = load_config(bench.CONFIGS / "distill.yaml")
 
     def weights(overrides: list[str]) -> dict[str, float]:
-        flat = flatten(load_config(bench.CONFIGS / "distill.yaml", overrides))
-        return {key: flat[key] for key in weight_keys()}
+        """{loss: weight} of the losses the config trains (``kd_weights``: those > 0)."""
+        cfg = load_config(bench.CONFIGS / "distill.yaml", overrides)
+        assert cfg.distill.feature.kind == (
+            "mgd" if "distill.feature.kind=mgd" in overrides else "cwd"
+        )
+        return kd_weights(kd_terms(cfg.distill))
 
-    recipe = weights([])
-    assert all(w > 0 for w in recipe.values()), recipe  # the default uses every term
-    assert recipe_cfg.distill.feature.kind == "cwd"  # so "CrossKD + CWD" is CrossKD + the recipe's
-    crosskd = {"distill.crosskd.cls_weight", "distill.crosskd.box_weight"}
+    recipe = weights([])  # the recipe's feature kind is CWD: "CrossKD + CWD" is CrossKD + its
+    crosskd = {"crosskd_cls", "crosskd_box"}
+    assert set(recipe) == {"feature", "logit", "box", *crosskd}  # the default uses every term
     kept = {
-        "feature KD only": {"distill.feature.weight"},
-        "logit KD only": {"distill.logit.weight"},
-        "box KD only": {"distill.box.weight"},
+        "feature KD only": {"feature"},
+        "logit KD only": {"logit"},
+        "box KD only": {"box"},
         "CrossKD only": crosskd,
-        "CrossKD + CWD": {"distill.feature.weight", *crosskd},
-        "student + KD without CrossKD": set(weight_keys()) - crosskd,
+        "CrossKD + CWD": {"feature", *crosskd},
+        "student + KD without CrossKD": set(recipe) - crosskd,
     }
     for name, keys in kept.items():
-        got = weights(bench.ABLATIONS[name])
-        assert got == {k: (recipe[k] if k in keys else 0.0) for k in weight_keys()}, name
-    mgd = load_config(bench.CONFIGS / "distill.yaml", bench.ABLATIONS["MGD only"])
-    assert mgd.distill.feature.kind == "mgd" and weights(bench.ABLATIONS["MGD only"]) == {
-        k: (1.0e-8 if k == "distill.feature.weight" else 0.0) for k in weight_keys()
-    }
+        assert weights(bench.ABLATIONS[name]) == {k: recipe[k] for k in keys}, name
+    assert weights(bench.ABLATIONS["MGD only"]) == {"feature": 1.0e-8}
 
 
 def test_a_dataset_made_with_other_arguments_is_refused_not_reused(tmp_path: Path) -> None:

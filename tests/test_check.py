@@ -154,7 +154,7 @@ def test_a_kd_weight_orders_of_magnitude_off_is_named(setup: tuple[Path, list[st
     the detection loss's, and the weight that would bring it to 1 is named."""
     fine = by_check(check_setup(config(setup), sample=0))["kd/feature"]
     assert fine.status == OK and fine.value is not None and 0.1 < fine.value < 10
-    findings = by_check(check_setup(config(setup, "distill.feature.weight=1e6"), sample=0))
+    findings = by_check(check_setup(config(setup, "distill.feature.cwd.weight=1e6"), sample=0))
     loud = findings["kd/feature"]
     assert loud.status == WARN and "drowns" in loud.detail
     # the gradient is linear in the weight: 1e6 / 0.2 times the fine one, and the suggestion
@@ -216,7 +216,7 @@ def test_classes_are_compared_as_the_model_sees_them(
 def test_fgd_attention_on_a_handful_of_pixels_and_channels_is_named(
     setup: tuple[Path, list[str]],
 ) -> None:
-    fgd = ["distill.feature.kind=fgd", "distill.feature.weight=5e-4"]
+    fgd = ["distill.feature.kind=fgd", "distill.feature.fgd.weight=5e-4"]
     findings = by_check(check_setup(config(setup, *fgd), sample=0))
     assert "kd/fgd attention" in findings  # FGD only
     assert "kd/fgd attention" not in by_check(check_setup(config(setup), sample=0))

@@ -65,8 +65,8 @@ def test_int_is_accepted_for_float(tmp_path: Path) -> None:
 
 def test_exponent_without_a_dot_is_a_float(tmp_path: Path) -> None:
     """PyYAML (YAML 1.1) reads ``1e-4`` as a string; where a float is expected it is one."""
-    cfg = load_config(write(tmp_path, "train: {lr: 1e-4}"), ["distill.feature.weight=5E6"])
-    assert cfg.train.lr == 1e-4 and cfg.distill.feature.weight == 5e6
+    cfg = load_config(write(tmp_path, "train: {lr: 1e-4}"), ["distill.feature.cwd.weight=5E6"])
+    assert cfg.train.lr == 1e-4 and cfg.distill.feature.cwd.weight == 5e6
     with pytest.raises(ConfigError, match=r"train\.lr .* expected float, got str 'e-4'"):
         load_config(write(tmp_path, "train: {lr: e-4}"))
     assert load_config(write(tmp_path, "output: {dir: 1e4}")).output.dir == "1e4"  # a string
@@ -192,7 +192,8 @@ def test_the_names_a_key_accepts_come_from_the_registries() -> None:
     from distill.kd import KINDS
     from students import STUDENTS
 
-    assert choices()["distill.feature.kind"] == tuple(KINDS) == ("mse", "cwd", "pkd", "fgd", "mgd")
+    assert tuple(KINDS) == ("mse", "cwd", "pkd", "fgd", "mgd")
+    assert choices()["distill.feature.kind"] == (None, *KINDS)  # null: no feature KD
     assert choices()["student.arch"] == tuple(STUDENTS)
     for path in sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml")):
         load_config(path)  # every shipped config passes
@@ -326,8 +327,9 @@ def test_an_inherited_config_dumps_merged_and_loads_back_equal(tmp_path: Path) -
 
 def test_shipped_configs_that_derive_inherit_their_recipe() -> None:
     """The demo runs the benchmark's recipe as it is, and each plain student is its distillation
-    config with every KD weight 0: nothing else differs but where it writes."""
-    from distill.kd import weight_keys
+    config with no KD term on (no feature kind, every other KD weight 0): nothing else differs
+    but where it writes."""
+    from distill.kd import needs_teacher, weight_keys
 
     root = Path(__file__).resolve().parents[1] / "configs"
     demo, recipe = (
@@ -341,5 +343,8 @@ def test_shipped_configs_that_derive_inherit_their_recipe() -> None:
             load_config(root / folder / "student.yaml"),
             load_config(root / folder / "distill.yaml"),
         )
-        plain = replace(distill, **dict.fromkeys(weight_keys(), 0.0), output=student.output)
-        assert student == plain
+        others = [key for key in weight_keys() if not key.startswith("distill.feature.")]
+        off = ["distill.feature.kind=null", *(f"{key}=0" for key in others)]
+        plain = load_config(root / folder / "distill.yaml", off)
+        assert student == replace(plain, output=student.output)
+        assert needs_teacher(distill.distill) and not needs_teacher(student.distill)

@@ -316,7 +316,7 @@ def test_mgd_loss_is_zero_when_the_generator_reproduces_the_teacher() -> None:
 
 
 def test_the_student_modules_masks_change_each_step_and_a_checkpoint_keeps_their_stream() -> None:
-    cfg = load_config(SMOKE, ["distill.feature.kind=mgd", "distill.feature.weight=1"])
+    cfg = load_config(SMOKE, ["distill.feature.kind=mgd", "distill.feature.mgd.weight=1"])
     from distill.engine.build import build_models
 
     module, _ = build_models(cfg, "student", 9)
@@ -337,7 +337,7 @@ def smoke(tmp: Path, name: str, extra: list[str]) -> list[str]:
             *QUIET_EVAL, *extra]  # fmt: skip
 
 
-MGD = ["distill.feature.kind=mgd", "distill.feature.weight=0.01"]
+MGD = ["distill.feature.kind=mgd", "distill.feature.mgd.weight=0.01"]
 CROSSKD = ["distill.crosskd.cls_weight=1", "distill.crosskd.box_weight=1",
            "distill.crosskd.layer=1", "distill.crosskd.teacher_layer=3"]  # fmt: skip
 

@@ -260,9 +260,9 @@ def test_demo_configs_carry_the_planned_schedule(tmp_path: Path) -> None:
         assert configs[name].teacher.weights == str(teacher)
     check_lockstep([configs["student"], configs["student + KD"]])  # one teacher forward for both
     assert (
-        configs["student"].distill.feature.weight
+        configs["student"].distill.feature.cwd.weight
         == 0
-        < configs["student + KD"].distill.feature.weight
+        < configs["student + KD"].distill.feature.cwd.weight
     )
     # the reference schedule is the one in configs/demo/*.yaml, as it is written there
     reference = demo_module.demo_configs(out, data, teacher)

@@ -40,7 +40,7 @@ from tests.conftest import REPO, smoke_overrides
 from tests.test_losses import feature_kd_loss
 
 SMOKE = REPO / "configs" / "shapes" / "smoke.yaml"
-NO_KD = ("distill.feature.weight=0", "distill.logit.weight=0", "distill.box.weight=0")
+NO_KD = ("distill.feature.kind=null", "distill.logit.weight=0", "distill.box.weight=0")
 QUIET_EVAL = ("eval.every_epochs=0", "eval.images_logged=0")  # one evaluation, at the end
 
 
@@ -98,7 +98,7 @@ def test_lockstep_with_gradient_accumulation_equals_separate_runs(
     (fp32, CPU). Each trainee's own accumulate() advanced one shared counter twice a batch."""
     base = [f"data.root={shapes_root}", "train.grad_accum=2", "train.max_steps=1",
             "train.epochs=1", "data.max_val_images=2", *QUIET_EVAL]  # fmt: skip
-    points = {"plain": list(NO_KD), "logit": ["distill.feature.weight=0", "distill.box.weight=0"]}
+    points = {"plain": list(NO_KD), "logit": ["distill.feature.kind=null", "distill.box.weight=0"]}
     cfgs = [
         load_config(SMOKE, [*base, *extra, f"output.dir={tmp_path / 'group' / name}"])
         for name, extra in points.items()
@@ -138,7 +138,7 @@ def test_feature_kd_sums_levels_and_the_shapes_recipe_keeps_its_loss() -> None:
         lv: torch.randn(2, 8, 32 >> i, 32 >> i, generator=gen) for i, lv in enumerate(recipe.levels)
     }
     t = {lv: torch.randn(x.shape, generator=gen) for lv, x in s.items()}
-    now = recipe.weight * feature_kd_loss(recipe.kind, s, t, recipe.levels, tau=recipe.cwd.tau)
+    now = recipe.cwd.weight * feature_kd_loss(recipe.kind, s, t, recipe.levels, tau=recipe.cwd.tau)
     before = 30.0 * feature_kd_loss(
         recipe.kind, s, t, recipe.levels, tau=recipe.cwd.tau, reduction="mean"
     )
@@ -233,7 +233,7 @@ def test_a_kd_step_that_does_not_log_syncs_with_the_host_at_most_twice(
     overrides = [*smoke_overrides(shapes_root, out), "train.log_every=100", "train.max_steps=3",
                  "data.num_workers=1", "data.max_val_images=2", *QUIET_EVAL]  # fmt: skip
     cfg = load_config(SMOKE, overrides)
-    assert cfg.distill.feature.weight and cfg.distill.logit.weight and cfg.distill.box.weight
+    assert cfg.distill.feature.cwd.weight and cfg.distill.logit.weight and cfg.distill.box.weight
     with counter:
         train(cfg)
     assert len(at_batch) == 3  # the loop stops after step 3, before a 4th batch

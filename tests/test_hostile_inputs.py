@@ -448,7 +448,8 @@ def test_training_curves_show_every_kd_term_logged(tmp_path: Path) -> None:
     from distill.kd import kd_terms, kd_weights, weight_keys
     from distill.report.figures import curve_panels, training_figure
 
-    every_term = load_config(None, [f"{key}=1" for key in weight_keys()]).distill
+    every_weight = ["distill.feature.kind=cwd", *(f"{key}=1" for key in weight_keys())]
+    every_term = load_config(None, every_weight).distill
     losses = list(kd_weights(kd_terms(every_term)))  # feature, logit, box, crosskd_cls, crosskd_box
     assert {"crosskd_cls", "crosskd_box"} <= set(losses)
     logged = {f"kd_weighted/{loss}": ([1, 2], [0.2, 0.1]) for loss in losses}

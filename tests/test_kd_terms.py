@@ -137,7 +137,7 @@ def toy(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[ToyKD]]:
     unregister_term("toy")
 
 
-OFF = ["distill.feature.weight=0", "distill.logit.weight=0", "distill.box.weight=0"]
+OFF = ["distill.feature.kind=null", "distill.logit.weight=0", "distill.box.weight=0"]
 
 
 def test_a_registered_term_is_configured_with_its_own_weights(

@@ -55,7 +55,7 @@ def feature_kd_loss(
     """The feature term's loss (``FeatureKD.losses``) of adapted student features vs the
     teacher's, with the kind's temperature ``tau`` (cwd, fgd) and FGD's global outputs."""
     keys: dict[str, object] = {
-        "feature.kind": kind, "feature.weight": 1.0, "feature.levels": levels,
+        "feature.kind": kind, f"feature.{kind}.weight": 1.0, "feature.levels": levels,
         "feature.level_reduction": reduction,
     }  # fmt: skip
     if tau is not None and kind in ("cwd", "fgd"):
@@ -639,7 +639,7 @@ def test_all_zero_weights_is_the_plain_detection_loss_bitwise() -> None:
 
 def test_distill_terms_and_combine() -> None:
     cfg = distill(**{
-        "feature.kind": "cwd", "feature.weight": 2.0, "feature.cwd.tau": 2.0,
+        "feature.kind": "cwd", "feature.cwd.weight": 2.0, "feature.cwd.tau": 2.0,
         "feature.levels": ("p3", "p4"), "logit.kind": "kl", "logit.weight": 0.5,
         "logit.temperature": 4.0, "box.kind": "giou", "box.weight": 3.0,
         "box.score_threshold": 0.6, "warmup_steps": 10,
@@ -695,7 +695,9 @@ def test_anchor_weighting_none_and_box_threshold() -> None:
 
 
 def test_fgd_term_uses_global_extras() -> None:
-    cfg = distill(**{"feature.kind": "fgd", "feature.weight": 1.0, "feature.levels": ("p3", "p4")})
+    cfg = distill(
+        **{"feature.kind": "fgd", "feature.fgd.weight": 1.0, "feature.levels": ("p3", "p4")}
+    )
     teacher = _dense(adapted=False)
     student = _dense(extras=True)
     no_extras = dataclasses.replace(student, extras={})

@@ -76,7 +76,7 @@ def test_the_fgd_term_uses_fgd_tau_and_cwd_keeps_tau() -> None:
         "cwd": sum(cwd_loss(s[lv], t[lv], 3.0) for lv in levels),
     }
     for kind in ("fgd", "cwd"):
-        keys = {"kind": kind, "weight": 1.0, "cwd.tau": 3.0, "levels": levels}
+        keys = {"kind": kind, f"{kind}.weight": 1.0, "cwd.tau": 3.0, "levels": levels}
         cfg = replace(load_config(None).distill.feature, **keys)
         got = FeatureKD(cfg).losses(student, teacher, batch)["feature"]
         torch.testing.assert_close(got, want[kind])
@@ -104,7 +104,7 @@ def test_pkd_distils_p3_to_p6_by_default_and_the_resolved_config_names_them(
     assert written["distill"]["feature"]["levels"] == ["p3", "p4", "p5", "p6"]
     assert load_config(tmp_path / "config.yaml") == pkd
     # a config built in code (not read from a file): the term falls back to the same default
-    assert FeatureKD(FeatureKDConfig(kind="pkd", weight=1.0)).levels == ("p3", "p4", "p5", "p6")
+    assert FeatureKD(FeatureKDConfig(kind="pkd")).levels == ("p3", "p4", "p5", "p6")
 
 
 def test_crosskd_hands_over_after_the_third_of_four_tower_convs_by_default(
@@ -233,26 +233,27 @@ def test_quality_focal_value_and_gradient_are_unchanged_elsewhere(beta: float) -
 _RECIPES = {
     # MMRazor configs/distill/mmdet/cwd/cwd_fpn_retina_r101_retina_r50_1x_coco.py (tau 1,
     # loss_weight 10 on fpn0-fpn4; mmdet 1x)
-    "cwd": ({"distill.feature.kind": "cwd", "distill.feature.weight": 10.0,
+    "cwd": ({"distill.feature.kind": "cwd", "distill.feature.cwd.weight": 10.0,
              "distill.feature.cwd.tau": 1.0, "distill.feature.levels": list(P3_P7),
-             "train.epochs": 12}, {"distill.feature.weight"}),
+             "train.epochs": 12}, {"distill.feature.cwd.weight"}),
     # MMRazor configs/distill/mmdet/pkd/pkd_fpn_retina_x101_retina_r50_2x_coco.py (loss_weight
     # 10 on fpn0-fpn3; mmdet 2x)
-    "pkd": ({"distill.feature.kind": "pkd", "distill.feature.weight": 10.0,
+    "pkd": ({"distill.feature.kind": "pkd", "distill.feature.pkd.weight": 10.0,
              "distill.feature.levels": ["p3", "p4", "p5", "p6"], "train.epochs": 24},
-            {"distill.feature.weight"}),
+            {"distill.feature.pkd.weight"}),
     # FGD configs/distillers/fgd/fgd_retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco.py
-    "fgd": ({"distill.feature.kind": "fgd", "distill.feature.fgd.tau": 0.5,
+    "fgd": ({"distill.feature.kind": "fgd", "distill.feature.fgd.weight": 1.0,
+             "distill.feature.fgd.tau": 0.5,
              "distill.feature.fgd.alpha": 0.001, "distill.feature.fgd.beta": 0.0005,
              "distill.feature.fgd.gamma": 0.0005, "distill.feature.fgd.lambda_": 0.000005,
              "distill.feature.levels": list(P3_P7), "student.init_from_teacher": ["head"],
-             "train.grad_clip": 35.0, "train.epochs": 24}, {"distill.feature.weight"}),
+             "train.grad_clip": 35.0, "train.epochs": 24}, {"distill.feature.fgd.weight"}),
     # MMRazor configs/distill/mmdet/mgd/mgd_fpn_retina_x101_retina_r50_2x_coco.py
     # (alpha_mgd 2e-5, lambda_mgd 0.65 on fpn0-fpn4; neck and head from the teacher)
-    "mgd": ({"distill.feature.kind": "mgd", "distill.feature.weight": 2e-5,
+    "mgd": ({"distill.feature.kind": "mgd", "distill.feature.mgd.weight": 2e-5,
              "distill.feature.mgd.ratio": 0.65, "distill.feature.levels": list(P3_P7),
              "student.init_from_teacher": ["head"], "train.epochs": 24},
-            {"distill.feature.weight"}),
+            {"distill.feature.mgd.weight"}),
     # CrossKD configs/crosskd/crosskd_r50_retinanet_r101_fpn_2x_coco.py (KDQualityFocalLoss
     # beta 1, GIoULoss, loss_weight 1 each, reused_teacher_head_idx 3; mmdet 2x)
     "crosskd": ({"distill.crosskd.cls_weight": 1.0, "distill.crosskd.box_weight": 1.0,
@@ -272,10 +273,12 @@ def test_each_coco_recipe_loads_with_its_references_values(name: str) -> None:
     _, files = read_config(path)
     assert files == [COCO / "teacher_eval.yaml", COCO / "teacher_eval_v2.yaml",
                      COCO / "distill.yaml", path]  # fmt: skip
-    flat = flatten(load_config(path))
+    cfg = load_config(path)
+    flat = flatten(cfg)
     keys, on = _RECIPES[name]
     assert {key: flat[key] for key in keys} == keys
-    assert {key for key in weight_keys() if flat[key] > 0} == on
+    terms = kd_terms(cfg.distill).values()
+    assert {term.weight_key(loss) for term in terms for loss in term.weights()} == on
     assert flat["train.lr"] == 0.01 and flat["data.batch_size"] * 8 == 16
     assert flat["train.warmup_steps"] == 500 and flat["train.schedule"] == "step"
     assert flat["train.step_milestones"] == [0.667, 0.917]

@@ -18,17 +18,18 @@ from distill.config.resume import check_resume_config
 from distill.engine.build import build_models
 from distill.engine.step import step_losses, teacher_forward
 from distill.kd import Batch, FeatureKind, register_kind, unregister_kind
-from distill.kd.features import KindPart
+from distill.kd.features import KindConfig, KindPart
 from distill.models.retinanet import DenseOutputs, build_transform
 from tests.conftest import REPO
 
 SMOKE = REPO / "configs" / "shapes" / "smoke.yaml"
-ON = ["distill.feature.kind=gain", "distill.feature.weight=1", "distill.logit.weight=0",
+ON = ["distill.feature.kind=gain", "distill.feature.gain.weight=1", "distill.logit.weight=0",
       "distill.box.weight=0"]  # fmt: skip
 
 
 @dataclass(frozen=True)
-class GainConfig:
+class GainConfig(KindConfig):
+    weight: float = 0.5
     scale: float = 2.0
 
 
@@ -77,7 +78,7 @@ def test_a_kind_added_at_runtime_owns_its_keys_defaults_and_bounds(
     cfg = load_config(SMOKE, ON)
     feature = cfg.distill.feature
     assert feature.levels == ("p4", "p5")  # the kind's default levels, resolved
-    assert feature.gain == GainConfig() and feature.cwd.tau == 1.0  # every kind's section
+    assert feature.gain == GainConfig(weight=1.0) and feature.cwd.tau == 1.0  # every kind's section
     assert load_config(SMOKE, [*ON, "distill.feature.gain.scale=3"]).distill.feature.gain.scale == 3
     with pytest.raises(ConfigError, match=r"distill\.feature\.gain\.scale in --set .* > 0"):
         load_config(SMOKE, [*ON, "distill.feature.gain.scale=0"])
@@ -92,6 +93,32 @@ def test_a_kind_added_at_runtime_owns_its_keys_defaults_and_bounds(
     dump_config(replace(cfg, **{"distill.feature.gain.scale": 5.0}), tmp_path / "config.yaml")
     with pytest.raises(ConfigError, match=r"distill\.feature\.gain\.scale: 5\.0 -> 2\.0"):
         check_resume_config(cfg, tmp_path)
+
+
+def test_a_kind_added_at_runtime_has_its_own_weight_key(gain: type[Gain]) -> None:
+    """``distill.feature.gain.weight``, its config's default (0.5) unless given: listed by
+    ``weight_keys`` (all 0: the plain student), gone with the kind; a kind whose section has no
+    weight is refused when it is registered."""
+    from distill.kd import kd_terms, kd_weights, needs_teacher, weight_keys
+
+    assert "distill.feature.gain.weight" in weight_keys()
+    cfg = load_config(SMOKE, ["distill.feature.kind=gain"])
+    assert kd_weights(kd_terms(cfg.distill))["feature"] == 0.5
+    assert kd_terms(cfg.distill)["feature"].weight_key("feature") == "distill.feature.gain.weight"
+    assert kd_weights(kd_terms(load_config(SMOKE, ON).distill)) == {"feature": 1.0}
+    plain = load_config(SMOKE, [*ON, *(f"{key}=0" for key in weight_keys())])
+    assert not needs_teacher(plain.distill)
+    with pytest.raises(ConfigError, match=r"distill\.feature\.gain\.weight in .* >= 0"):
+        load_config(SMOKE, [*ON, "distill.feature.gain.weight=-1"])
+    unregister_kind("gain")
+    assert "distill.feature.gain.weight" not in weight_keys()
+
+    class NoWeight(Gain):
+        name = "noweight"
+        config_class = dataclass(frozen=True)(type("NoWeightConfig", (), {}))  # type: ignore[assignment]
+
+    with pytest.raises(TypeError, match=r"noweight: .* must subclass KindConfig"):
+        register_kind(NoWeight)
 
 
 def test_a_kind_added_at_runtime_trains_through_the_step(gain: type[Gain]) -> None:

@@ -79,7 +79,7 @@ def plain(root: Path, out: Path, *extra: str) -> list[str]:
     every batch traced, evaluated once at the end on 2 images."""
     return [
         f"data.root={root}", f"output.dir={out}", "data.hflip=0.5", "data.max_train_images=16",
-        "data.max_val_images=2", "distill.feature.weight=0", "distill.logit.weight=0",
+        "data.max_val_images=2", "distill.feature.kind=null", "distill.logit.weight=0",
         "distill.box.weight=0", "train.epochs=2", "train.max_steps=null",
         "train.trace_batches=true", "eval.every_epochs=0", "eval.images_logged=0", *extra,
     ]  # fmt: skip

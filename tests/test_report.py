@@ -54,7 +54,7 @@ def trained(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     root = tmp_path_factory.mktemp("report")
     sweep = root / "sweep"
     args = ["sweep", str(SMOKE), *sets(*smoke_overrides(shapes_root, sweep), *TINY),
-            "--grid", "distill.feature.weight=30", "--with-baseline"]  # fmt: skip
+            "--grid", "distill.feature.cwd.weight=30", "--with-baseline"]  # fmt: skip
     assert main(args) == 0
     cfg = load_config(SMOKE, smoke_overrides(shapes_root, sweep))
     torch.manual_seed(0)

@@ -144,7 +144,7 @@ def test_lockstep_sweep_equals_separate_runs(
     # a grid over a non-distill key cannot share one loop: it runs sequentially by necessity;
     # its point at the config's own lr (0.005) is the baseline above
     lr_dir = tmp_path / "lr"
-    plain = ["distill.feature.weight=0", "distill.logit.weight=0", "distill.box.weight=0"]
+    plain = ["distill.feature.kind=null", "distill.logit.weight=0", "distill.box.weight=0"]
     assert main(["sweep", str(SMOKE), *sets(*base, *plain, f"output.dir={lr_dir}"),
                  "--grid", "train.lr=0.005"]) == 0  # fmt: skip
     assert not (lr_dir / "checkpoints").exists() and (lr_dir / "lr=0.005" / "checkpoints").is_dir()

@@ -117,7 +117,7 @@ def test_eval_errors_name_the_file(
 
 def test_resume_continues_from_last_checkpoint(shapes_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "plain"
-    base = [*smoke_overrides(shapes_root, out), "distill.feature.weight=0", "distill.logit.weight=0",  # noqa: E501
+    base = [*smoke_overrides(shapes_root, out), "distill.feature.kind=null", "distill.logit.weight=0",  # noqa: E501
             "distill.box.weight=0", "train.max_steps=null", "eval.images_logged=0"]  # fmt: skip
     run_cli("run", str(SMOKE), *sets(*base, "train.epochs=1"))
     first = json.loads((out / "metrics.json").read_text())
@@ -202,7 +202,7 @@ def test_plain_student_step_equals_torchvision_training_step(
     out = tmp_path / "one-step"
     overrides = [
         *smoke_overrides(shapes_root, out),
-        "distill.feature.weight=0", "distill.logit.weight=0", "distill.box.weight=0",
+        "distill.feature.kind=null", "distill.logit.weight=0", "distill.box.weight=0",
         "data.max_train_images=4", "data.batch_size=4", "data.hflip=0.0",
         "train.max_steps=1", "train.epochs=1", "train.warmup_steps=0", "train.schedule=constant",
         "train.grad_clip=null", "eval.images_logged=0",

@@ -37,8 +37,8 @@ from distill.config.schema import (
     Extensible,
     choices,
     registered_sections,
-    renamed_keys,
     resolve_defaults,
+    section_at,
     walk_sections,
 )
 from distill.fileio import write_text_atomic
@@ -211,7 +211,6 @@ def _read_inheriting(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any
             f"{BASE_KEY} in {path}: expected a path or a list of paths (relative to {path.parent}),"
             f" got {type(bases).__name__} {bases!r}"
         )
-    _build(own, str(path))  # the file alone: a bad key is reported in the file that holds it
     chain = (*chain, path)
     merged: dict[str, Any] = {}
     files: list[Path] = []
@@ -229,7 +228,33 @@ def _read_inheriting(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any
         raw, read = _read_inheriting(base_path, chain)
         merged = _merge(merged, raw)
         files += [f for f in read if f not in files]
+    own = upgrade(own, merged, str(path))  # in today's keys, over what its bases say
+    _build(own, str(path))  # the file alone: a bad key is reported in the file that holds it
     return _merge(merged, own), [*files, path]
+
+
+def upgrade(
+    raw: Mapping[str, Any], under: Mapping[str, Any], source: str, prefix: str = ""
+) -> dict[str, Any]:
+    """One source's raw config (a file's own keys, an override) in today's keys, before it is
+    merged over ``under`` (the raw config of the sources before it): each registered section's
+    old keys are read at their place now (``Section.renamed``, then ``Section.upgrade``, which
+    may read ``under`` for a value the source does not give), with a warning that names them;
+    an old and a new name given together is an error. A later source's old key so overrides an
+    earlier source's new one (``--set`` of an old key over a file in today's keys)."""
+    out = dict(raw)
+    section = section_at(prefix.rstrip("."))
+    if section is not None:
+        if any(key in section.renamed for key in out):
+            out = _moved(out, section.renamed, prefix, source)
+        if section.upgrade is not None:
+            out = dict(section.upgrade(out, under, source))
+    for key, value in out.items():
+        if isinstance(value, Mapping):
+            below = under.get(key) if isinstance(under, Mapping) else None
+            below = below if isinstance(below, Mapping) else {}
+            out[key] = upgrade(value, below, source, f"{prefix}{key}.")
+    return out
 
 
 def _merge(base: Mapping[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
@@ -279,6 +304,15 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     except yaml.YAMLError as err:
         raise ConfigError(f"override {item!r}: cannot read the value: {err}") from None
     parts = key.split(".")
+    own: dict[str, Any] = {}
+    node = own
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    upgraded = upgrade(own, raw, f"--set {item}")
+    if upgraded != own:  # an old key, in today's keys: merged over the config
+        raw.update(_merge(raw, upgraded))
+        return
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -298,16 +332,19 @@ def from_dict(cls: type[T], raw: Mapping[str, Any], source: str, prefix: str = "
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "sections"}  # type: ignore[arg-type]
     declared = registered_sections(cls.AT) if issubclass(cls, Extensible) else {}
     hints = typing.get_type_hints(cls)
-    renamed = renamed_keys(prefix.rstrip("."))
-    if any(key in renamed and key not in fields for key in raw):
-        raw = _moved(raw, renamed, prefix, source)
     for key in raw:
         if key not in fields and key not in declared:
             known = [*fields, *declared]
             # keys of the sub-sections too: a key that moved into one (fgd_tau -> fgd.tau)
             nested = [f"{name}.{k}" for name, d in declared.items() for k in flatten(d.config())]
             close = difflib.get_close_matches(str(key), [*known, *nested], n=1)
-            hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(known)}"
+            # a sub-section's key without its section: every sub-section that has it (each
+            # has a weight), not one of them at random
+            leaf = close[0].partition(".")[2] if close else ""
+            if leaf and difflib.get_close_matches(str(key), [leaf]):
+                close = [name for name in nested if name.partition(".")[2] == leaf]
+            names = " or ".join(filter(None, [", ".join(close[:-1]), *close[-1:]]))
+            hint = f"; did you mean {names}?" if close else f"; known keys: {', '.join(known)}"
             raise ConfigError(f"unknown key {prefix}{key} in {source}{hint}")
     values: dict[str, Any] = {}
     sections: list[tuple[str, Any]] = []
@@ -328,7 +365,7 @@ def _moved(
 ) -> dict[str, Any]:
     """``raw`` with the keys a section renamed (``Section.renamed``: an old run's config.yaml,
     an old recipe) read at their new place, and a warning that names them; both names given is
-    an error."""
+    an error (``upgrade``)."""
     moved = {key: value for key, value in raw.items() if key in renamed}
     out = {key: value for key, value in raw.items() if key not in renamed}
     for old, value in moved.items():

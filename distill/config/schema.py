@@ -293,6 +293,10 @@ class Section:
         off, another feature kind's keys): a resumed run may differ from its start there
     renamed: {old key: its key now}: an old config's value is read at the new place, with a
         warning that names both
+    upgrade: ``(raw, under, source) -> raw``: one source's raw mapping of the section (a file's
+        own keys, an override) in today's keys, where an old key's new place depends on a value
+        (of the source, or of ``under``, the raw section of the sources it is merged over);
+        it warns and raises ``ConfigError`` as ``renamed`` does
     """
 
     config: type
@@ -302,6 +306,7 @@ class Section:
     check: Callable[[Any, Config, str], None] | None = None
     unused: Callable[[Any], Iterable[str]] | None = None
     renamed: Mapping[str, str] = field(default_factory=dict)
+    upgrade: Callable[[Mapping[str, Any], Mapping[str, Any], str], Mapping[str, Any]] | None = None
 
 
 _SECTIONS: dict[str, dict[str, Section]] = {}  # {"distill": {"feature": Section, ...}, ...}
@@ -322,11 +327,10 @@ def unregister_section(at: str, name: str) -> None:
         del _CHOICES[key]
 
 
-def renamed_keys(path: str) -> dict[str, str]:
-    """{old key: its key now} that the registered section at dotted ``path`` declares."""
+def section_at(path: str) -> Section | None:
+    """The declaration of the registered section at dotted ``path``, or None."""
     at, _, name = path.rpartition(".")
-    section = _SECTIONS.get(at, {}).get(name)
-    return dict(section.renamed) if section is not None else {}
+    return _SECTIONS.get(at, {}).get(name)
 
 
 def registered_sections(at: str) -> dict[str, Section]:

@@ -4,8 +4,8 @@ this file is what runs it: epochs of batches, logging, checkpoints, stopping, ev
 
 One loop serves three jobs:
   * ``job="teacher"``: train the teacher architecture on the dataset (no KD);
-  * ``job="student"`` with every KD weight 0: the plain student baseline (the teacher is not run);
-  * ``job="student"`` with KD weights: distillation from the frozen teacher.
+  * ``job="student"`` with no KD term on: the plain student baseline (the teacher is not run);
+  * ``job="student"`` with KD terms on: distillation from the frozen teacher.
 
 ``train_group`` trains several students in lockstep on one stream of batches (``distill sweep``):
 the data, the shared transform and the teacher forward happen once per batch for all of them.

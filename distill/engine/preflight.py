@@ -88,7 +88,7 @@ def check_setup(cfg: Config, sample: int = 50, recorded: Finding | None = None) 
     finding from an earlier check of the same teacher and data. Raises only for what stops the
     run before any model is built (a missing dataset: ``DatasetError``)."""
     if not needs_teacher(cfg.distill):
-        return [Finding("kd terms", WARN, "every KD weight is 0: nothing is distilled")]
+        return [Finding("kd terms", WARN, "no KD term is on: nothing is distilled")]
     train_set = build_dataset(cfg.data, "train", seed=cfg.train.seed)
     num_classes = train_set.num_categories + 1
     findings: list[Finding] = []

@@ -112,10 +112,10 @@ class TeacherProbe(Protocol):
 
 class KDTerm(ABC):
     """One KD term. A subclass declares what it owns (the class variables and classmethods
-    below: its config section, weights, bounds, key-dependent defaults, checks and the keys a
-    resumed run may ignore) and is registered by ``distill.kd.registry.register_term`` (the
-    order of registration is its build order); it can also be used directly. Nothing outside
-    ``distill.kd`` names it."""
+    below: its config section, weights, bounds, key-dependent defaults, checks, the keys a
+    resumed run may ignore, how an old config's keys read today) and is registered by
+    ``distill.kd.registry.register_term`` (the order of registration is its build order); it can
+    also be used directly. Nothing outside ``distill.kd`` names it."""
 
     name: ClassVar[str]  # its config section ``distill.<name>`` and its part's name
     config_class: ClassVar[type]  # the section's frozen dataclass: its keys and their defaults
@@ -124,6 +124,12 @@ class KDTerm(ABC):
     non_negative: ClassVar[tuple[str, ...]] = ()  # keys that must be >= 0 (besides weights)
     choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {}  # {key: the names it accepts}
     renamed: ClassVar[Mapping[str, str]] = {}  # {old key: its key now}, named to old configs
+
+    @classmethod
+    def all_weight_keys(cls) -> tuple[str, ...]:
+        """The keys, relative to its section, of every weight the term may use: its
+        ``weight_keys``, and those of its registered sub-sections (the feature kinds')."""
+        return cls.weight_keys
 
     @classmethod
     def section_of(cls, cfg: DistillConfig) -> Any:
@@ -145,6 +151,15 @@ class KDTerm(ABC):
         """Raise ``ConfigError`` (naming the key and ``source``) for a value that types and
         bounds cannot check. Default: nothing to check."""
         return None
+
+    @classmethod
+    def upgrade(
+        cls, raw: Mapping[str, Any], under: Mapping[str, Any], source: str
+    ) -> Mapping[str, Any]:
+        """One source's raw section (a file's own keys, an override) in today's keys, where an
+        old key's new place depends on a value (``renamed`` moves a key whatever the values);
+        ``under``: the raw section of the sources it is merged over. Default: as it is."""
+        return raw
 
     @classmethod
     def unused_keys(cls, section: Any) -> set[str]:

@@ -50,6 +50,7 @@ def register_term(term: type[KDTerm]) -> type[KDTerm]:
         check=term.check,
         unused=term.unused_keys,
         renamed=term.renamed,
+        upgrade=term.upgrade,
     )
     register_section("distill", term.name, section)
     register_choices({f"distill.{term.name}.{key}": names for key, names in term.choices.items()})
@@ -88,6 +89,8 @@ def needs_teacher(cfg: DistillConfig) -> bool:
 
 
 def weight_keys() -> tuple[str, ...]:
-    """The dotted config key of every registered term's every weight: all 0 is the plain
-    student (no teacher runs)."""
-    return tuple(f"distill.{name}.{key}" for name, t in TERMS.items() for key in t.weight_keys)
+    """The dotted config key of every registered term's every weight (the feature kinds' each,
+    ``distill.feature.<kind>.weight``): all 0 is the plain student (no teacher runs)."""
+    return tuple(
+        f"distill.{name}.{key}" for name, t in TERMS.items() for key in t.all_weight_keys()
+    )

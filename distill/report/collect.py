@@ -3,7 +3,7 @@
     distill report RUN_DIR... [--teacher RUN_DIR_OR_WEIGHTS] [--baseline RUN_DIR] --out DIR
 
 The runs are the students (a sweep directory adds its points, and its ``baseline`` point becomes
-the baseline); the baseline is ``--baseline``, else the one run whose KD weights are all 0; the
+the baseline); the baseline is ``--baseline``, else the one run with no KD term on; the
 teacher is ``--teacher``, else the students' ``teacher.weights``. The summary numbers come from
 each run's ``metrics.json``. What a run does not record (COCOeval's precision array, per-image
 matches) is computed here by evaluating each model's weights on the students' validation set
@@ -21,7 +21,7 @@ import json
 import logging
 from pathlib import Path
 
-from distill.config import Config, flatten, load_config, replace, to_dict
+from distill.config import Config, load_config, replace, to_dict
 from distill.data import CocoDetection, build_dataset
 from distill.device import inference_accelerator
 from distill.evaluation.cost import measure
@@ -35,7 +35,7 @@ from distill.evaluation.evaluate import (
     run_metrics,
 )
 from distill.fileio import write_text_atomic
-from distill.kd import weight_keys
+from distill.kd import needs_teacher
 from distill.models.retinanet import build_transform
 from distill.report.html import build_page
 from distill.report.model import Lineup, Model, ReportError, metric
@@ -77,9 +77,8 @@ def read_run(path: Path, role: str, overrides: list[str]) -> Model:
 
 
 def is_plain(cfg: Config) -> bool:
-    """A plain student: every KD weight 0."""
-    flat = flatten(cfg)
-    return all(flat[key] == 0 for key in weight_keys())
+    """A plain student: no KD term on (the teacher does not run)."""
+    return not needs_teacher(cfg.distill)
 
 
 def is_sweep(path: Path) -> bool:
@@ -160,7 +159,7 @@ def collect(
             base = plain[0]
             base.role = "baseline"
             students.remove(base)
-            notes.append(f"baseline: {base.run_dir} (its KD weights are all 0)")
+            notes.append(f"baseline: {base.run_dir} (no KD term on)")
         else:
             notes.append("no baseline (give --baseline RUN_DIR): gains and gap closed are left out")
     if not students:

@@ -1,18 +1,21 @@
 """The interface of a feature-KD kind (``distill.feature.kind``): its own keys, its default
 levels, its trainable part and its loss on one level.
 
-    kind = KINDS[cfg.kind](getattr(cfg, cfg.kind, None))  # with its section, if it has one
+    kind = KINDS[cfg.kind](getattr(cfg, cfg.kind))         # with its own section
     part = kind.part(levels, channels, seed)               # nn.Module or None
     extras = part(adapted, teacher)                         # in the trainable module's forward
     loss = kind.loss(level, adapted[level], teacher.features[level], extras, batch)
 
 The feature term (``distill.kd.feature.FeatureKD``) owns what every kind shares: the levels,
-the 1x1 adapters to the teacher's width, the sum or mean over levels, the weight.
+the 1x1 adapters to the teacher's width, the sum or mean over levels. The weight is the kind's
+own (``distill.feature.<kind>.weight``, its reference's by default), so that a weight written
+for one kind never applies to another.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -21,7 +24,15 @@ from distill.config import LEVEL_NAMES, Config
 from distill.kd.base import Batch, Finding
 from distill.models.retinanet import DenseOutputs
 
-__all__ = ["FeatureKind", "KindPart"]
+__all__ = ["FeatureKind", "KindConfig", "KindPart"]
+
+
+@dataclass(frozen=True)
+class KindConfig:
+    """A kind's own section ``distill.feature.<kind>``: its weight, then (in a subclass) its
+    other keys. A kind redeclares ``weight`` with its reference's RetinaNet loss weight."""
+
+    weight: float = 1.0  # of the kind's loss, summed (or averaged) over the levels; 0: off
 
 
 class KindPart(nn.Module):
@@ -39,20 +50,20 @@ class KindPart(nn.Module):
 
 class FeatureKind:
     """One feature-KD kind. A subclass declares its name, its own config section
-    ``distill.feature.<name>`` (``config_class``, None for a kind without keys) with its bounds and
+    ``distill.feature.<name>`` (``config_class``: its weight and keys) with its bounds and
     check, its default levels, and computes its per-level ``loss``; it is registered by
     ``distill.kd.features.register_kind``."""
 
     name: ClassVar[str]
-    config_class: ClassVar[type | None] = None  # its keys ``distill.feature.<name>.*``
+    config_class: ClassVar[type[KindConfig]] = KindConfig  # ``distill.feature.<name>.*``
     positive: ClassVar[tuple[str, ...]] = ()  # its keys that must be > 0
-    non_negative: ClassVar[tuple[str, ...]] = ()  # its keys that must be >= 0
+    non_negative: ClassVar[tuple[str, ...]] = ()  # its keys that must be >= 0 (besides weight)
     default_levels: ClassVar[tuple[str, ...]] = LEVEL_NAMES  # ``distill.feature.levels`` null
     # a learnable 1x1 adapter on every level even where the widths match (FitNet's regressor)
     always_adapt: ClassVar[bool] = False
 
     def __init__(self, cfg: Any = None) -> None:
-        self.cfg = cfg  # the kind's own section (None without one)
+        self.cfg = cfg if cfg is not None else self.config_class()  # the kind's own section
 
     @classmethod
     def check(cls, section: Any, cfg: Config, source: str) -> None:

@@ -9,15 +9,19 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from distill.kd.base import Batch
-from distill.kd.features.base import FeatureKind
+from distill.kd.features.base import FeatureKind, KindConfig
 from distill.losses.features import cwd_loss
 
 __all__ = ["CWD", "CWDConfig"]
 
 
 @dataclass(frozen=True)
-class CWDConfig:
-    tau: float = 1.0  # temperature (MMRazor's CWD configs: tau=1)
+class CWDConfig(KindConfig):
+    """MMRazor's cwd_fpn_retina_r101_retina_r50_1x_coco.py: ChannelWiseDivergence tau 1,
+    loss_weight 10 on each FPN level (the weight of the levels' sum)."""
+
+    weight: float = 10.0
+    tau: float = 1.0  # temperature
 
 
 class CWD(FeatureKind):

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from distill.config import LEVEL_NAMES
 from distill.kd.base import OK, WARN, Batch, Finding
-from distill.kd.features.base import FeatureKind, KindPart
+from distill.kd.features.base import FeatureKind, KindConfig, KindPart
 from distill.losses.features import fgd_attention_spread, fgd_loss
 from distill.models.retinanet import DenseOutputs
 
@@ -25,11 +25,12 @@ FGD_MIN_SPREAD = 0.02
 
 
 @dataclass(frozen=True)
-class FGDConfig:
+class FGDConfig(KindConfig):
     """FGD's temperature and weights, as in its RetinaNet configs
     (fgd_retina_*_distill_retina_r50_fpn_2x_coco.py: temp 0.5, alpha 1e-3, beta 5e-4,
-    gamma 5e-4, lambda 5e-6)."""
+    gamma 5e-4, lambda 5e-6); the loss carries its own weights, so its ``weight`` is 1."""
 
+    weight: float = 1.0
     tau: float = 0.5
     alpha: float = 0.001  # foreground imitation
     beta: float = 0.0005  # background imitation

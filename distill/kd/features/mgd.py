@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from distill.config import Config, ConfigError
 from distill.kd.base import Batch
-from distill.kd.features.base import FeatureKind, KindPart
+from distill.kd.features.base import FeatureKind, KindConfig, KindPart
 from distill.losses.features import mgd_loss
 from distill.models.retinanet import DenseOutputs
 
@@ -22,7 +22,12 @@ __all__ = ["MGD", "MGDConfig", "MGDPart", "build_mgd_generators", "mgd_mask"]
 
 
 @dataclass(frozen=True)
-class MGDConfig:
+class MGDConfig(KindConfig):
+    """MMRazor's mgd_fpn_retina_x101_retina_r50_2x_coco.py: alpha_mgd 2e-5 on each FPN level.
+    MGD's loss sums squared errors per image, so the weight depends on the teacher's feature
+    scale: the reference's is for mmdet's RetinaNet-X101."""
+
+    weight: float = 2e-5
     ratio: float = 0.65  # share of the positions masked (the paper's 0.65 for detection)
 
 

@@ -242,6 +242,27 @@ def test_max_images_keeps_first_ids(tmp_path: Path) -> None:
     assert sorted(ds.coco.getImgIds()) == [2, 4] and ds.coco.getAnnIds() == []
 
 
+def test_holdout_images_are_left_out_of_training_the_same_for_every_seed(
+    tmp_path: Path,
+) -> None:
+    """``data.holdout_images``: N training images scored but never trained on (distill search's
+    rungs), disjoint from the rest, the same ones whatever the run's seed; too many is an
+    error naming the key."""
+    write_dataset(tmp_path, [img(i) for i in range(1, 11)], [ann(1, 3, [0, 0, 4, 4])])
+    data = DataConfig(root=str(tmp_path), holdout_images=3)
+    held = build_dataset(data, "holdout")
+    assert len(held.image_ids) == 3 and not held.train and held.hflip == 0
+    for seed in (0, 1, 7):
+        train = build_dataset(data, "train", seed=seed)
+        assert len(train) == 7 and not set(train.image_ids) & set(held.image_ids)
+        assert sorted(train.image_ids + held.image_ids) == list(range(1, 11))
+    assert build_dataset(DataConfig(root=str(tmp_path)), "train").image_ids == list(range(1, 11))
+    with pytest.raises(DatasetError, match="data.holdout_images 10"):
+        build_dataset(DataConfig(root=str(tmp_path), holdout_images=10), "train")
+    with pytest.raises(DatasetError, match="holdout_images >= 1"):
+        build_dataset(DataConfig(root=str(tmp_path)), "holdout")
+
+
 def test_hflip_moves_box_with_painted_pixels_and_is_an_involution() -> None:
     image = torch.zeros(3, 20, 32)
     image[:, 4:9, 3:11] = 1.0  # rows 4..8, columns 3..10

@@ -46,6 +46,10 @@ class DataConfig:
     # validation images are never left out
     skip_empty_images: bool = False
     max_train_images: int | None = None  # use only the first N training images (smoke runs)
+    # this many training images held out of training, the same ones whatever the seed (drawn
+    # with HOLDOUT_SEED): ``build_dataset(data, "holdout")``, on which distill search scores its
+    # trials, so that the validation set stays for the number reported
+    holdout_images: int = 0
     max_val_images: int | None = None
     # labels = the dataset's category ids (COCO: torchvision's 91-way label space, needed to keep
     # a COCO_V1 teacher's classifier); false: labels 1..K in sorted id order
@@ -262,7 +266,7 @@ POSITIVE = (
     "student.head_convs", "data.max_train_images", "data.max_val_images",
 )  # fmt: skip
 NON_NEGATIVE = (
-    "data.num_workers", "train.epochs",
+    "data.num_workers", "data.holdout_images", "train.epochs",
     "train.max_steps", "train.warmup_steps", "train.weight_decay", "train.momentum",
     "train.checkpoint_every_steps", "train.seed", "eval.every_epochs", "eval.images_logged",
     "distill.warmup_steps",

@@ -40,6 +40,10 @@ from distill.data.transforms import random_hflip
 
 log = logging.getLogger("distill.data")
 
+# the draw of the training images held out of training (data.holdout_images): fixed, so that
+# every seed of a search or its confirmation holds out the same images
+HOLDOUT_SEED = 20_261_207
+
 REQUIRED_KEYS = ("images", "annotations", "categories")
 # EXIF orientations that turn the image a quarter: its width and height swap when shown
 QUARTER_TURNS = (5, 6, 7, 8)
@@ -80,6 +84,8 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
         seed: int = 0,
         category_ids_as_labels: bool = False,
         skip_empty_images: bool = False,
+        holdout: int = 0,
+        holdout_part: bool = False,
     ) -> None:
         if not 0.0 <= hflip <= 1.0:
             raise DatasetError(f"hflip must be a probability in [0, 1], got {hflip}")
@@ -121,7 +127,11 @@ class CocoDetection(Dataset[tuple[Tensor, dict[str, Any]]]):
             self.class_names = [str(categories[c].get("name", c)) for c in cat_ids]
         self.num_categories: int = len(self.class_names)  # K; models have K + 1 outputs
 
-        ids = sorted(image_entries)[:max_images]
+        ids = sorted(image_entries)
+        if holdout > 0:  # the held-out images, or all the others
+            held = set(holdout_ids(ids, holdout, where))
+            ids = [i for i in ids if (i in held) == holdout_part]
+        ids = ids[:max_images]
         skipped: list[str] = []
         kept: list[dict[str, Any]] = []
         self._paths: list[Path] = []
@@ -527,9 +537,35 @@ def make_generator(seed: int) -> torch.Generator:
     return generator
 
 
+def holdout_ids(ids: list[int], size: int, where: str) -> list[int]:
+    """The ``size`` image ids of ``ids`` held out of training (``data.holdout_images``): drawn
+    with ``HOLDOUT_SEED``, so the same whatever the run's seed."""
+    if size >= len(ids):
+        raise DatasetError(
+            f"data.holdout_images {size}: {where} has {len(ids)} images; hold out fewer, so "
+            "that some are left to train on"
+        )
+    return sorted(random.Random(HOLDOUT_SEED).sample(ids, size))
+
+
 def build_dataset(cfg: DataConfig, split: str, seed: int = 0) -> CocoDetection:
-    """The "train" or "val" dataset of a config; only training images are flipped, and only
-    training images without a box are left out (``data.skip_empty_images``)."""
+    """The "train", "holdout" or "val" dataset of a config. "train" leaves out the
+    ``data.holdout_images`` that "holdout" serves (not flipped, scored as a validation set);
+    only training images are flipped, and only training images without a box are left out
+    (``data.skip_empty_images``)."""
+    if split == "holdout":
+        if cfg.holdout_images < 1:
+            raise DatasetError("the holdout split needs data.holdout_images >= 1")
+        return CocoDetection(
+            cfg.root,
+            cfg.train,
+            images=cfg.images,
+            train=False,
+            skip_bad_images=cfg.skip_bad_images,
+            category_ids_as_labels=cfg.category_ids_as_labels,
+            holdout=cfg.holdout_images,
+            holdout_part=True,
+        )
     if split == "train":
         return CocoDetection(
             cfg.root,
@@ -542,6 +578,7 @@ def build_dataset(cfg: DataConfig, split: str, seed: int = 0) -> CocoDetection:
             seed=seed,
             category_ids_as_labels=cfg.category_ids_as_labels,
             skip_empty_images=cfg.skip_empty_images,
+            holdout=cfg.holdout_images,
         )
     if split == "val":
         return CocoDetection(
@@ -553,7 +590,7 @@ def build_dataset(cfg: DataConfig, split: str, seed: int = 0) -> CocoDetection:
             max_images=cfg.max_val_images,
             category_ids_as_labels=cfg.category_ids_as_labels,
         )
-    raise DatasetError(f"split must be 'train' or 'val', got {split!r}")
+    raise DatasetError(f"split must be 'train', 'holdout' or 'val', got {split!r}")
 
 
 def predictions_to_coco(

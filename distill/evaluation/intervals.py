@@ -36,6 +36,7 @@ from distill.evaluation.accumulate import (
 
 SEEDS = "t over seeds"
 IMAGES = "paired bootstrap over images"
+CLASS = "class/"  # the keys of the per-class gains: class_key(name)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def format_interval(interval: Interval, digits: int = 3) -> str:
 
 def class_key(name: str) -> str:
     """The key of a class's AP gain among the metrics."""
-    return f"class/{name}"
+    return f"{CLASS}{name}"
 
 
 # ---------------------------------------------------------------------------------------------

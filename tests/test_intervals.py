@@ -327,3 +327,7 @@ def test_models_on_other_images_are_not_paired() -> None:
     b = evaluate_per_image(coco, dets, ids(coco)[1:])
     with pytest.raises(ValueError, match="same images"):
         bootstrap_gain([(a, b)], resamples=1)
+    for empty in (lambda: bootstrap_gain([]), lambda: seed_intervals([]),
+                  lambda: gain_intervals(coco, [], ids(coco))):  # fmt: skip
+        with pytest.raises(ValueError, match="at least one"):
+            empty()

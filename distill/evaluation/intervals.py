@@ -128,6 +128,8 @@ def seed_intervals(
 ) -> dict[str, Interval]:
     """``paired_seed_interval`` of every metric, from (distilled, plain) metrics per seed as
     ``coco_metrics`` returns them and a run's metrics.json holds them (-1: no ground truth)."""
+    if not pairs:
+        raise ValueError("seed_intervals needs the metrics of at least one seed")
     keys = [k for k in AP_KEYS if all(k in a and k in b for a, b in pairs)]
     names = [
         c
@@ -270,6 +272,8 @@ def gain_intervals(
     Returns {"seeds": {metric: Interval}, "images": {metric: Interval}}: the t interval over
     seeds and the paired bootstrap over images of the same estimate (the mean gain over seeds).
     """
+    if not runs:
+        raise ValueError("gain_intervals needs the detections of at least one seed")
     pairs = [
         (evaluate_per_image(coco_gt, a, image_ids), evaluate_per_image(coco_gt, b, image_ids))
         for a, b in runs

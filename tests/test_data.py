@@ -257,9 +257,9 @@ def test_holdout_images_are_left_out_of_training_the_same_for_every_seed(
         assert len(train) == 7 and not set(train.image_ids) & set(held.image_ids)
         assert sorted(train.image_ids + held.image_ids) == list(range(1, 11))
     assert build_dataset(DataConfig(root=str(tmp_path)), "train").image_ids == list(range(1, 11))
-    with pytest.raises(DatasetError, match="data.holdout_images 10"):
+    with pytest.raises(DatasetError, match=r"data\.holdout_images 10"):
         build_dataset(DataConfig(root=str(tmp_path), holdout_images=10), "train")
-    with pytest.raises(DatasetError, match="holdout_images >= 1"):
+    with pytest.raises(DatasetError, match=r"holdout_images >= 1"):
         build_dataset(DataConfig(root=str(tmp_path)), "holdout")
 
 

@@ -17,7 +17,7 @@
     distill summary CONFIG [--json] [--no-deploy]
     distill sweep CONFIG --grid KEY=V1,V2,... [--with-baseline] [--sequential]
     distill demo [--out DIR --data DIR --teacher FILE --minutes M --record FILE]
-    distill report RUN_DIR... [--teacher RUN_DIR_OR_WEIGHTS] [--baseline RUN_DIR] --out DIR
+    distill report RUN_DIR... [--teacher RUN_DIR_OR_WEIGHTS] [--baseline RUN_DIR...] --out DIR
 
 Each command is a handler, ``_<command>(args) -> int``, registered with its parser in
 ``build_parser`` (the arguments are declared in ``distill.cli.args``): a thin layer over a library
@@ -366,7 +366,7 @@ def _report(args: argparse.Namespace) -> int:
     try:
         report_command(
             args.runs, args.out, args.teacher, args.baseline, args.overrides,
-            args.images, args.random_images, args.min_score, args.precision,
+            args.images, args.random_images, args.min_score, args.precision, args.resamples,
         )  # fmt: skip
     except ReportError as err:
         raise UserError(str(err)) from None

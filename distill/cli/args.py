@@ -249,7 +249,21 @@ def add_report(sub: Subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="HTML report: teacher, plain and distilled students")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="runs or sweep dirs")
     p.add_argument("--teacher", default=None, metavar="RUN_DIR_OR_WEIGHTS")
-    p.add_argument("--baseline", type=Path, default=None, metavar="RUN_DIR")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="RUN_DIR",
+        help="the plain student's run; several: one per train.seed, each student "
+        "compared with its seed's, and a recipe on several seeds gets intervals",
+    )
+    p.add_argument(
+        "--resamples",
+        type=int,
+        default=1000,
+        help="bootstrap resamples of the images for the gain over seeds (0: none)",
+    )
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--images", type=int, default=4, help="images where the models differ most")
     p.add_argument("--random-images", type=int, default=2, help="images chosen at random")

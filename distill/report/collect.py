@@ -1,13 +1,15 @@
 """``distill report``: what distillation changed, as one self-contained HTML page.
 
-    distill report RUN_DIR... [--teacher RUN_DIR_OR_WEIGHTS] [--baseline RUN_DIR] --out DIR
+    distill report RUN_DIR... [--teacher RUN_DIR_OR_WEIGHTS] [--baseline RUN_DIR...] --out DIR
 
 The runs are the students (a sweep directory adds its points, and its ``baseline`` point becomes
-the baseline); the baseline is ``--baseline``, else the one run with no KD term on; the
-teacher is ``--teacher``, else the students' ``teacher.weights``. The summary numbers come from
-each run's ``metrics.json``. What a run does not record (COCOeval's precision array, per-image
-matches) is computed here by evaluating each model's weights on the students' validation set
-again with ``predict`` and ``COCOeval``; the training loop is unchanged.
+a baseline); the baselines are ``--baseline``, else the runs whose KD weights are all 0 (one per
+seed); the teacher is ``--teacher``, else the students' ``teacher.weights``. With several
+baselines, each student is compared with the one of its own ``train.seed``, and a recipe run on
+several seeds gets its gain with confidence intervals (``distill.report.seeds``). The summary
+numbers come from each run's ``metrics.json``. What a run does not record (COCOeval's precision
+array, per-image matches) is computed here by evaluating each model's weights on the students'
+validation set again with ``predict`` and ``COCOeval``; the training loop is unchanged.
 
 Writes ``DIR/report.html`` (PNG figures embedded as base64: no network, no JavaScript) and the
 same figures as PNG files beside it. The page is put together in ``distill.report.html``, the
@@ -19,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from distill.config import Config, load_config, replace, to_dict
@@ -132,46 +135,54 @@ def read_teacher(spec: str | None, like: Model, overrides: list[str]) -> Model |
 def collect(
     paths: list[Path],
     teacher: str | None = None,
-    baseline: Path | None = None,
+    baseline: Path | Sequence[Path] | None = None,
     overrides: list[str] | None = None,
 ) -> Lineup:
-    """The students, baseline and teacher named on the command line (see the module doc)."""
+    """The students, baselines and teacher named on the command line (see the module doc)."""
     overrides = list(overrides or [])
+    given = [baseline] if isinstance(baseline, Path) else list(baseline or [])
+    bases = [read_run(path, "baseline", overrides) for path in given]
     students: list[Model] = []
     sweeps = []
-    base = read_run(baseline, "baseline", overrides) if baseline is not None else None
     for path in paths:
         if is_sweep(path):
             points, rows = read_sweep(path, overrides)
             sweeps.append((path, rows))
             for point in points:
-                if point.run_dir is not None and point.run_dir.name == "baseline" and base is None:
-                    point.role = "baseline"
-                    base = point
+                if point.run_dir is not None and point.run_dir.name == "baseline" and not given:
+                    point.role = "baseline"  # every sweep's own, one per seed
+                    bases.append(point)
                 else:
                     students.append(point)
         else:
             students.append(read_run(path, "student", overrides))
     notes = []
-    if base is None:
-        plain = [m for m in students if m.kind == "student" and is_plain(m.cfg)]
-        if len(plain) == 1 and len(students) > 1:
-            base = plain[0]
+    if not bases:
+        bases = plain_runs(students)
+        for base in bases:
             base.role = "baseline"
             students.remove(base)
             notes.append(f"baseline: {base.run_dir} (no KD term on)")
-        else:
+        if not bases:
             notes.append("no baseline (give --baseline RUN_DIR): gains and gap closed are left out")
     if not students:
         raise ReportError("no student run to report on (give RUN_DIR or a sweep directory)")
-    names = [m.name for m in students] + ([base.name] if base else [])
+    names = [m.name for m in [*students, *bases]]
     if len(set(names)) < len(names):  # same folder names in different places: full paths
-        for m in [*students, *([base] if base else [])]:
+        for m in [*students, *bases]:
             m.name = str(m.run_dir)
     teacher_model = read_teacher(teacher, students[0], overrides)
     if teacher_model is None:
         notes.append("no teacher (give --teacher): its columns and the gap closed are left out")
-    return Lineup(students, base, teacher_model, sweeps, notes)
+    return Lineup(students, bases, teacher_model, sweeps, notes)
+
+
+def plain_runs(runs: list[Model]) -> list[Model]:
+    """The baselines among ``runs`` when none is named: the plain students (no KD term on),
+    if there is a distilled one beside them and no two are of the same seed."""
+    plain = [m for m in runs if m.kind == "student" and is_plain(m.cfg)]
+    seeds = {m.cfg.train.seed for m in plain}
+    return plain if len(plain) < len(runs) and len(seeds) == len(plain) else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,9 +250,11 @@ def write_report(
     num_random: int = 2,
     min_score: float = 0.3,
     precision: str | None = None,
+    resamples: int = 1000,
 ) -> Path:
     """Evaluate (in ``precision``, default no), draw every figure into ``out`` and write
-    ``out/report.html``; returns its path."""
+    ``out/report.html``; returns its path. resamples: of the bootstrap over images of the gain
+    over seeds (0: none)."""
 
     dataset = evaluate_models(lineup, precision)
     out.mkdir(parents=True, exist_ok=True)
@@ -252,6 +265,7 @@ def write_report(
         num_differ=num_differ,
         num_random=num_random,
         min_score=min_score,
+        resamples=resamples,
     )
     path = out / "report.html"
     write_text_atomic(path, page)  # a stop mid-write keeps the previous report whole
@@ -262,18 +276,19 @@ def report_command(
     runs: list[Path],
     out: Path,
     teacher: str | None = None,
-    baseline: Path | None = None,
+    baseline: Path | Sequence[Path] | None = None,
     overrides: list[str] | None = None,
     num_differ: int = 4,
     num_random: int = 2,
     min_score: float = 0.3,
     precision: str | None = None,
+    resamples: int = 1000,
 ) -> Path:
     """``distill report``: collect, evaluate, draw and write; prints the page's path."""
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file: give a folder")
-    if num_differ < 0 or num_random < 0:
-        raise ReportError("--images and --random-images must be >= 0")
+    if num_differ < 0 or num_random < 0 or resamples < 0:
+        raise ReportError("--images, --random-images and --resamples must be >= 0")
     if not 0.0 <= min_score <= 1.0:
         raise ReportError(f"--min-score {min_score}: give a score in [0, 1]")
     lineup = collect(runs, teacher, baseline, overrides)
@@ -284,6 +299,7 @@ def report_command(
         num_random=num_random,
         min_score=min_score,
         precision=precision,
+        resamples=resamples,
     )
     print(f"wrote {path}")
     return path

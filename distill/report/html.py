@@ -1,4 +1,5 @@
-"""The report page: seven sections of tables and figures in one HTML file (no JavaScript).
+"""The report page: seven sections of tables and figures in one HTML file (no JavaScript), and
+an eighth, the gain over seeds, where a recipe was run on several seeds.
 
 Figures are written as PNG files into the output folder and embedded in the page as base64
 ``data:`` URIs, so the page opens anywhere without a network or the PNG files. Every number of
@@ -15,6 +16,7 @@ from typing import Any
 
 from distill.data import CocoDetection
 from distill.evaluation.evaluate import category_names
+from distill.evaluation.intervals import CLASS, Interval, format_interval
 from distill.report.detections import FP_COLOR, MISS_COLOR, detection_rows, detections_figure
 from distill.report.figures import (
     SIZE_LABELS,
@@ -26,6 +28,7 @@ from distill.report.figures import (
     training_figure,
 )
 from distill.report.model import SIZES, Lineup, Model, gain_and_gap, metric
+from distill.report.seeds import SeedGroup, gain_over_seeds, seed_of
 
 SUMMARY_KEYS = {"map": "mAP", "ap50": "AP50", "ap75": "AP75", "aps": "APs", "apm": "APm",
                 "apl": "APl", "ar100": "AR@100"}  # fmt: skip
@@ -50,15 +53,19 @@ def build_page(
     num_differ: int,
     num_random: int,
     min_score: float,
+    resamples: int = 1000,
 ) -> str:
-    """The whole page; figures are written into ``out`` as they are drawn."""
+    """The whole page; figures are written into ``out`` as they are drawn. resamples: of the
+    bootstrap over images of a recipe run on several seeds (0: no interval over images)."""
 
     colors = dict(
         zip((m.name for m in lineup.models), role_colors([m.role for m in lineup.models]))
     )
     class_names = category_names(dataset)
+    groups = gain_over_seeds(lineup, dataset, resamples)
     sections = [
         ("Summary", _summary(lineup)),
+        *([("Gain over seeds", _seeds(groups, resamples))] if groups else []),
         ("Per class", _per_class(lineup, colors, out)),
         ("Per object size", _per_size(lineup, colors, out)),
         ("Precision–recall curves", _pr_curves(lineup, colors, out)),
@@ -103,7 +110,7 @@ def _summary(lineup: Lineup) -> str:
             _value(m, "train_minutes", 1),
         ]
         gain, closed = (
-            gain_and_gap(m, lineup.baseline, lineup.teacher, "map")
+            gain_and_gap(m, lineup.baseline_of(m), lineup.teacher, "map")
             if m.role == "student"
             else (math.nan, math.nan)
         )
@@ -186,11 +193,11 @@ def _per_class(lineup: Lineup, colors: dict[str, str], out: Path) -> str:
 def _per_size(lineup: Lineup, colors: dict[str, str], out: Path) -> str:
 
     series = [(m.name, colors[m.name], {k: metric(m, k) for k in SIZES}) for m in lineup.models]
-    have_gap = lineup.baseline is not None and lineup.teacher is not None
+    have_gap = bool(lineup.baselines) and lineup.teacher is not None
     gap = []
     rows = []
     for m in lineup.students if have_gap else []:
-        closed = {k: gain_and_gap(m, lineup.baseline, lineup.teacher, k)[1] for k in SIZES}
+        closed = {k: gain_and_gap(m, lineup.baseline_of(m), lineup.teacher, k)[1] for k in SIZES}
         gap.append((m.name, colors[m.name], closed))
         rows.append(("", [_text(m.name), *(_percent(closed[k]) for k in SIZES)]))
     drawable = [g for g in gap if any(not math.isnan(v) for v in g[2].values())]
@@ -276,6 +283,39 @@ def _detections(
     )
 
 
+def _seeds(groups: list[SeedGroup], resamples: int) -> str:
+    parts = []
+    for group in groups:
+        seeds = ", ".join(str(seed_of(student)) for student, _ in group.pairs)
+        drawn = next(iter(group.images.values()), None)  # any: each says how many images
+        over_images = (
+            f"over images: a paired bootstrap, {resamples} resamples of the {drawn.n} "
+            "validation images (the same images for both models of every seed), evaluated here"
+            if drawn is not None
+            else "no interval over images"
+        )
+        parts.append(
+            f"<p><b>{html.escape(group.name)}</b> against the plain student of the same seed "
+            f"(seeds {seeds}): the gain (distilled − plain, mean over the seeds) with its 95% "
+            f"interval over seeds (Student t of the per-seed gains in the runs' "
+            f"<code>metrics.json</code>) and {over_images}.</p>"
+            + "".join(f'<p class="note">{html.escape(n)}</p>' for n in group.notes)
+        )
+        keys = [(label, key) for key, label in SUMMARY_KEYS.items() if key in group.seeds]
+        classes = sorted(
+            (k for k in group.seeds if k.startswith(CLASS)),
+            key=lambda k: (_last_if_nan(-group.seeds[k].estimate), k),
+        )
+        keys += [(k.removeprefix(CLASS), k) for k in classes]
+        header = ["metric / class", "gain, over seeds", "gain, over images"]
+        rows = [
+            ("", [_text(label), _interval(group.seeds[key]), _interval(group.images.get(key))])
+            for label, key in keys
+        ]
+        parts.append(_table(header, rows))
+    return "".join(parts)
+
+
 def _sweeps(lineup: Lineup) -> str:
     parts = []
     for path, rows in lineup.sweeps:
@@ -328,6 +368,18 @@ def _number(value: float, digits: int, signed: bool = False) -> str:
     if math.isnan(value):
         return '<td class="n">–</td>'
     return f'<td class="n">{value:{"+" if signed else ""}.{digits}f}</td>'
+
+
+def _interval(interval: Interval | None) -> str:
+    """A gain and its interval, with its numbers in ``data-*`` (no interval: nan)."""
+    if interval is None:
+        return '<td class="n">–</td>'
+    numbers = {"estimate": interval.estimate, "low": interval.low, "high": interval.high}
+    attrs = " ".join(f'data-{k}="{v!r}"' for k, v in numbers.items())
+    return (
+        f'<td class="n" data-interval="{html.escape(interval.method)}" {attrs}>'
+        f"{html.escape(format_interval(interval))}</td>"
+    )
 
 
 def _percent(value: float) -> str:

@@ -49,16 +49,30 @@ class Lineup:
     """Everything the report compares."""
 
     students: list[Model]
-    baseline: Model | None
+    baselines: list[Model]  # plain students; several: one per seed (``baseline_of``)
     teacher: Model | None
     sweeps: list[tuple[Path, list[dict[str, str]]]]  # (sweep dir, rows of its sweep.csv)
     notes: list[str] = field(default_factory=list)
 
     @property
     def models(self) -> list[Model]:
-        """Teacher, baseline, then the students: the order of every table and legend."""
-        head = [m for m in (self.teacher, self.baseline) if m is not None]
-        return [*head, *self.students]
+        """Teacher, baselines, then the students: the order of every table and legend."""
+        head = [self.teacher] if self.teacher is not None else []
+        return [*head, *self.baselines, *self.students]
+
+    @property
+    def baseline(self) -> Model | None:
+        """The baseline of the best student (``distilled``): the per-class order and the
+        detections compare with it."""
+        return self.baseline_of(self.distilled) if self.students else None
+
+    def baseline_of(self, student: Model) -> Model | None:
+        """The baseline a student's gain is measured against: the only one, or among several
+        (one per seed) the one of the student's ``train.seed`` (None if there is none)."""
+        if len(self.baselines) <= 1:
+            return self.baselines[0] if self.baselines else None
+        seed = student.cfg.train.seed
+        return next((b for b in self.baselines if b.cfg.train.seed == seed), None)
 
     @property
     def distilled(self) -> Model:

@@ -6,11 +6,13 @@ with its reason; each case timed.
 
 The shared teacher has no card (it was trained before cards recorded an mAP): a copy of it gets
 one here, as a user's would (``write_card`` with its resolved config, then ``distill eval``,
-which records its mAP on the shapes validation set in the card). The wrong teachers are made
-from it: its classes permuted in its card; its classifier's classes permuted in a card-less copy
+which records its mAP on the shapes validation set in the card). It is also run at 64 px with
+its settings check off (its mAP here against its card's: a warning). The wrong teachers are
+made from it: its classes permuted in its card; its classifier's classes permuted in a card-less copy
 (a trained teacher that names every object wrongly); random weights in a card-less file; no
 weights at all; the demo task's teacher (``--demo-teacher``, trained with ``distill demo`` at
-96 px with anchors from 16 px), as it is and with ``teacher.weights_settings: ignore``.
+96 px with anchors from 16 px, on 3 classes), as it is and with
+``teacher.weights_settings: ignore``.
 Each row is one ``distill check configs/shapes/distill.yaml --set teacher.weights=...`` with the
 default sample (50 images). Writes ``results/bench_check.json`` and prints a table.
 """
@@ -125,10 +127,16 @@ def row(name: str, weights: str, data_root: Path, *more: str) -> dict[str, Any]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = ["| case | verdict | s | reason (first failed check) |", "|---|---|---:|---|"]
+    lines = [
+        "| case | verdict | s | reason (first failed check, or warning) |",
+        "|---|---|---:|---|",
+    ]
     for r in result["rows"]:
         verdict = "pass" if r["exit"] == 0 else f"fail: {', '.join(r['failed'])}"
-        reason = r["reason"].replace("|", "/")
+        warned = [f for f in r["findings"] if f["status"] == "warn"]
+        reason = (r["reason"] or (f"warn: {warned[0]['detail']}" if warned else "")).replace(
+            "|", "/"
+        )
         lines.append(f"| {r['case']} | {verdict} | {r['seconds']:.0f} | {reason} |")
     passed = next((r for r in result["rows"] if r["exit"] == 0), None)
     if passed is not None:
@@ -155,6 +163,13 @@ def main() -> int:
     num_classes = int((read_card(good) or {})["num_classes"])
     rows = [
         row("right teacher (shared, carded)", str(good), args.data),
+        row(
+            "right teacher at 64 px, settings ignored",
+            str(good),
+            args.data,
+            "data.image_size=64",
+            "teacher.weights_settings=ignore",
+        ),
         row("classes permuted in its card", str(permuted_card(good, work)), args.data),
         row(
             "classifier permuted, no card",

@@ -388,6 +388,9 @@ def test_the_teacher_is_judged_against_chance_its_classes_and_its_card(
     assert judge_teacher(shrunk, None, "here").status == OK  # no card: this data alone
     verdict = judge_teacher(shrunk, (0.95, "500 images of its val.json"), "here")
     assert verdict.status == FAIL and "0.950 its card records on 500 images" in verdict.detail
+    # somewhat under its card's: a warning, not a refusal
+    verdict = judge_teacher(shrunk, (shrunk["map"] / 0.7, "its val.json"), "here")
+    assert verdict.status == WARN and "x0.70 the" in verdict.detail
 
 
 @pytest.mark.slow

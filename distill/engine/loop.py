@@ -22,8 +22,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -52,6 +53,9 @@ from distill.models.weights import save_state_dict_file
 __all__ = [
     "NonFiniteLoss",
     "TrainingStopped",
+    "Watcher",
+    "evaluate_trainee",
+    "leave",
     "train",
     "train_group",
 ]
@@ -102,6 +106,20 @@ def train(
     )[0]
 
 
+class Watcher(Protocol):
+    """What a caller does to a lockstep group as it trains (``distill search``'s successive
+    halving): it is evaluated on ``eval_split``; ``started`` runs once the group is built (and
+    resumed), ``after_step`` after every optimizer step; either may take trainees out of the
+    group (``leave``). A trainee whose loss stays non-finite leaves the group, rather than
+    stopping it."""
+
+    eval_split: str
+
+    def started(self, run: Run) -> None: ...
+
+    def after_step(self, run: Run) -> None: ...
+
+
 def train_group(
     cfgs: list[Config],
     job: str,
@@ -112,6 +130,7 @@ def train_group(
     resume_hint: str = "",
     overwrite: bool = False,
     check: dict[str, Any] | None = None,
+    watcher: Watcher | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``len(cfgs)`` models in lockstep on the same batches; one checkpoint for all.
 
@@ -120,9 +139,12 @@ def train_group(
     resume_hint: how to resume, for the message of a stop (default: ``--resume DIR``).
     overwrite: a fresh start may replace runs already in these directories; otherwise it is
     refused before anything is written.
+    watcher: see ``Watcher``. Returns the metrics of the trainees still in the group.
     """
     checkpoint = check_start(cfgs, checkpoint_dir, resume, fallback, overwrite)
-    run = setup(cfgs, job, checkpoint_dir)
+    eval_split = watcher.eval_split if watcher is not None else "val"
+    run = setup(cfgs, job, checkpoint_dir, eval_split)
+    run.leave_on_failure = watcher is not None
     if checkpoint is not None:
         resume_from(run, checkpoint, fallback)
     if run.accelerator.is_main_process:
@@ -130,8 +152,21 @@ def train_group(
             dump_config(t.cfg, t.run_dir / "config.yaml")
             if check is not None:
                 write_json(check, t.run_dir / "check.json")
-    train_loop(run, stop_after, resume_hint or f"resume with --resume {checkpoint_dir}")
+    if watcher is not None:
+        watcher.started(run)
+    hint = resume_hint or f"resume with --resume {checkpoint_dir}"
+    train_loop(run, stop_after, hint, watcher.after_step if watcher is not None else None)
     return finish(run)
+
+
+def leave(run: Run, t: Trainee, why: str) -> None:
+    """Take trainee ``t`` out of the group (every process, at the same step): it trains no
+    more and is not finished; its state stays in the checkpoints."""
+    run.trainees.remove(t)
+    run.left[str(t.run_dir)] = why
+    if t.writer is not None:
+        t.writer.close()
+    log.info("%s leaves the group at step %d: %s", t.run_dir, run.progress.step, why)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,15 +174,21 @@ def train_group(
 # ---------------------------------------------------------------------------------------------
 
 
-def train_loop(run: Run, stop_after: int | None, resume_hint: str) -> None:
+def train_loop(
+    run: Run,
+    stop_after: int | None,
+    resume_hint: str,
+    after_step: Callable[[Run], None] | None = None,
+) -> None:
     """Epochs of batches until ``run.total_steps`` optimizer steps, from ``run.progress`` (mid-
-    epoch on a resume); logs, checkpoints, evaluates, stops on a signal or at ``stop_after``."""
+    epoch on a resume); logs, checkpoints, evaluates, stops on a signal or at ``stop_after``;
+    ``after_step(run)`` after each optimizer step; an empty group stops."""
     cfg, accelerator, progress = run.cfg, run.accelerator, run.progress
     stop = StopFlag.install()
     clock = _Clock(progress, cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum)
     try:
         for epoch in range(progress.epoch, cfg.train.epochs):
-            if progress.step >= run.total_steps:
+            if progress.step >= run.total_steps or not run.trainees:
                 break
             bar = _epoch_batches(run, epoch)
             clock.start_epoch()
@@ -158,8 +199,11 @@ def train_loop(run: Run, stop_after: int | None, resume_hint: str) -> None:
                 if not accelerator.sync_gradients:
                     continue  # inside an accumulation window: no optimizer step yet
                 progress.step += 1
-                _log_step(run, bar, logs, epoch, clock.images_per_s())
-                if progress.step >= run.total_steps:
+                if run.trainees:
+                    _log_step(run, bar, logs, epoch, clock.images_per_s())
+                if after_step is not None and run.trainees:
+                    after_step(run)
+                if progress.step >= run.total_steps or not run.trainees:
                     break  # the end of the epoch below evaluates and saves
                 _checkpoint_or_stop(run, epoch, stop, stop_after, clock, resume_hint)
             bar.close()
@@ -187,14 +231,21 @@ def train_batch(
         teacher_out = teacher_forward(accelerator, run.teacher, image_list, terms)
     # One accumulation window for all: each trainee's own accumulate() would advance the one
     # shared counter K times a batch (optimizers stepping off the window).
+    logs: dict[str, torch.Tensor | float] = {}
     with accelerator.accumulate(*(t.module for t in run.trainees)):
-        for t in run.trainees:
+        for t in list(run.trainees):
             # student forward, detection + KD terms summed (step_losses), backward, step
             outcome, logs = train_step(
                 accelerator, t, image_list, targets, teacher_out, step, epoch
             )
-            if outcome is not None:
+            if outcome is None:
+                continue
+            try:
                 _after_step(t, outcome, run.progress, logs)
+            except NonFiniteLoss as err:
+                if not run.leave_on_failure:
+                    raise
+                leave(run, t, f"failed: {err}")
     return logs
 
 
@@ -265,7 +316,7 @@ def _end_epoch(run: Run, epoch: int, stop: StopFlag, clock: _Clock, resume_hint:
     every = run.cfg.eval.every_epochs
     if last or (every > 0 and (epoch + 1) % every == 0):
         for t in run.trainees:
-            t.last_eval = _evaluate_and_log(t, run)
+            t.last_eval = evaluate_trainee(t, run)
     clock.record()
     save_checkpoint(accelerator, run.checkpoint_dir, progress)
     if _any_process(accelerator, stop.requested) and not last:
@@ -309,7 +360,7 @@ def finish(run: Run) -> list[dict[str, Any]]:
         )
     results = []
     for t in run.trainees:
-        metrics = t.last_eval or _evaluate_and_log(t, run)
+        metrics = t.last_eval or evaluate_trainee(t, run)
         metrics = {
             **metrics,
             "job": run.job,
@@ -405,7 +456,9 @@ def _floats(logs: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in logs.items()}
 
 
-def _evaluate_and_log(t: Trainee, run: Run) -> dict[str, Any]:
+def evaluate_trainee(t: Trainee, run: Run) -> dict[str, Any]:
+    """COCO metrics of trainee ``t`` on the group's evaluation split (every process), logged
+    to its TensorBoard at the current step."""
     accelerator, teacher, transform, val_set = (
         run.accelerator,
         run.teacher,

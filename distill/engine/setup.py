@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,12 @@ class Run:
     total_steps: int
     checkpoint_dir: Path
     progress: Progress
+    # trainees that left the group before the end, and why ("pruned at step 300", "failed:
+    # ..."): they stay prepared (their state is in every checkpoint) but no longer train
+    left: dict[str, str] = field(default_factory=dict)
+    # a trainee whose loss stays non-finite leaves the group (distill search) instead of
+    # stopping it
+    leave_on_failure: bool = False
 
 
 def check_start(
@@ -84,13 +90,14 @@ def _model_names(cfgs: list[Config], checkpoint_dir: Path) -> list[str]:
     return [os.path.relpath(c.output.dir, checkpoint_dir) for c in cfgs]
 
 
-def setup(cfgs: list[Config], job: str, checkpoint_dir: Path) -> Run:
-    """The accelerator, the data, the shared transform, the frozen teacher and the trainees."""
+def setup(cfgs: list[Config], job: str, checkpoint_dir: Path, eval_split: str = "val") -> Run:
+    """The accelerator, the data, the shared transform, the frozen teacher and the trainees;
+    ``eval_split``: what the trainees are evaluated on (``holdout``: distill search's)."""
     cfg = cfgs[0]
     accelerator = build_accelerator(cfg)
     _setup_logging(accelerator)
     train_set, train_loader = build_train_loader(accelerator, cfg)
-    val_set = build_dataset(cfg.data, "val")
+    val_set = build_dataset(cfg.data, eval_split)
     num_classes = train_set.num_categories + 1  # + background (label 0), torchvision's convention
     if len(train_loader) < cfg.train.grad_accum:
         raise ConfigError(

@@ -104,7 +104,7 @@ def test_no_module_imports_one_that_imports_it_back() -> None:
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("distill", "distill.__main__"),  # the package's face; ``python -m distill``
     ("distill.cli",),  # the command line
-    ("distill.experiments",),  # many models: sweeps, the demo, machine records
+    ("distill.experiments", "distill.search"),  # many models: sweeps, searches, the demo
     ("distill.deploy", "distill.report"),  # a trained model outside training
     ("distill.engine",),  # training: step, loop, build, checkpoint, check
     ("distill.evaluation",),  # COCO mAP, size, compute, latency

@@ -53,6 +53,10 @@ T = TypeVar("T")
 # a string to PyYAML (YAML 1.1); read as the float the user meant where a float is expected
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 BASE_KEY = "_base_"  # the files a config file inherits from; not a config field
+# Top-level blocks that a tool reads from the file, not a run: ``distill search`` its
+# ``search:`` block (distill.search.space). ``read_config`` keeps them (merged through
+# ``_base_`` like a section) and a run leaves them out, so a search file runs as its base config.
+TOOL_BLOCKS = ("search",)
 
 
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Config:
@@ -82,7 +86,8 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Confi
 
 
 def _build(raw: dict[str, Any], source: str) -> Config:
-    cfg = resolve_defaults(from_dict(Config, raw, source))
+    run = {key: value for key, value in raw.items() if key not in TOOL_BLOCKS}
+    cfg = resolve_defaults(from_dict(Config, run, source))
     check_values(cfg, source)
     return _named_anchors(cfg, raw.get("anchors") or {}, source)
 
@@ -299,6 +304,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r} must look like key.path=value")
     key, _, text = item.partition("=")
     key = key.strip()
+    if key.partition(".")[0] in TOOL_BLOCKS:  # a run would ignore it
+        raise ConfigError(f"override {item!r}: {key} is no run key (give it to its command)")
     try:
         value = parse_value(text)
     except yaml.YAMLError as err:

@@ -8,9 +8,9 @@ The shared teacher has no card (it was trained before cards recorded an mAP): a 
 one here, as a user's would (``write_card`` with its resolved config, then ``distill eval``,
 which records its mAP on the shapes validation set in the card). It is also run at 64 px with
 its settings check off (its mAP here against its card's: a warning). The wrong teachers are
-made from it: its classes permuted in its card; its classifier's classes permuted in a card-less copy
-(a trained teacher that names every object wrongly); random weights in a card-less file; no
-weights at all; the demo task's teacher (``--demo-teacher``, trained with ``distill demo`` at
+made from it: its classes permuted in its card; its classifier's classes permuted in a
+card-less copy (a trained teacher that names every object wrongly); random weights in a
+card-less file; no weights at all; the demo task's teacher (``--demo-teacher``, trained with ``distill demo`` at
 96 px with anchors from 16 px, on 3 classes), as it is and with
 ``teacher.weights_settings: ignore``.
 Each row is one ``distill check configs/shapes/distill.yaml --set teacher.weights=...`` with the

@@ -10,8 +10,8 @@ which records its mAP on the shapes validation set in the card). It is also run 
 its settings check off (its mAP here against its card's: a warning). The wrong teachers are
 made from it: its classes permuted in its card; its classifier's classes permuted in a
 card-less copy (a trained teacher that names every object wrongly); random weights in a
-card-less file; no weights at all; the demo task's teacher (``--demo-teacher``, trained with ``distill demo`` at
-96 px with anchors from 16 px, on 3 classes), as it is and with
+card-less file; no weights at all; the demo task's teacher (``--demo-teacher``, trained with
+``distill demo`` at 96 px with anchors from 16 px, on 3 classes), as it is and with
 ``teacher.weights_settings: ignore``.
 Each row is one ``distill check configs/shapes/distill.yaml --set teacher.weights=...`` with the
 default sample (50 images). Writes ``results/bench_check.json`` and prints a table.

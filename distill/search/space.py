@@ -40,7 +40,7 @@ import optuna
 import yaml
 
 from distill.config import ConfigError, flatten, load_config, override, parse_value, value_text
-from distill.config.schema import renamed_keys
+from distill.config.schema import section_at
 
 SCALARS = (str, int, float, bool, type(None))  # what a choice may hold (Optuna's categoricals)
 SPACE_SYNTAX = "KEY=LOW..HIGH, KEY=LOW..HIGH:log or KEY=A|B|C, each with @KEY=A|B conditions"
@@ -287,8 +287,10 @@ def _as_read(param: Param, value: Any, config: Path | None, overrides: list[str]
     flat = flatten(cfg)
     if param.key not in flat:  # an old name, which the loader read at its new place
         at, _, name = param.key.rpartition(".")
+        section = section_at(at)
+        now = section.renamed.get(name) if section is not None else None
+        where = f"{at}.{now}" if now else "a key that is read elsewhere now"
         raise SearchError(
-            f"{param.source}: {param.key} is the old name of {at}.{renamed_keys(at).get(name)}:"
-            " search that key"
+            f"{param.source}: {param.key} is the old name of {where}: search that key"
         )
     return flat[param.key]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -107,10 +108,17 @@ def random_teacher(work: Path, data_root: Path) -> Path:
     return target
 
 
+def rel(path: str | Path) -> str:
+    """``path`` as the commands name it, from the repository root (they run there)."""
+    return os.path.relpath(path, REPO) if str(path) != "null" else "null"
+
+
 def row(name: str, weights: str, data_root: Path, *more: str) -> dict[str, Any]:
-    overrides = [f"data.root={data_root}", f"teacher.weights={weights}", *more]
-    args = ["check", str(CONFIG), *(a for o in overrides for a in ("--set", o))]
-    out = Path("runs") / "bench_check" / f"{name.split()[0]}.json"
+    overrides = [f"data.root={rel(data_root)}", f"teacher.weights={rel(weights)}", *more]
+    args = ["check", rel(CONFIG), *(a for o in overrides for a in ("--set", o))]
+    # not beside the weights: a NAME.json there is read as NAME.pt's card
+    slug = "".join(c if c.isalnum() else "-" for c in name)
+    out = Path("runs") / "bench_check" / "checks" / f"{slug}.json"
     code, err, seconds = distill(*args, "--out", str(out))
     report = json.loads((REPO / out).read_text()) if code in (0, 1) else {"findings": []}
     failed = [f for f in report["findings"] if f["status"] == "fail"]

@@ -16,6 +16,8 @@
                    [--raw]
     distill summary CONFIG [--json] [--no-deploy]
     distill sweep CONFIG --grid KEY=V1,V2,... [--with-baseline] [--sequential]
+    distill search CONFIG --space KEY=LOW..HIGH[:log] ... --rungs S1,S2,... [--trials N]
+                   [--storage URL --study NAME --seed S --out DIR --group N]
     distill demo [--out DIR --data DIR --teacher FILE --minutes M --record FILE]
     distill report RUN_DIR... [--teacher RUN_DIR_OR_WEIGHTS] [--baseline RUN_DIR...] --out DIR
 
@@ -113,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_args.add_export(sub).set_defaults(handler=_export)
     cli_args.add_summary(sub).set_defaults(handler=_summary)
     cli_args.add_sweep(sub).set_defaults(handler=_sweep)
+    cli_args.add_search(sub).set_defaults(handler=_search)
     cli_args.add_demo(sub).set_defaults(handler=_demo)
     cli_args.add_report(sub).set_defaults(handler=_report)
     return parser
@@ -336,6 +339,21 @@ def _sweep(args: argparse.Namespace) -> int:
         config_path=args.config,
         overrides=args.overrides,
     )
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    # lazy: loads TensorBoard (through distill.engine.build) and optuna, ~0.6 s of start-up
+    from distill.search.command import SearchArgs, search_command
+
+    best = search_command(
+        SearchArgs(
+            config=args.config, overrides=tuple(args.overrides), space=tuple(args.space),
+            trials=args.trials, rungs=args.rungs, storage=args.storage, study=args.study,
+            seed=args.seed, out=args.out, group=args.group,
+        )
+    )  # fmt: skip
+    print(f"best: {best} (distill run {best})")
     return 0
 
 

@@ -225,6 +225,46 @@ def add_sweep(sub: Subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def add_search(sub: Subparsers) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "search", help="find the KD recipe for your data: successive halving in lockstep"
+    )
+    add_config_args(p)
+    p.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="KEY=LOW..HIGH[:log] | KEY=A|B|C [@KEY=A|B]",
+        help="a searched key (repeatable; over the config's search.space block); @KEY=A|B: "
+        "only where that choice is A or B",
+    )
+    p.add_argument("--trials", type=int, default=None, help="trials in the study (default 12)")
+    p.add_argument(
+        "--rungs",
+        type=_rungs,
+        default=None,
+        metavar="S1,S2,...",
+        help="student steps at which trials are scored and halved; the last is full length",
+    )
+    p.add_argument("--storage", default=None, metavar="URL", help="Optuna storage (default: "
+                   "sqlite in --out); one URL for several workers")  # fmt: skip
+    p.add_argument("--study", default=None, metavar="NAME", help="study name in the storage")
+    p.add_argument("--seed", type=int, default=None, help="the sampler's seed (one per worker)")
+    p.add_argument("--out", type=Path, default=Path("runs/search"), help="output folder")
+    p.add_argument("--group", type=int, default=4, help="trials trained together in lockstep")
+    return p
+
+
+def _rungs(text: str) -> tuple[int, ...]:
+    # lazy: loads optuna, ~0.3 s of start-up
+    from distill.search import parse_rungs
+
+    try:
+        return parse_rungs(text)
+    except ValueError as err:  # SearchError: argparse prints it as a usage error
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def add_demo(sub: Subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="distillation end to end on CPU in ~15 min (the demo task)")
     p.add_argument("--out", type=Path, default=DEMO_OUT, help="where the runs go")

@@ -201,7 +201,7 @@ def train_loop(
                 progress.step += 1
                 if run.trainees:
                     _log_step(run, bar, logs, epoch, clock.images_per_s())
-                if after_step is not None and run.trainees:
+                if after_step is not None:
                     after_step(run)
                 if progress.step >= run.total_steps or not run.trainees:
                     break  # the end of the epoch below evaluates and saves

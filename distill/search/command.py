@@ -1,0 +1,202 @@
+"""``distill search CONFIG``: the whole search of one worker, and what it leaves in ``OUT``.
+
+    space, study    checked before any compute (``load_space``, ``open_study``)
+    groups          this worker's groups a stop cut short are continued first, then new groups
+                    of ``--group`` trials are taken until the study holds ``--trials``
+                    (``distill.search.halving``); other workers on the same storage take
+                    trials of their own
+    outputs         ``best.yaml`` (``distill run`` accepts it as it is), ``trials.md`` and
+                    ``trials.json`` (every trial: values, score at each rung, state), the
+                    optimisation history and parameter importances (``history.png``,
+                    ``importance.png``), the groups' TensorBoard logs (each trial's run dir)
+
+Run it again with the same arguments to continue a stopped search; several workers (one
+storage, ``--storage URL``) share one study.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from accelerate import PartialState
+
+from distill.config import ConfigError, load_config
+from distill.fileio import write_json, write_text_atomic
+from distill.search.block import load_space, read_search_block
+from distill.search.halving import (
+    Group,
+    check_lockstep_space,
+    resume_groups,
+    share,
+    take_group,
+    train_halving,
+    worker_name,
+)
+from distill.search.rungs import check_rungs
+from distill.search.space import SearchError
+from distill.search.study import open_study, study_name, write_best
+
+log = logging.getLogger(__name__)
+
+TrialState = optuna.trial.TrialState
+
+
+@dataclass(frozen=True)
+class SearchArgs:
+    """What ``distill search`` was given (None: the ``search:`` block's value, or the default)."""
+
+    config: Path | None
+    overrides: tuple[str, ...] = ()
+    space: tuple[str, ...] = ()
+    trials: int | None = None
+    rungs: tuple[int, ...] | None = None
+    storage: str | None = None
+    study: str | None = None
+    seed: int | None = None
+    out: Path = Path("runs/search")
+    group: int = 4  # trials trained together in one lockstep group
+    reduction_factor: int = 3
+
+
+def search_command(args: SearchArgs) -> Path:
+    """Run (or continue) the search; returns ``OUT/best.yaml``."""
+    block = read_search_block(args.config)
+    trials = args.trials or block.trials or 12
+    given = args.rungs or block.rungs
+    if not given:
+        raise SearchError("--rungs S1,S2,...: give the student steps to score trials at")
+    rungs = check_rungs(list(given), "--rungs")
+    seed = args.seed if args.seed is not None else (block.seed or 0)
+    space = load_space(args.config, args.overrides, args.space)
+    check_lockstep_space(space)
+    base = load_config(args.config, args.overrides)
+    if base.data.holdout_images < 1:
+        raise ConfigError(
+            "distill search scores its trials on training images held out of training, never "
+            "on the validation set: set data.holdout_images (e.g. --set data.holdout_images=200)"
+        )
+    if args.group < 1:
+        raise SearchError(f"--group {args.group}: give 1 or more trials per lockstep group")
+    main = PartialState().is_main_process
+    study = None
+    if main:
+        study = open_study(
+            space, base, rungs, args.out, storage=args.storage,
+            name=args.study or study_name(args.config), seed=seed,
+            reduction_factor=args.reduction_factor,
+        )  # fmt: skip
+    worker = worker_name()
+    for group in share(resume_groups(args.out, worker) if main else None):
+        log.info("search: continuing group %s (trials %s)", group.dir, sorted(group.trials))
+        train_group_of(group, study, args, rungs, trials, resume=True)
+    while True:
+        size = share(min(args.group, trials - taken(study)) if study is not None else None)
+        if size <= 0:
+            break
+        group = share(take_group(study, space, size, args.out, worker)[0] if study else None)
+        train_group_of(group, study, args, rungs, trials, resume=False)
+    best = args.out / "best.yaml"
+    if study is not None:
+        best = write_outputs(study, args, rungs)
+    PartialState().wait_for_everyone()
+    return best
+
+
+def taken(study: optuna.Study | None) -> int:
+    """Trials the study holds, in any state (another worker's running ones too)."""
+    return len(study.get_trials(deepcopy=False)) if study is not None else 0
+
+
+def train_group_of(
+    group: Group,
+    study: optuna.Study | None,
+    args: SearchArgs,
+    rungs: Sequence[int],
+    trials: int,
+    resume: bool,
+) -> None:
+    """Train ``group``; a resumed one from its last checkpoint, or from the start if it made
+    none before the stop."""
+    resume = resume and (group.dir / "checkpoints" / "last").is_file()
+    left = share(trials - taken(study) if study is not None else None)
+    train_halving(group, study, args.config, args.overrides, rungs, left, resume)
+
+
+def trial_rows(study: optuna.Study, rungs: Sequence[int]) -> list[dict[str, Any]]:
+    """Every trial: its number, state, values, score at each rung reached."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        rows.append(
+            {
+                "trial": trial.number,
+                "state": trial.state.name.lower(),
+                "params": trial.params,
+                "rungs": {str(s): trial.intermediate_values.get(s) for s in rungs},
+                "score": trial.value,
+            }
+        )
+    return rows
+
+
+def format_trials(rows: Sequence[dict[str, Any]], rungs: Sequence[int]) -> str:
+    """A markdown table of ``trial_rows``: one column per rung, the last the full length."""
+    head = ["trial", "state", *(f"step {s}" for s in rungs), "params"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        scores = [row["rungs"][str(s)] for s in rungs[:-1]] + [row["score"]]
+        cells = ["" if v is None or math.isnan(v) else f"{v:.3f}" for v in scores]
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in row["params"].items())  # fmt: skip
+        lines.append("| " + " | ".join([str(row["trial"]), row["state"], *cells, params]) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(study: optuna.Study, args: SearchArgs, rungs: Sequence[int]) -> Path:
+    """best.yaml, the trials' table (markdown and JSON) and the two plots."""
+    rows = trial_rows(study, rungs)
+    write_json(rows, args.out / "trials.json")
+    table = format_trials(rows, rungs)
+    write_text_atomic(args.out / "trials.md", table + "\n")
+    print(table)
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not complete:
+        raise SearchError(f"no trial of the study reached the last rung: see {args.out}/trials.md")
+    best = write_best(study.best_params, args.config, args.overrides, args.out)
+    _plots(study, args.out)
+    log.info(
+        "search: best trial %d, %.4f on the held-out images: %s (%s)",
+        study.best_trial.number, study.best_value, best, json.dumps(study.best_params),
+    )  # fmt: skip
+    return best
+
+
+def _plots(study: optuna.Study, out: Path) -> None:
+    """Optuna's optimisation history and parameter importances, as PNG files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+
+    with warnings.catch_warnings():  # experimental plots; equal importances with few trials
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        optuna_plots.plot_optimization_history(study)
+        plt.savefig(out / "history.png", bbox_inches="tight")
+        plt.close("all")
+        complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+        if len(complete) >= 2 and study.best_params:
+            try:
+                optuna_plots.plot_param_importances(study)
+                plt.savefig(out / "importance.png", bbox_inches="tight")
+            except (RuntimeError, ValueError) as err:  # too few trials to estimate importances
+                log.info("search: no importance plot (%s)", err)
+            plt.close("all")

@@ -1,0 +1,186 @@
+"""``distill search``: trials trained in one lockstep group with the plain student, scored on
+held-out training images at each rung, the weak pruned out of the group (they train no more);
+a failed trial leaves the group and the rest go on; a stopped search continues its group from
+its checkpoint; two workers on one SQLite study never train the same trial; and the errors
+that come before any compute."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+
+from distill.config import ConfigError, load_config
+from distill.engine import loop
+from distill.search import SearchError, halving
+from distill.search.command import SearchArgs, search_command
+from tests.conftest import REPO, smoke_overrides
+
+SMOKE = REPO / "configs" / "shapes" / "smoke.yaml"
+pytestmark = pytest.mark.usefixtures("one_thread")
+# 12 training images after 4 held out, batch 4: 3 steps an epoch; rungs at steps 1 and 3
+RUNGS = (1, 3)
+
+
+def search_args(root: Path, out: Path, **more: Any) -> SearchArgs:
+    overrides = (
+        *smoke_overrides(root, out / "unused"), "data.holdout_images=4", "eval.images_logged=0",
+        "train.epochs=1",
+    )  # fmt: skip
+    fields: dict[str, Any] = {
+        "config": SMOKE,
+        "overrides": overrides,
+        "space": ("distill.logit.weight=0.1..10:log",),
+        "trials": 3,
+        "rungs": RUNGS,
+        "out": out,
+        "group": 3,
+        **more,
+    }
+    return SearchArgs(**fields)
+
+
+@pytest.fixture
+def steps(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
+    """Training steps taken by each run directory (the loop's ``train_step``)."""
+    counts: Counter[str] = Counter()
+    original = loop.train_step
+
+    def counted(accelerator: Any, t: Any, *args: Any) -> Any:
+        counts[t.run_dir.name] += 1
+        return original(accelerator, t, *args)
+
+    monkeypatch.setattr(loop, "train_step", counted)
+    yield counts
+
+
+def scored_by_trial(monkeypatch: pytest.MonkeyPatch, scores: dict[str, float]) -> None:
+    """Rung scores by run directory name (a random teacher scores 0 everywhere: no order)."""
+
+    def evaluate(t: Any, run: Any) -> dict[str, float]:
+        return {"map": scores.get(t.run_dir.name, 0.0)}
+
+    monkeypatch.setattr(halving, "evaluate_trainee", evaluate)
+
+
+def states(out: Path) -> dict[int, str]:
+    return {row["trial"]: row["state"] for row in json.loads((out / "trials.json").read_text())}
+
+
+def test_the_weak_leave_the_group_at_a_rung_and_train_no_more(
+    shapes_root: Path, tmp_path: Path, steps: Counter[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scored_by_trial(monkeypatch, {"trial_0000": 0.1, "trial_0001": 0.3, "trial_0002": 0.2})
+    out = tmp_path / "search"
+    best = search_command(search_args(shapes_root, out))
+    # 3 trials, reduction factor 3: the best one goes on past step 1, the others stop there
+    assert states(out) == {0: "pruned", 1: "complete", 2: "pruned"}
+    assert steps == {"trial_0000": 1, "trial_0001": 3, "trial_0002": 1, "plain": 3}
+    group = out / "groups" / "g0000"
+    assert (group / "trial_0001" / "student.pt").is_file()
+    assert not (group / "trial_0000" / "student.pt").exists()
+    record = json.loads((group / "group.json").read_text())
+    assert record["state"] == "done" and set(record["rungs"]) == {"1", "3"}
+    assert str(group / "plain") in record["rungs"]["1"]  # the plain student scored beside
+    # best.yaml: the surviving trial's values, which distill run reads as it is
+    study = optuna.load_study(study_name="shapes/smoke", storage=f"sqlite:///{out}/study.db")
+    cfg = load_config(best)
+    assert cfg.distill.logit.weight == pytest.approx(study.trials[1].params["distill.logit.weight"])
+    assert (out / "trials.md").is_file() and (out / "history.png").is_file()
+
+
+def test_a_failed_trial_leaves_the_group_and_the_rest_go_on(
+    shapes_root: Path, tmp_path: Path, steps: Counter[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = loop.train_step
+
+    def poisoned(accelerator: Any, t: Any, *args: Any) -> Any:
+        if t.run_dir.name == "trial_0001":  # its loss turns non-finite
+            with torch.no_grad():
+                t.detector.head.classification_head.cls_logits.bias.fill_(float("nan"))
+        return original(accelerator, t, *args)
+
+    monkeypatch.setattr(loop, "train_step", poisoned)
+    out = tmp_path / "search"
+    args = search_args(shapes_root, out, rungs=(3,))
+    args = SearchArgs(**{**vars(args), "overrides": (*args.overrides, "train.max_nonfinite=1")})
+    search_command(args)
+    assert states(out) == {0: "complete", 1: "fail", 2: "complete"}
+
+
+def test_a_stopped_search_continues_its_group_from_its_checkpoint(
+    shapes_root: Path, tmp_path: Path, steps: Counter[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scored_by_trial(monkeypatch, {"trial_0000": 0.1, "trial_0001": 0.3, "trial_0002": 0.2})
+    original = halving.Halving.after_step
+
+    def killed_after_step_2(self: Any, run: Any) -> None:
+        original(self, run)
+        if run.progress.step == 2:
+            raise KeyboardInterrupt  # a kill after the rung's checkpoint at step 1
+
+    monkeypatch.setattr(halving.Halving, "after_step", killed_after_step_2)
+    out = tmp_path / "search"
+    with pytest.raises(KeyboardInterrupt):
+        search_command(search_args(shapes_root, out))
+    monkeypatch.setattr(halving.Halving, "after_step", original)
+    steps.clear()
+    search_command(search_args(shapes_root, out))
+    # the group went on from its step-1 checkpoint, without the trials pruned there
+    assert steps == {"trial_0001": 2, "plain": 2}
+    assert states(out) == {0: "pruned", 1: "complete", 2: "pruned"}  # no new trial taken
+    assert [p.name for p in (out / "groups").iterdir()] == ["g0000"]
+
+
+def test_errors_before_any_compute(shapes_root: Path, tmp_path: Path) -> None:
+    args = search_args(shapes_root, tmp_path / "s")
+    no_holdout = SearchArgs(**{**vars(args), "overrides": smoke_overrides(shapes_root, tmp_path)})
+    with pytest.raises(ConfigError, match=r"data\.holdout_images"):
+        search_command(no_holdout)
+    with pytest.raises(
+        SearchError, match=r"train\.lr: distill search trains its trials in lockstep"
+    ):
+        search_command(SearchArgs(**{**vars(args), "space": ("train.lr=0.001..0.1:log",)}))
+    with pytest.raises(SearchError, match="--rungs"):
+        search_command(SearchArgs(**{**vars(args), "rungs": None}))
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_study_never_train_the_same_trial(
+    shapes_root: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "search"
+    sets = [a for o in search_args(shapes_root, out).overrides for a in ("--set", o)]
+    cmd = [
+        sys.executable, "-m", "distill", "search", str(SMOKE), *sets, "--space",
+        "distill.logit.weight=0.1..10:log", "--trials", "4", "--group", "1", "--rungs", "3",
+        "--out", str(out),
+    ]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--seed", str(worker)],
+            env={**os.environ, "OMP_NUM_THREADS": "1", "DISTILL_WORKER": f"w{worker}"},
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for worker in (0, 1)
+    ]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors[0][-2000:] + errors[1][-2000:]
+    groups = [json.loads(p.read_text()) for p in (out / "groups").glob("g*/group.json")]
+    trained = [int(n) for g in groups for n in g["trials"]]
+    assert sorted(trained) == [0, 1, 2, 3]  # every trial once, none twice
+    assert {g["worker"] for g in groups} <= {"w0", "w1"}
+    assert set(states(out).values()) == {"complete"}

@@ -101,7 +101,8 @@ def search_command(args: SearchArgs) -> Path:
         size = share(min(args.group, trials - taken(study)) if study is not None else None)
         if size <= 0:
             break
-        group = share(take_group(study, space, size, args.out, worker)[0] if study else None)
+        mine = take_group(study, space, size, args.out, worker)[0] if study is not None else None
+        group = share(mine)
         train_group_of(group, study, args, rungs, trials, resume=False)
     best = args.out / "best.yaml"
     if study is not None:

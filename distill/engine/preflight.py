@@ -142,9 +142,9 @@ def check_once(cfg: Config, sample: int, reuse: Path | None = None) -> dict[str,
     state = PartialState(cpu=not torch.cuda.is_available())
     report = check_report(cfg, sample, reuse) if state.is_main_process else None
     if state.num_processes > 1:
-        box = [report]
-        broadcast_object_list(box, from_process=0)
-        report = box[0]
+        holder = [report]
+        broadcast_object_list(holder, from_process=0)
+        report = holder[0]
     assert report is not None
     return report
 

@@ -1,10 +1,13 @@
 """``distill search CONFIG``: the whole search of one worker, and what it leaves in ``OUT``.
 
     space, study    checked before any compute (``load_space``, ``open_study``)
-    groups          this worker's groups a stop cut short are continued first, then new groups
-                    of ``--group`` trials are taken until the study holds ``--trials``
-                    (``distill.search.halving``); other workers on the same storage take
-                    trials of their own
+    groups          the study's groups a stop cut short (and no live worker holds) are
+                    continued first, then new groups of ``--group`` trials are taken until the
+                    study holds ``--trials`` (``distill.search.halving``); other workers on the
+                    same storage take trials of their own (two that count at the same moment
+                    may take one group beyond ``--trials``)
+    best.yaml       the best trial's values over CONFIG and ``--set``, trained as the trials
+                    were (``train.max_steps`` the last rung) on every training image
     outputs         ``best.yaml`` (``distill run`` accepts it as it is), ``trials.md`` and
                     ``trials.json`` (every trial: values, score at each rung, state), the
                     optimisation history and parameter importances (``history.png``,
@@ -34,8 +37,10 @@ from distill.search.block import load_space, read_search_block
 from distill.search.halving import (
     Group,
     check_lockstep_space,
-    resume_groups,
+    claim,
+    groups_dir,
     share,
+    stopped_groups,
     take_group,
     train_halving,
     worker_name,
@@ -69,6 +74,8 @@ class SearchArgs:
 def search_command(args: SearchArgs) -> Path:
     """Run (or continue) the search; returns ``OUT/best.yaml``."""
     block = read_search_block(args.config)
+    if args.trials is not None and args.trials < 1:
+        raise SearchError(f"--trials {args.trials}: give 1 or more")
     trials = args.trials or block.trials or 12
     given = args.rungs or block.rungs
     if not given:
@@ -94,16 +101,25 @@ def search_command(args: SearchArgs) -> Path:
             reduction_factor=args.reduction_factor,
         )  # fmt: skip
     worker = worker_name()
-    for group in share(resume_groups(args.out, worker) if main else None):
+    name = study.study_name if study is not None else None
+    for group in share(stopped_groups(args.out, name) if name is not None else None):
+        lock = claim(group.dir) if main else None
+        if not share(lock is not None if main else None):
+            continue  # another live worker trains it
         log.info("search: continuing group %s (trials %s)", group.dir, sorted(group.trials))
         train_group_of(group, study, args, rungs, trials, resume=True)
+        if lock is not None:
+            lock.close()
     while True:
         size = share(min(args.group, trials - taken(study)) if study is not None else None)
         if size <= 0:
             break
-        mine = take_group(study, space, size, args.out, worker)[0] if study is not None else None
-        group = share(mine)
-        train_group_of(group, study, args, rungs, trials, resume=False)
+        group, lock = (None, None)
+        if study is not None:
+            group, lock = take_group(study, space, size, args.out, worker)
+        train_group_of(share(group), study, args, rungs, trials, resume=False)
+        if lock is not None:
+            lock.close()
     best = args.out / "best.yaml"
     if study is not None:
         best = write_outputs(study, args, rungs)
@@ -126,43 +142,67 @@ def train_group_of(
 ) -> None:
     """Train ``group``; a resumed one from its last checkpoint, or from the start if it made
     none before the stop."""
-    resume = resume and (group.dir / "checkpoints" / "last").is_file()
+    checkpoint = (group.dir / "checkpoints" / "last").is_file()
+    resume = share(resume and checkpoint if study is not None else None)  # the main's view
     left = share(trials - taken(study) if study is not None else None)
     train_halving(group, study, args.config, args.overrides, rungs, left, resume)
 
 
-def trial_rows(study: optuna.Study, rungs: Sequence[int]) -> list[dict[str, Any]]:
-    """Every trial: its number, state, values, score at each rung reached."""
+def trial_rows(study: optuna.Study, rungs: Sequence[int], out: Path) -> list[dict[str, Any]]:
+    """Every trial: its number, state, values, score at each rung reached and the plain
+    student's of its group there (its gain is the difference)."""
+    plain = plain_scores(out, study.study_name)
     rows = []
     for trial in study.get_trials(deepcopy=False):
+        scores = {s: trial.intermediate_values.get(s) for s in rungs[:-1]}
+        scores[rungs[-1]] = trial.value
         rows.append(
             {
                 "trial": trial.number,
                 "state": trial.state.name.lower(),
                 "params": trial.params,
-                "rungs": {str(s): trial.intermediate_values.get(s) for s in rungs},
+                "rungs": {str(s): v for s, v in scores.items()},
+                "plain": {str(s): plain.get(trial.number, {}).get(s) for s in rungs},
                 "score": trial.value,
             }
         )
     return rows
 
 
+def plain_scores(out: Path, study: str) -> dict[int, dict[int, float]]:
+    """{trial: {step: the plain student's score in the trial's group}}."""
+    found: dict[int, dict[int, float]] = {}
+    for path in sorted(groups_dir(out, study).glob("g*/group.json")):
+        group = Group.load(path)
+        plain = str(group.run_dir(None))
+        by_step = {s: scores[plain] for s, scores in group.rungs.items() if plain in scores}
+        found.update(dict.fromkeys(group.trials, by_step))
+    return found
+
+
 def format_trials(rows: Sequence[dict[str, Any]], rungs: Sequence[int]) -> str:
-    """A markdown table of ``trial_rows``: one column per rung, the last the full length."""
-    head = ["trial", "state", *(f"step {s}" for s in rungs), "params"]
+    """A markdown table of ``trial_rows``: per rung the score and its gain over the plain
+    student of the trial's group (the last rung: the full length)."""
+    head = ["trial", "state", *(f"step {s} (gain)" for s in rungs), "params"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        scores = [row["rungs"][str(s)] for s in rungs[:-1]] + [row["score"]]
-        cells = ["" if v is None or math.isnan(v) else f"{v:.3f}" for v in scores]
+        cells = [_cell(row["rungs"][str(s)], row["plain"][str(s)]) for s in rungs]
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in row["params"].items())  # fmt: skip
         lines.append("| " + " | ".join([str(row["trial"]), row["state"], *cells, params]) + " |")
     return "\n".join(lines)
 
 
+def _cell(score: float | None, plain: float | None) -> str:
+    if score is None or math.isnan(score):
+        return ""
+    gain = "" if plain is None or math.isnan(plain) else f" ({score - plain:+.3f})"
+    return f"{score:.3f}{gain}"
+
+
 def write_outputs(study: optuna.Study, args: SearchArgs, rungs: Sequence[int]) -> Path:
     """best.yaml, the trials' table (markdown and JSON) and the two plots."""
-    rows = trial_rows(study, rungs)
+    rows = trial_rows(study, rungs, args.out)
     write_json(rows, args.out / "trials.json")
     table = format_trials(rows, rungs)
     write_text_atomic(args.out / "trials.md", table + "\n")
@@ -170,7 +210,9 @@ def write_outputs(study: optuna.Study, args: SearchArgs, rungs: Sequence[int]) -
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if not complete:
         raise SearchError(f"no trial of the study reached the last rung: see {args.out}/trials.md")
-    best = write_best(study.best_params, args.config, args.overrides, args.out)
+    # trained as the trials were, to the last rung, on every training image
+    length = [*args.overrides, f"train.max_steps={rungs[-1]}", "data.holdout_images=0"]
+    best = write_best(study.best_params, args.config, length, args.out)
     _plots(study, args.out)
     log.info(
         "search: best trial %d, %.4f on the held-out images: %s (%s)",

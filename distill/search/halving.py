@@ -9,16 +9,18 @@ trials. The plain student's score at each rung gives each trial's gain over it.
     group = take_group(study, space, base, size, out_dir)       # RUNNING trials of this worker
     train_halving(group, study, rungs)                          # trains, reports, prunes, tells
 
-A group lives in ``OUT/groups/gNNNN/`` (its ``group.json``: the trials, their values and each
-rung's scores; one checkpoint for the whole group; one run directory per trial and the plain
-student's): a killed search continues it where its last checkpoint left it (``resume_groups``),
-the trials pruned before the kill leaving the group again. A trial whose loss stays non-finite
-leaves the group and is told FAIL; the group goes on. Optuna is only touched on the main
-process; the others receive its decisions.
+A group lives in ``OUT/groups/<study>/gNNNN/`` (its ``group.json``: the trials, their values
+and each rung's scores; one checkpoint for the whole group; one run directory per trial and the
+plain student's; its ``lock``, held by the worker that trains it). A killed search's group is
+continued where its last checkpoint left it by the next worker of the study that finds it
+unheld (``stopped_groups``, ``claim``), the trials pruned before the kill leaving the group
+again. A trial whose loss stays non-finite leaves the group and is told FAIL; the group goes on.
+Optuna is only touched on the main process; the others receive its decisions.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import os
@@ -26,7 +28,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import optuna
 from accelerate import PartialState
@@ -57,6 +59,7 @@ class Group:
     trials: dict[int, dict[str, Any]]  # trial number -> its values of the space
     rungs: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> run -> score
     state: str = "training"  # training | done
+    study: str = ""  # the study's name: a folder may hold the groups of several studies
 
     @property
     def path(self) -> Path:
@@ -82,13 +85,27 @@ class Group:
             trials={int(k): v for k, v in record["trials"].items()},
             rungs={int(k): v for k, v in record["rungs"].items()},
             state=record["state"],
+            study=record.get("study", ""),
         )
 
 
 def worker_name() -> str:
-    """This worker, as its groups record it: ``DISTILL_WORKER`` or the host's name (two
-    workers on one host and one output folder: give each its own ``DISTILL_WORKER``)."""
-    return os.environ.get("DISTILL_WORKER") or socket.gethostname()
+    """This worker, as its groups record it: ``DISTILL_WORKER``, or host:pid."""
+    return os.environ.get("DISTILL_WORKER") or f"{socket.gethostname()}:{os.getpid()}"
+
+
+def claim(folder: Path) -> IO[str] | None:
+    """An exclusive lock on a group's folder for as long as the returned file stays open, or
+    None when another live worker holds it (the lock dies with its process: a killed worker's
+    group can be taken over)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / "lock", "a")  # noqa: SIM115 (held open while the group trains)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
 
 
 def check_lockstep_space(space: Space) -> None:
@@ -129,16 +146,26 @@ def plain() -> list[str]:
     return [f"{key}=0" for key in weight_keys()]
 
 
+def groups_dir(out_dir: Path, study: str) -> Path:
+    """Where the groups of ``study`` live: ``OUT/groups/<study>``."""
+    return out_dir / "groups" / study.replace("/", "--")
+
+
 def take_group(
     study: optuna.Study, space: Space, size: int, out_dir: Path, worker: str
-) -> tuple[Group, dict[int, optuna.Trial]]:
+) -> tuple[Group, IO[str]]:
     """``size`` new trials of the study for this worker (RUNNING: no other worker gets them),
-    as a group in ``OUT/groups/``; on the main process only (``share`` sends it to the rest)."""
+    as a group in ``OUT/groups/<study>/``, claimed (its lock) before its ``group.json`` is
+    written; on the main process only (``share`` sends it to the rest)."""
     trials = dict(ask(study, space) for _ in range(size))
     numbers = {trial.number: values for trial, values in trials.items()}
-    group = Group(out_dir / "groups" / f"g{min(numbers):04d}", worker, numbers)
+    folder = groups_dir(out_dir, study.study_name) / f"g{min(numbers):04d}"
+    lock = claim(folder)
+    if lock is None:  # a folder of another search in this --out with the same study name
+        raise SearchError(f"{folder} is held by another worker: give another --out")
+    group = Group(folder, worker, numbers, study=study.study_name)
     group.save()
-    return group, {trial.number: trial for trial in trials}
+    return group, lock
 
 
 def share(value: Any) -> Any:
@@ -185,7 +212,7 @@ class Halving:
             if number is not None and states[number] != TrialState.RUNNING.name:
                 leave(run, t, f"{states[number].lower()} before the search stopped")
                 self.told.add(number)
-        self.active = [str(t.run_dir) for t in run.trainees]
+        self.without_trials(run)
 
     def _states(self) -> dict[int, str] | None:
         if self.study is None:
@@ -193,9 +220,16 @@ class Halving:
         trials = self.study.get_trials(deepcopy=False)
         return {n: trials[n].state.name for n in self.group.trials}
 
+    def without_trials(self, run: Run) -> None:
+        """No trial left in the group: the plain student leaves too (nothing to compare)."""
+        if all(self.number_of[str(t.run_dir)] is None for t in run.trainees):
+            for t in list(run.trainees):
+                leave(run, t, "no trial left in the group")
+        self.active = [str(t.run_dir) for t in run.trainees]
+
     def after_step(self, run: Run) -> None:
         self.tell_failures(run)
-        self.active = [str(t.run_dir) for t in run.trainees]
+        self.without_trials(run)
         step = run.progress.step
         if step not in self.rungs[:-1]:
             return
@@ -205,7 +239,7 @@ class Halving:
             if self.number_of[str(t.run_dir)] in pruned:
                 leave(run, t, f"pruned at step {step}")
         self.told |= set(pruned)
-        self.active = [str(t.run_dir) for t in run.trainees]
+        self.without_trials(run)
         self.group.rungs[step] = scores
         self.group.save()
         save_checkpoint(run.accelerator, run.checkpoint_dir, run.progress)  # the decision kept
@@ -243,15 +277,20 @@ class Halving:
         order) complete their trials."""
         step = self.rungs[-1]
         scores = {d: float(m["map"]) for d, m in zip(self.active, metrics, strict=True)}
+        if self.study is not None:  # told before the group is done: a stop between the two
+            for run_dir, score in scores.items():  # continues the group, which tells again
+                number = self.number_of[run_dir]
+                if number is not None and number not in self.told and self._running(number):
+                    self.study.tell(number, score)
         self.group.rungs[step] = scores
         self.group.state = "done"
         self.group.save()
-        if self.study is not None:
-            for run_dir, score in scores.items():
-                number = self.number_of[run_dir]
-                if number is not None and number not in self.told:
-                    self.study.tell(number, score)
         self.progress_line(step, scores, [])
+
+    def _running(self, number: int) -> bool:
+        assert self.study is not None
+        trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == number)
+        return trial.state == TrialState.RUNNING
 
     def progress_line(self, step: int, scores: Mapping[str, float], pruned: Sequence[int]) -> None:
         """Which rung, how many trials are left, the best so far and its gain over the plain
@@ -301,11 +340,8 @@ def train_halving(
     return group
 
 
-def resume_groups(out_dir: Path, worker: str) -> list[Group]:
-    """This worker's groups in ``OUT/groups/`` that a stop cut short."""
-    groups = []
-    for path in sorted((out_dir / "groups").glob("g*/group.json")):
-        group = Group.load(path)
-        if group.worker == worker and group.state != "done":
-            groups.append(group)
-    return groups
+def stopped_groups(out_dir: Path, study: str) -> list[Group]:
+    """The groups of ``study`` in ``OUT`` that a stop cut short (not done): a worker
+    continues one only when it can ``claim`` it (no live worker holds it)."""
+    paths = sorted(groups_dir(out_dir, study).glob("g*/group.json"))
+    return [g for g in map(Group.load, paths) if g.state != "done" and g.study == study]

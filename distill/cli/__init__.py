@@ -344,12 +344,14 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     # lazy: loads TensorBoard (through distill.engine.build) and optuna, ~0.6 s of start-up
+    from distill.search import parse_rungs
     from distill.search.command import SearchArgs, search_command
 
+    rungs = parse_rungs(args.rungs) if args.rungs is not None else None
     best = search_command(
         SearchArgs(
             config=args.config, overrides=tuple(args.overrides), space=tuple(args.space),
-            trials=args.trials, rungs=args.rungs, storage=args.storage, study=args.study,
+            trials=args.trials, rungs=rungs, storage=args.storage, study=args.study,
             seed=args.seed, out=args.out, group=args.group,
         )
     )  # fmt: skip

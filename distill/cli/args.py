@@ -241,7 +241,6 @@ def add_search(sub: Subparsers) -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=None, help="trials in the study (default 12)")
     p.add_argument(
         "--rungs",
-        type=_rungs,
         default=None,
         metavar="S1,S2,...",
         help="student steps at which trials are scored and halved; the last is full length",
@@ -253,16 +252,6 @@ def add_search(sub: Subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/search"), help="output folder")
     p.add_argument("--group", type=int, default=4, help="trials trained together in lockstep")
     return p
-
-
-def _rungs(text: str) -> tuple[int, ...]:
-    # lazy: loads optuna, ~0.3 s of start-up
-    from distill.search import parse_rungs
-
-    try:
-        return parse_rungs(text)
-    except ValueError as err:  # SearchError: argparse prints it as a usage error
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_demo(sub: Subparsers) -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (
     GradScalerKwargs,
@@ -30,6 +30,13 @@ CPU_FP16_ENV = "DISTILL_CPU_FP16"
 def make_accelerator(cfg: Config, **kwargs: Any) -> Accelerator:
     """The Accelerator of a training run (``train.mixed_precision``); see ``_accelerator``."""
     return _accelerator(check_mixed_precision(cfg.train.mixed_precision), **kwargs)
+
+
+def process_state() -> PartialState:
+    """This process's place in a launch (main or not, how many, its device), set up as the
+    Accelerators here are: without CUDA ``cpu=True``, which is what makes a launch of several
+    CPU processes one group (gloo) rather than as many lone processes."""
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def inference_accelerator(precision: str | None = None) -> Accelerator:

@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from torch import nn
 from torchvision.models.detection import RetinaNet
@@ -52,6 +51,7 @@ from torchvision.models.detection import RetinaNet
 from distill.config import Config, replace, resize_bounds, to_dict
 from distill.data import CocoDetection, build_dataset, collate
 from distill.data.coco import make_coco
+from distill.device import process_state
 from distill.engine.build import build_models
 from distill.engine.step import step_parts, teacher_forward
 from distill.engine.trainable import TrainableModule
@@ -128,7 +128,7 @@ def failures(findings: list[Finding]) -> list[Finding]:
 
 def _device() -> torch.device:
     """This process's device; no process group is used (``check_once``)."""
-    return PartialState(cpu=not torch.cuda.is_available()).device
+    return process_state().device
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def _device() -> torch.device:
 def check_once(cfg: Config, sample: int, reuse: Path | None = None) -> dict[str, Any]:
     """``check_report`` computed on the main process alone; under several processes the others
     wait for it and receive it (one broadcast)."""
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     report = check_report(cfg, sample, reuse) if state.is_main_process else None
     if state.num_processes > 1:
         holder = [report]

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from accelerate import PartialState
 
 from distill.config import ConfigError, load_config
+from distill.device import process_state
 from distill.fileio import write_json, write_text_atomic
 from distill.search.block import load_space, read_search_block
 from distill.search.halving import (
@@ -92,7 +92,7 @@ def search_command(args: SearchArgs) -> Path:
         )
     if args.group < 1:
         raise SearchError(f"--group {args.group}: give 1 or more trials per lockstep group")
-    main = PartialState().is_main_process
+    main = process_state().is_main_process
     study = None
     if main:
         study = open_study(
@@ -123,7 +123,7 @@ def search_command(args: SearchArgs) -> Path:
     best = args.out / "best.yaml"
     if study is not None:
         best = write_outputs(study, args, rungs)
-    PartialState().wait_for_everyone()
+    process_state().wait_for_everyone()
     return best
 
 

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import optuna
-from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from distill.config import Config, load_config, override
+from distill.device import process_state
 from distill.engine.checkpoint import save_checkpoint
 from distill.engine.loop import evaluate_trainee, leave, train_group
 from distill.engine.setup import Run
@@ -70,7 +70,7 @@ class Group:
         return self.dir / (PLAIN if number is None else f"trial_{number:04d}")
 
     def save(self) -> None:
-        if PartialState().is_main_process:
+        if process_state().is_main_process:
             record = {**asdict(self), "dir": str(self.dir)}
             record["trials"] = {str(k): v for k, v in self.trials.items()}
             record["rungs"] = {str(k): v for k, v in self.rungs.items()}
@@ -170,7 +170,7 @@ def take_group(
 
 def share(value: Any) -> Any:
     """The main process's ``value`` on every process (itself with one)."""
-    state = PartialState()
+    state = process_state()
     if state.num_processes == 1:
         return value
     box = [value]
@@ -295,7 +295,7 @@ class Halving:
     def progress_line(self, step: int, scores: Mapping[str, float], pruned: Sequence[int]) -> None:
         """Which rung, how many trials are left, the best so far and its gain over the plain
         student at this rung."""
-        if not PartialState().is_main_process:
+        if not process_state().is_main_process:
             return
         rung = self.rungs.index(step) + 1
         plain_score = scores.get(str(self.group.run_dir(None)), math.nan)

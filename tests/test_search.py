@@ -201,3 +201,27 @@ def test_two_workers_on_one_study_never_train_the_same_trial(
     assert trained == list(range(len(trained))) and len(trained) in (4, 5)
     assert {g["worker"] for g in groups} <= {"w0", "w1"}
     assert set(states(out).values()) == {"complete"}
+
+
+@pytest.mark.slow
+def test_a_search_under_two_processes_is_one_worker(shapes_root: Path, tmp_path: Path) -> None:
+    """Under a launch the processes train the same groups together (Optuna on the main one):
+    one group of both trials, trained by 2 processes."""
+    out = tmp_path / "search"
+    sets = [a for o in search_args(shapes_root, out).overrides for a in ("--set", o)]
+    port = subprocess.run(
+        [sys.executable, "-c", "import socket; s = socket.socket(); s.bind(('', 0)); "
+         "print(s.getsockname()[1])"], capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", port, "-m", "distill", "search", str(SMOKE), *sets, "--space",
+        "distill.logit.weight=0.1..10:log", "--trials", "2", "--group", "2", "--rungs", "1,3",
+        "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "models=3 processes=2" in proc.stderr
+    assert [p.name for p in (out / "groups" / "shapes--smoke").iterdir()] == ["g0000"]
+    assert states(out) == {0: "complete", 1: "complete"}

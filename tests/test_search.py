@@ -21,6 +21,7 @@ import torch
 
 from distill.config import ConfigError, load_config
 from distill.engine import loop
+from distill.kd import kd_terms
 from distill.search import SearchError, halving
 from distill.search.command import SearchArgs, search_command
 from tests.conftest import REPO, smoke_overrides
@@ -225,3 +226,25 @@ def test_a_search_under_two_processes_is_one_worker(shapes_root: Path, tmp_path:
     assert "models=3 processes=2" in proc.stderr
     assert [p.name for p in (out / "groups" / "shapes--smoke").iterdir()] == ["g0000"]
     assert states(out) == {0: "complete", 1: "complete"}
+
+
+def test_the_best_recipe_is_confirmed_on_paired_seeds_with_intervals(
+    shapes_root: Path, tmp_path: Path
+) -> None:
+    """``--confirm 2``: the best recipe and the plain student, trained on every training image
+    to the last rung, seed by seed in lockstep, evaluated on the validation set; the gain with
+    its paired intervals over seeds and over images."""
+    out = tmp_path / "search"
+    search_command(search_args(shapes_root, out, trials=1, group=1, rungs=(3,), confirm=2))
+    result = json.loads((out / "confirm" / "confirm.json").read_text())
+    assert len(result["map"]["best"]) == len(result["map"]["plain"]) == 2
+    for seed in (0, 1):
+        best, plain = (load_config(out / "confirm" / f"seed_{seed}" / r / "config.yaml")
+                       for r in ("best", "plain"))  # fmt: skip
+        assert best.train.seed == plain.train.seed == seed
+        assert best.data.holdout_images == 0 and best.train.max_steps == 3
+        assert not kd_terms(plain.distill) and kd_terms(best.distill)
+    gains = [b - p for b, p in zip(result["map"]["best"], result["map"]["plain"])]
+    over_seeds = result["gain"]["seeds"]["map"]
+    assert over_seeds["estimate"] == pytest.approx(sum(gains) / 2)
+    assert over_seeds["n"] == 2 and "images" in result["gain"]

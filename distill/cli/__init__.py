@@ -17,7 +17,8 @@
     distill summary CONFIG [--json] [--no-deploy]
     distill sweep CONFIG --grid KEY=V1,V2,... [--with-baseline] [--sequential]
     distill search CONFIG --space KEY=LOW..HIGH[:log] ... --rungs S1,S2,... [--trials N]
-                   [--storage URL --study NAME --seed S --out DIR --group N]
+                   [--storage URL --study NAME --seed S --out DIR --group N --confirm S]
+                   [--no-prune]
     distill demo [--out DIR --data DIR --teacher FILE --minutes M --record FILE]
     distill report RUN_DIR... [--teacher RUN_DIR_OR_WEIGHTS] [--baseline RUN_DIR...] --out DIR
 
@@ -352,7 +353,8 @@ def _search(args: argparse.Namespace) -> int:
         SearchArgs(
             config=args.config, overrides=tuple(args.overrides), space=tuple(args.space),
             trials=args.trials, rungs=rungs, storage=args.storage, study=args.study,
-            seed=args.seed, out=args.out, group=args.group,
+            seed=args.seed, out=args.out, group=args.group, prune=args.prune,
+            confirm=args.confirm,
         )
     )  # fmt: skip
     print(f"best: {best} (distill run {best})")

@@ -251,6 +251,20 @@ def add_search(sub: Subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="the sampler's seed (one per worker)")
     p.add_argument("--out", type=Path, default=Path("runs/search"), help="output folder")
     p.add_argument("--group", type=int, default=4, help="trials trained together in lockstep")
+    p.add_argument(
+        "--confirm",
+        type=int,
+        default=0,
+        metavar="S",
+        help="then train the best recipe and the plain student on S seeds and report the gain "
+        "on the validation set with paired intervals",
+    )
+    p.add_argument(
+        "--no-prune",
+        dest="prune",
+        action="store_false",
+        help="train every trial to full length, scored at every rung (the rungs' fidelity)",
+    )
     return p
 
 

@@ -8,6 +8,9 @@
                     may take one group beyond ``--trials``)
     best.yaml       the best trial's values over CONFIG and ``--set``, trained as the trials
                     were (``train.max_steps`` the last rung) on every training image
+    confirm/        with ``--confirm S``: the best recipe and the plain student on S seeds,
+                    the gain on the validation set with its paired intervals
+                    (``distill.search.confirm``, ``confirm/confirm.json``)
     outputs         ``best.yaml`` (``distill run`` accepts it as it is), ``trials.md`` and
                     ``trials.json`` (every trial: values, score at each rung, state), the
                     optimisation history and parameter importances (``history.png``,
@@ -34,6 +37,7 @@ from distill.config import ConfigError, load_config
 from distill.device import process_state
 from distill.fileio import write_json, write_text_atomic
 from distill.search.block import load_space, read_search_block
+from distill.search.confirm import confirm
 from distill.search.halving import (
     Group,
     check_lockstep_space,
@@ -69,6 +73,9 @@ class SearchArgs:
     out: Path = Path("runs/search")
     group: int = 4  # trials trained together in one lockstep group
     reduction_factor: int = 3
+    prune: bool = True  # False: every trial to full length (how far the rungs can be trusted)
+    confirm: int = 0  # seeds the best recipe and the plain student are then trained on
+    resamples: int = 1000  # of the images, for the confirmed gain's interval
 
 
 def search_command(args: SearchArgs) -> Path:
@@ -98,7 +105,7 @@ def search_command(args: SearchArgs) -> Path:
         study = open_study(
             space, base, rungs, args.out, storage=args.storage,
             name=args.study or study_name(args.config), seed=seed,
-            reduction_factor=args.reduction_factor,
+            reduction_factor=args.reduction_factor, prune=args.prune,
         )  # fmt: skip
     worker = worker_name()
     name = study.study_name if study is not None else None
@@ -124,6 +131,8 @@ def search_command(args: SearchArgs) -> Path:
     if study is not None:
         best = write_outputs(study, args, rungs)
     process_state().wait_for_everyone()
+    if args.confirm > 0:  # on the validation set, which the search never scored on
+        confirm(best, args.confirm, args.out / "confirm", resamples=args.resamples)
     return best
 
 

@@ -131,6 +131,7 @@ def open_study(
     name: str = DEFAULT_STUDY,
     seed: int | None = None,
     reduction_factor: int = 3,
+    prune: bool = True,
 ) -> optuna.Study:
     """The study ``name`` in ``storage`` (default: ``<out_dir>/study.db``), created or continued:
     a continued one must search the same space, at the same rungs, over the same base config
@@ -143,12 +144,13 @@ def open_study(
         load_if_exists=True,
         direction="maximize",
         sampler=make_sampler(seed),
-        pruner=pruner,
+        # prune False: every trial to full length, scored at every rung (the rungs' fidelity)
+        pruner=pruner if prune else optuna.pruners.NopPruner(),
     )
     record = {
         "space": space.texts(),
         "rungs": list(pruner.rungs),
-        "reduction_factor": pruner.reduction_factor,
+        "reduction_factor": pruner.reduction_factor if prune else None,
         "config": to_dict(base),
     }
     if check_record(study, record, f"study {name!r} in {url}"):

@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from scipy import stats
 
@@ -59,7 +59,8 @@ def finished(procs: Sequence[subprocess.Popen[str]]) -> float:
     for proc in procs:
         _, err = proc.communicate()
         if proc.returncode != 0:
-            raise SystemExit(f"distill {shlex.join(proc.args[3:])} failed:\n{err[-3000:]}")
+            command = " ".join(map(str, cast(list[str], proc.args)))
+            raise SystemExit(f"{command} failed:\n{err[-3000:]}")
     return time.perf_counter() - start
 
 

@@ -106,7 +106,7 @@ def test_the_weak_leave_the_group_at_a_rung_and_train_no_more(
     assert cfg.distill.logit.weight == pytest.approx(study.trials[1].params["distill.logit.weight"])
     # trained as the trials were, on every training image
     assert cfg.train.max_steps == 3 and cfg.data.holdout_images == 0
-    assert (out / "history.png").is_file()
+    assert (out / "history.png").is_file() and list((out / "tb").rglob("events.out.tfevents*"))
     # each rung's score and its gain over the plain student of the group (scored 0 here)
     assert "| 1 | complete | 0.300 (+0.300) |" in (out / "trials.md").read_text()
 
@@ -202,6 +202,7 @@ def test_two_workers_on_one_study_never_train_the_same_trial(
     assert trained == list(range(len(trained))) and len(trained) in (4, 5)
     assert {g["worker"] for g in groups} <= {"w0", "w1"}
     assert set(states(out).values()) == {"complete"}
+    assert (out / "best.yaml").is_file()  # by the worker that finished last
 
 
 @pytest.mark.slow

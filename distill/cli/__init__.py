@@ -357,7 +357,8 @@ def _search(args: argparse.Namespace) -> int:
             confirm=args.confirm,
         )
     )  # fmt: skip
-    print(f"best: {best} (distill run {best})")
+    if best is not None:
+        print(f"best: {best} (distill run {best})")
     return 0
 
 

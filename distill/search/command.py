@@ -11,6 +11,7 @@
     confirm/        with ``--confirm S``: the best recipe and the plain student on S seeds,
                     the gain on the validation set with its paired intervals
                     (``distill.search.confirm``, ``confirm/confirm.json``)
+    tb/             TensorBoard hparams: each complete trial's values and rung scores
     outputs         ``best.yaml`` (``distill run`` accepts it as it is), ``trials.md`` and
                     ``trials.json`` (every trial: values, score at each rung, state), the
                     optimisation history and parameter importances (``history.png``,
@@ -78,8 +79,9 @@ class SearchArgs:
     resamples: int = 1000  # of the images, for the confirmed gain's interval
 
 
-def search_command(args: SearchArgs) -> Path:
-    """Run (or continue) the search; returns ``OUT/best.yaml``."""
+def search_command(args: SearchArgs) -> Path | None:
+    """Run (or continue) the search; returns ``OUT/best.yaml``, or None while other workers
+    still train the study's trials (the last to finish writes it)."""
     block = read_search_block(args.config)
     if args.trials is not None and args.trials < 1:
         raise SearchError(f"--trials {args.trials}: give 1 or more")
@@ -127,12 +129,17 @@ def search_command(args: SearchArgs) -> Path:
         train_group_of(share(group), study, args, rungs, trials, resume=False)
         if lock is not None:
             lock.close()
-    best = args.out / "best.yaml"
-    if study is not None:
-        best = write_outputs(study, args, rungs)
-    process_state().wait_for_everyone()
-    if args.confirm > 0:  # on the validation set, which the search never scored on
+    best = share(write_outputs(study, args, rungs) if study is not None else None)
+    if best is None or args.confirm < 1:
+        return best
+    # on the validation set, which the search never scored on; by one worker of the study
+    lock = claim(args.out / "confirm") if process_state().is_main_process else None
+    if share(lock is not None if process_state().is_main_process else None):
         confirm(best, args.confirm, args.out / "confirm", resamples=args.resamples)
+    else:
+        log.info("search: another worker confirms %s", best)
+    if lock is not None:
+        lock.close()
     return best
 
 
@@ -209,20 +216,26 @@ def _cell(score: float | None, plain: float | None) -> str:
     return f"{score:.3f}{gain}"
 
 
-def write_outputs(study: optuna.Study, args: SearchArgs, rungs: Sequence[int]) -> Path:
-    """best.yaml, the trials' table (markdown and JSON) and the two plots."""
+def write_outputs(study: optuna.Study, args: SearchArgs, rungs: Sequence[int]) -> Path | None:
+    """best.yaml, the trials' table (markdown and JSON) and the two plots; None (the table
+    alone) while trials of other workers are still running."""
     rows = trial_rows(study, rungs, args.out)
     write_json(rows, args.out / "trials.json")
     table = format_trials(rows, rungs)
     write_text_atomic(args.out / "trials.md", table + "\n")
     print(table)
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if not complete:
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.RUNNING for t in trials):
+        log.info("search: trials of other workers are still running; the last to finish "
+                 "writes %s/best.yaml", args.out)  # fmt: skip
+        return None
+    if not any(t.state == TrialState.COMPLETE for t in trials):
         raise SearchError(f"no trial of the study reached the last rung: see {args.out}/trials.md")
     # trained as the trials were, to the last rung, on every training image
     length = [*args.overrides, f"train.max_steps={rungs[-1]}", "data.holdout_images=0"]
     best = write_best(study.best_params, args.config, length, args.out)
     _plots(study, args.out)
+    _hparams(rows, args.out)
     log.info(
         "search: best trial %d, %.4f on the held-out images: %s (%s)",
         study.best_trial.number, study.best_value, best, json.dumps(study.best_params),
@@ -252,3 +265,19 @@ def _plots(study: optuna.Study, out: Path) -> None:
             except (RuntimeError, ValueError) as err:  # too few trials to estimate importances
                 log.info("search: no importance plot (%s)", err)
             plt.close("all")
+
+
+def _hparams(rows: Sequence[dict[str, Any]], out: Path) -> None:
+    """Every trial that reached the last rung as a TensorBoard hparams run (``OUT/tb``): its
+    values, its score at each rung."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tb"))
+    for row in rows:
+        if row["score"] is None:
+            continue
+        values = {k: v if isinstance(v, int | float | str | bool) else str(v)
+                  for k, v in row["params"].items()}  # fmt: skip
+        scores = {f"hparam/step_{s}": float(v) for s, v in row["rungs"].items() if v is not None}
+        writer.add_hparams(values, scores, run_name=f"trial_{row['trial']:04d}")
+    writer.close()

@@ -198,11 +198,15 @@ class Halving:
         self.told: set[int] = set()  # trials told (pruned, failed) before the last rung
         self.active: list[str] = []  # the run directories still in the group, in its order
 
+    def frozen(self, number: int) -> optuna.trial.FrozenTrial:
+        """Trial ``number`` of the study as the storage holds it now (the main process)."""
+        assert self.study is not None
+        return next(t for t in self.study.get_trials(deepcopy=False) if t.number == number)
+
     def trial(self, number: int) -> optuna.Trial:
         """The RUNNING trial ``number`` (of this worker: taken, or taken before a stop)."""
-        assert self.study is not None  # the main process
-        frozen = next(t for t in self.study.get_trials(deepcopy=False) if t.number == number)
-        return optuna.trial.Trial(self.study, frozen._trial_id)
+        assert self.study is not None
+        return optuna.trial.Trial(self.study, self.frozen(number)._trial_id)
 
     def started(self, run: Run) -> None:
         """A resumed group: the trials pruned or failed before the stop leave it again."""
@@ -217,8 +221,7 @@ class Halving:
     def _states(self) -> dict[int, str] | None:
         if self.study is None:
             return None
-        trials = self.study.get_trials(deepcopy=False)
-        return {n: trials[n].state.name for n in self.group.trials}
+        return {n: self.frozen(n).state.name for n in self.group.trials}
 
     def without_trials(self, run: Run) -> None:
         """No trial left in the group: the plain student leaves too (nothing to compare)."""
@@ -280,17 +283,14 @@ class Halving:
         if self.study is not None:  # told before the group is done: a stop between the two
             for run_dir, score in scores.items():  # continues the group, which tells again
                 number = self.number_of[run_dir]
-                if number is not None and number not in self.told and self._running(number):
+                if number is None or number in self.told:
+                    continue  # the plain student; a trial told at an earlier rung
+                if self.frozen(number).state == TrialState.RUNNING:
                     self.study.tell(number, score)
         self.group.rungs[step] = scores
         self.group.state = "done"
         self.group.save()
         self.progress_line(step, scores, [])
-
-    def _running(self, number: int) -> bool:
-        assert self.study is not None
-        trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == number)
-        return trial.state == TrialState.RUNNING
 
     def progress_line(self, step: int, scores: Mapping[str, float], pruned: Sequence[int]) -> None:
         """Which rung, how many trials are left, the best so far and its gain over the plain

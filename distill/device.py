@@ -12,6 +12,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (
     GradScalerKwargs,
+    broadcast_object_list,
     get_grad_scaler,
 )
 
@@ -37,6 +38,16 @@ def process_state() -> PartialState:
     Accelerators here are: without CUDA ``cpu=True``, which is what makes a launch of several
     CPU processes one group (gloo) rather than as many lone processes."""
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def share(value: Any) -> Any:
+    """The main process's ``value`` on every process of a launch (itself with one process):
+    what the main process alone decided (the check's verdict, the search's trials)."""
+    if process_state().num_processes == 1:
+        return value
+    holder = [value]
+    broadcast_object_list(holder, from_process=0)
+    return holder[0]
 
 
 def inference_accelerator(precision: str | None = None) -> Accelerator:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,6 +52,7 @@ from distill.deploy.export import export_command
 from distill.deploy.onnx_runtime import ExportError, MissingExtraError
 from distill.deploy.predict import PredictError, predict_images
 from distill.deploy.rebuild import card_config, find_weights
+from distill.device import process_state
 from distill.engine.checkpoint import CheckpointError
 from distill.evaluation import cost  # by module: tests replace cost.summarize
 from distill.evaluation.evaluate import eval_command
@@ -192,14 +192,12 @@ def _check_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     found = _check(cfg, args.sample)
     out = args.out or Path(cfg.output.dir) / "check.json"
-    if int(os.environ.get("RANK", "0")) == 0:
+    if process_state().is_main_process:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out, json.dumps(found, indent=2) + "\n")
     # a launcher stops every process when one exits with an error: none leaves before the file
     # is written
-    from accelerate import PartialState  # set up by _check (check_once)
-
-    PartialState().wait_for_everyone()
+    process_state().wait_for_everyone()
     return 1 if found["failed"] else 0
 
 
@@ -210,7 +208,7 @@ def _check(cfg: Config, sample: int, reuse: Path | None = None) -> dict[str, Any
     from distill.engine.preflight import Finding, check_once, format_findings
 
     report = check_once(cfg, sample, reuse)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if process_state().is_main_process:
         print(format_findings([Finding(**f) for f in report["findings"]]), file=sys.stderr)
     return report
 

@@ -44,14 +44,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import broadcast_object_list
 from torch import nn
 from torchvision.models.detection import RetinaNet
 
 from distill.config import Config, replace, resize_bounds, to_dict
 from distill.data import CocoDetection, build_dataset, collate
 from distill.data.coco import make_coco
-from distill.device import process_state
+from distill.device import process_state, share
 from distill.engine.build import build_models
 from distill.engine.step import step_parts, teacher_forward
 from distill.engine.trainable import TrainableModule
@@ -139,13 +138,8 @@ def _device() -> torch.device:
 def check_once(cfg: Config, sample: int, reuse: Path | None = None) -> dict[str, Any]:
     """``check_report`` computed on the main process alone; under several processes the others
     wait for it and receive it (one broadcast)."""
-    state = process_state()
-    report = check_report(cfg, sample, reuse) if state.is_main_process else None
-    if state.num_processes > 1:
-        holder = [report]
-        broadcast_object_list(holder, from_process=0)
-        report = holder[0]
-    assert report is not None
+    main = process_state().is_main_process
+    report: dict[str, Any] = share(check_report(cfg, sample, reuse) if main else None)
     return report
 
 

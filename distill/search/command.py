@@ -35,7 +35,7 @@ from typing import Any
 import optuna
 
 from distill.config import ConfigError, load_config
-from distill.device import process_state
+from distill.device import process_state, share
 from distill.fileio import write_json, write_text_atomic
 from distill.search.block import load_space, read_search_block
 from distill.search.confirm import confirm
@@ -44,7 +44,6 @@ from distill.search.halving import (
     check_lockstep_space,
     claim,
     groups_dir,
-    share,
     stopped_groups,
     take_group,
     train_halving,

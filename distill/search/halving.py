@@ -31,10 +31,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import optuna
-from accelerate.utils import broadcast_object_list
 
 from distill.config import Config, load_config, override
-from distill.device import process_state
+from distill.device import process_state, share
 from distill.engine.checkpoint import save_checkpoint
 from distill.engine.loop import evaluate_trainee, leave, train_group
 from distill.engine.setup import Run
@@ -166,16 +165,6 @@ def take_group(
     group = Group(folder, worker, numbers, study=study.study_name)
     group.save()
     return group, lock
-
-
-def share(value: Any) -> Any:
-    """The main process's ``value`` on every process (itself with one)."""
-    state = process_state()
-    if state.num_processes == 1:
-        return value
-    box = [value]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
 
 
 class Halving:

@@ -17,8 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from accelerate import Accelerator
+
 from distill.config import Config, load_config, override
-from distill.data import build_dataset
+from distill.data import CocoDetection, build_dataset
 from distill.device import inference_accelerator, process_state
 from distill.engine.loop import train_group
 from distill.evaluation.evaluate import category_names, coco_metrics, load_detector, predict
@@ -50,16 +52,14 @@ def train_pair(cfgs: list[Config], folder: Path) -> None:
     train_group(cfgs, "student", folder, resume=resume, overwrite=True)
 
 
-def detections(cfg: Config, weights: Path) -> tuple[list[dict[str, Any]], Any]:
-    """The COCO detections of a trained student on the validation set, and the set."""
-    dataset = build_dataset(cfg.data, "val")
-    accelerator = inference_accelerator()
+def detections(cfg: Config, dataset: CocoDetection, accelerator: Accelerator) -> list[Any]:
+    """The COCO detections of the student trained in ``cfg.output.dir`` on ``dataset``."""
+    weights = Path(cfg.output.dir) / "student.pt"
     detector = load_detector(cfg, "student", str(weights), dataset.num_categories + 1)
     detector.to(accelerator.device)
     batch = cfg.eval.batch_size or cfg.data.batch_size
-    results = predict(detector, build_transform(cfg).to(accelerator.device), dataset,
-                      accelerator, batch, cfg.data.num_workers)  # fmt: skip
-    return results, dataset
+    return predict(detector, build_transform(cfg).to(accelerator.device), dataset,
+                   accelerator, batch, cfg.data.num_workers)  # fmt: skip
 
 
 def confirm(
@@ -72,22 +72,17 @@ def confirm(
 ) -> dict[str, Any]:
     """Train and evaluate the pairs of ``seeds`` seeds (0..S-1), and the gain's intervals;
     written to ``OUT/confirm.json`` (on the main process) and returned."""
-    runs, maps = [], []
-    dataset = None
-    for seed in range(seeds):
-        cfgs = pair_configs(best, seed, out, overrides)
+    pairs = [pair_configs(best, seed, out, overrides) for seed in range(seeds)]
+    for seed, cfgs in enumerate(pairs):
         train_pair(cfgs, out / f"seed_{seed}")
-        pair = []
-        for cfg in cfgs:
-            found, dataset = detections(cfg, Path(cfg.output.dir) / "student.pt")
-            pair.append(found)
-        runs.append((pair[0], pair[1]))
-        assert dataset is not None
-        names = category_names(dataset)
-        maps.append([coco_metrics(dataset.coco, d, dataset.image_ids, names)["map"] for d in pair])
-    assert dataset is not None
+    dataset = build_dataset(pairs[0][0].data, "val")  # the same for every seed and role
+    names = category_names(dataset)
+    accelerator = inference_accelerator()
+    runs = [tuple(detections(cfg, dataset, accelerator) for cfg in cfgs) for cfgs in pairs]
+    maps = [[coco_metrics(dataset.coco, d, dataset.image_ids, names)["map"] for d in run]
+            for run in runs]  # fmt: skip
     intervals = gain_intervals(
-        dataset.coco, runs, dataset.image_ids, class_names=category_names(dataset),
+        dataset.coco, [(a, b) for a, b in runs], dataset.image_ids, class_names=names,
         resamples=resamples, seed=0, confidence=confidence,
     )  # fmt: skip
     result = {

@@ -159,8 +159,8 @@ def check_report(cfg: Config, sample: int, reuse: Path | None = None) -> dict[st
 
 
 def teacher_fingerprint(cfg: Config) -> dict[str, Any]:
-    """What the teacher's mAP depends on: its section, anchors, resize, the detection settings,
-    and the weights and validation files (path, size, modification time)."""
+    """What the teacher's mAP depends on: its section, anchors, resize, the label space, and
+    the weights and validation files (path, size, modification time)."""
     val = Path(cfg.data.root) / cfg.data.val
     return {
         "teacher": to_dict(cfg.teacher),

@@ -109,6 +109,11 @@ def test_the_weak_leave_the_group_at_a_rung_and_train_no_more(
     assert (out / "history.png").is_file() and list((out / "tb").rglob("events.out.tfevents*"))
     # each rung's score and its gain over the plain student of the group (scored 0 here)
     assert "| 1 | complete | 0.300 (+0.300) |" in (out / "trials.md").read_text()
+    # a pruned trial has no full-length score (Optuna gives it its last rung's as its value)
+    rows = {row["trial"]: row for row in json.loads((out / "trials.json").read_text())}
+    assert rows[0]["rungs"] == {"1": 0.1, "3": None} and rows[0]["score"] is None
+    assert rows[1]["rungs"]["3"] is not None and rows[1]["score"] == rows[1]["rungs"]["3"]
+    assert "| 0 | pruned | 0.100 (+0.100) |  |" in (out / "trials.md").read_text()
 
 
 def test_a_failed_trial_leaves_the_group_and_the_rest_go_on(

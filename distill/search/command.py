@@ -170,7 +170,9 @@ def trial_rows(study: optuna.Study, rungs: Sequence[int], out: Path) -> list[dic
     rows = []
     for trial in study.get_trials(deepcopy=False):
         scores = {s: trial.intermediate_values.get(s) for s in rungs[:-1]}
-        scores[rungs[-1]] = trial.value
+        # a pruned trial's value is its last rung's score (Optuna's tell): not a full-length one
+        complete = trial.state == TrialState.COMPLETE
+        scores[rungs[-1]] = trial.value if complete else None
         rows.append(
             {
                 "trial": trial.number,
@@ -178,7 +180,7 @@ def trial_rows(study: optuna.Study, rungs: Sequence[int], out: Path) -> list[dic
                 "params": trial.params,
                 "rungs": {str(s): v for s, v in scores.items()},
                 "plain": {str(s): plain.get(trial.number, {}).get(s) for s in rungs},
-                "score": trial.value,
+                "score": scores[rungs[-1]],
             }
         )
     return rows

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -24,6 +25,7 @@ from distill.engine import loop
 from distill.kd import kd_terms
 from distill.search import SearchError, halving
 from distill.search.command import SearchArgs, search_command
+from distill.search.study import orphaned
 from tests.conftest import REPO, smoke_overrides
 
 SMOKE = REPO / "configs" / "shapes" / "smoke.yaml"
@@ -160,6 +162,48 @@ def test_a_stopped_search_continues_its_group_from_its_checkpoint(
     assert steps == {"g0000/trial_0001": 2, "g0000/plain": 2}
     assert states(out) == {0: "pruned", 1: "complete", 2: "pruned"}  # no new trial taken
     assert [p.name for p in (out / "groups" / "shapes--smoke").iterdir()] == ["g0000"]
+
+
+def test_trials_of_a_worker_killed_while_it_took_them_are_told_fail_and_replaced(
+    shapes_root: Path, tmp_path: Path, steps: Counter[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # the pid of a worker that is gone
+    original_ask, original_save = halving.ask, halving.Group.save
+
+    def asked_by_the_dead(study: optuna.Study, space: Any) -> Any:
+        trial, values = original_ask(study, space)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
+        return trial, values
+
+    def killed(self: Any) -> None:
+        raise KeyboardInterrupt  # after its trials were asked, before its group was recorded
+
+    monkeypatch.setattr(halving, "ask", asked_by_the_dead)
+    monkeypatch.setattr(halving.Group, "save", killed)
+    out = tmp_path / "search"
+    with pytest.raises(KeyboardInterrupt):
+        search_command(search_args(shapes_root, out, trials=2, group=2))
+    monkeypatch.setattr(halving, "ask", original_ask)
+    monkeypatch.setattr(halving.Group, "save", original_save)
+    study = optuna.load_study(study_name="shapes/smoke", storage=f"sqlite:///{out}/study.db")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.RUNNING] * 2
+    # orphans: of this host, their process gone, in no group; a group's trial is not one, nor a
+    # trial of another host (its process cannot be seen from here)
+    assert [t.number for t in orphaned(study, set())] == [0, 1]
+    assert [t.number for t in orphaned(study, {0})] == [1]
+    optuna.trial.Trial(study, study.trials[1]._trial_id).set_user_attr("worker", "elsewhere:1")
+    assert [t.number for t in orphaned(study, set())] == [0]
+    optuna.trial.Trial(study, study.trials[1]._trial_id).set_user_attr(
+        "worker", f"{socket.gethostname()}:{dead.pid}"
+    )
+    scored_by_trial(monkeypatch, {"trial_0002": 0.3, "trial_0003": 0.1})
+    best = search_command(search_args(shapes_root, out, trials=2, group=2))
+    # told FAIL, not counted as taken: two new trials trained in their place, and the search
+    # ends (RUNNING orphans would have kept it waiting for them forever)
+    assert states(out) == {0: "fail", 1: "fail", 2: "complete", 3: "pruned"}
+    assert steps == {"g0002/trial_0002": 3, "g0002/trial_0003": 1, "g0002/plain": 3}
+    assert best is not None and best.is_file()
 
 
 def test_errors_before_any_compute(shapes_root: Path, tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ from distill.search.block import load_space, read_search_block
 from distill.search.confirm import confirm
 from distill.search.halving import (
     Group,
+    all_groups,
     check_lockstep_space,
     claim,
     groups_dir,
@@ -51,7 +52,7 @@ from distill.search.halving import (
 )
 from distill.search.rungs import check_rungs
 from distill.search.space import SearchError
-from distill.search.study import open_study, study_name, write_best
+from distill.search.study import open_study, orphaned, release, study_name, taken, write_best
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,14 @@ def search_command(args: SearchArgs) -> Path | None:
         )  # fmt: skip
     worker = worker_name()
     name = study.study_name if study is not None else None
+    if study is not None and name is not None:  # a worker killed while it took a group
+        recorded = {n for g in all_groups(args.out, name) for n in g.trials}
+        orphans = orphaned(study, recorded)
+        for trial in orphans:
+            log.warning("search: trial %d was taken by %s, which stopped before it recorded "
+                        "its group: told FAIL, another is taken in its place", trial.number,
+                        trial.user_attrs["worker"])  # fmt: skip
+        release(study, orphans)
     for group in share(stopped_groups(args.out, name) if name is not None else None):
         lock = claim(group.dir) if main else None
         if not share(lock is not None if main else None):
@@ -140,11 +149,6 @@ def search_command(args: SearchArgs) -> Path | None:
     if lock is not None:
         lock.close()
     return best
-
-
-def taken(study: optuna.Study | None) -> int:
-    """Trials the study holds, in any state (another worker's running ones too)."""
-    return len(study.get_trials(deepcopy=False)) if study is not None else 0
 
 
 def train_group_of(

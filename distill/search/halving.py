@@ -164,6 +164,8 @@ def take_group(
         raise SearchError(f"{folder} is held by another worker: give another --out")
     group = Group(folder, worker, numbers, study=study.study_name)
     group.save()
+    for trial in trials:  # recorded: never an orphan (``study.orphaned``)
+        trial.set_user_attr("group", str(folder))
     return group, lock
 
 
@@ -329,8 +331,13 @@ def train_halving(
     return group
 
 
+def all_groups(out_dir: Path, study: str) -> list[Group]:
+    """The groups of ``study`` in ``OUT``, in the order they were taken."""
+    paths = sorted(groups_dir(out_dir, study).glob("g*/group.json"))
+    return [g for g in map(Group.load, paths) if g.study == study]
+
+
 def stopped_groups(out_dir: Path, study: str) -> list[Group]:
     """The groups of ``study`` in ``OUT`` that a stop cut short (not done): a worker
     continues one only when it can ``claim`` it (no live worker holds it)."""
-    paths = sorted(groups_dir(out_dir, study).glob("g*/group.json"))
-    return [g for g in map(Group.load, paths) if g.state != "done" and g.study == study]
+    return [g for g in all_groups(out_dir, study) if g.state != "done"]

@@ -9,6 +9,10 @@ and each ``ask`` creates a trial of its own (numbered by the storage in one tran
 RUNNING from then on, with the process that trains it in the trial's ``worker`` attribute),
 so two workers never train the same trial. SQLite lets one writer in at a time; the others
 wait for it (``SQLITE_TIMEOUT_S``) instead of failing at once.
+A worker killed between asking for its trials and recording their group (``group.json``, then
+each trial's ``group`` attribute) leaves them RUNNING with no one to train them: the next worker
+of the study on that host finds them (``orphaned``: their process is gone), tells them FAIL and
+takes others in their place (``release``, ``taken``).
 
 Sampler: TPE, multivariate over the groups of keys that are sampled together (a conditional
 key forms its own group: Optuna's ``group=True``), with the constant liar (trials still
@@ -186,6 +190,47 @@ def check_record(study: optuna.Study, record: Mapping[str, Any], where: str) -> 
             "config and --set, or another --study or --storage"
         )
     return True
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def orphaned(study: optuna.Study, recorded: set[int]) -> list[optuna.trial.FrozenTrial]:
+    """RUNNING trials that a worker of this host took and died before it recorded them in a
+    group: not in ``recorded`` (the trials of this output folder's groups), without a ``group``
+    attribute (a group of another folder) and their worker's process gone. Trials of other
+    hosts are never judged: their processes cannot be seen from here."""
+    host = socket.gethostname()
+    found = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        name, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if trial.number in recorded or "group" in trial.user_attrs or name != host:
+            continue
+        if pid.isdigit() and not alive(int(pid)):
+            found.append(trial)
+    return found
+
+
+def release(study: optuna.Study, trials: Sequence[optuna.trial.FrozenTrial]) -> None:
+    """Tell ``trials`` (``orphaned``) FAIL, marked ``orphan``: ``taken`` does not count them, so
+    the search still trains as many trials as it was given."""
+    for trial in trials:
+        optuna.trial.Trial(study, trial._trial_id).set_user_attr("orphan", True)
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+
+
+def taken(study: optuna.Study) -> int:
+    """Trials the study holds, in any state (another worker's running ones too), but those
+    released as orphans."""
+    return sum(not t.user_attrs.get("orphan") for t in study.get_trials(deepcopy=False))
 
 
 def ask(study: optuna.Study, space: Space) -> tuple[optuna.Trial, dict[str, Any]]:

@@ -180,6 +180,7 @@ def format_table(result: Mapping[str, Any]) -> str:
         ("compute share (goal <= 1/3)", f"{result['compute_share']:.3f}"),
         ("search + confirmation, wall (min)", f"{result['search_minutes']:.0f}"),
         ("best recipe's mAP on val (mean of seeds)", f"{result['best_map']:.3f}"),
+        ("plain student's mAP on val (same seeds)", f"{result['plain_map']:.3f}"),
         ("shapes recipe's mAP (bench_kd)", f"{result['reference_map']:.3f}"),
         (f"gain over plain, {result['seeds']} seeds",
          f"{gain['estimate']:+.3f} [{gain['low']:+.3f}, {gain['high']:+.3f}]"),
@@ -193,7 +194,9 @@ def format_table(result: Mapping[str, Any]) -> str:
          f"{workers['one_s']:.0f} / {workers['two_s']:.0f}"
          f" ({workers['one_s'] / workers['two_s']:.2f}x)"),
         ("a trial trained twice by two workers", "yes" if workers["duplicates"] else "no"),
-        ("best recipe", json.dumps(result["best_params"])),
+        ("best recipe", ", ".join(
+            f"{k.removeprefix('distill.')}={v:.3g}" if isinstance(v, float)
+            else f"{k.removeprefix('distill.')}={v}" for k, v in result["best_params"].items())),
     ]  # fmt: skip
     lines = ["| measure | value |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]
@@ -205,7 +208,7 @@ def main() -> int:
     parser.add_argument("--teacher", type=Path, required=True, help="the shared shapes teacher")
     parser.add_argument("--trials", type=int, default=16, help="of the search, in one group")
     parser.add_argument("--seeds", type=int, default=3, help="of the confirmation")
-    parser.add_argument("--fidelity", type=int, default=5, help="trials trained unpruned")
+    parser.add_argument("--fidelity", type=int, default=5, help="trials unpruned (0: skip)")
     parser.add_argument("--fidelity-rungs", default="150,300,600,900", help="scored at")
     parser.add_argument("--workers-trials", type=int, default=4)
     parser.add_argument("--workers-rungs", default="40,80", help="of the one/two worker runs")
@@ -241,8 +244,15 @@ def main() -> int:
     unpruned = ("--trials", str(args.fidelity), "--group", str(args.fidelity), "--no-prune")
     scored = tuple(int(s) for s in args.fidelity_rungs.split(","))
     fidelity_args = search_args(fidelity, teacher, scored, *unpruned, "--seed", "1")
-    part(fidelity, lambda: [distill(fidelity_args)])
-    fidelity_rows = json.loads((fidelity / "trials.json").read_text())
+    rung_rhos: list[float] = []
+    loss_rhos: list[float] = []
+    fidelity_rows: list[dict[str, Any]] = []
+    if args.fidelity > 0:  # --fidelity 0: not measured
+        part(fidelity, lambda: [distill(fidelity_args)])
+        fidelity_rows = json.loads((fidelity / "trials.json").read_text())
+        plain = plain_scores(fidelity)
+        rung_rhos = rung_spearman(fidelity_rows, plain, scored)
+        loss_rhos = loss_spearman(fidelity, fidelity_rows, plain, scored)
 
     seeds_gain = confirmed["gain"]["seeds"]["map"]
     images_gain = confirmed["gain"]["images"]["map"]
@@ -255,9 +265,9 @@ def main() -> int:
         "plain_map": statistics.mean(confirmed["map"]["plain"]),
         "reference_map": reference_map(),
         "fidelity_rungs": list(scored),
-        "rung_spearman": rung_spearman(fidelity_rows, plain_scores(fidelity), scored),
+        "rung_spearman": rung_rhos,
         "fidelity_trials": len(fidelity_rows),
-        "loss_spearman": loss_spearman(fidelity, fidelity_rows, plain_scores(fidelity), scored),
+        "loss_spearman": loss_rhos,
         "gain_ci": seeds_gain,
         "gain_ci_images": [images_gain["low"], images_gain["high"]],
         "seeds": args.seeds,

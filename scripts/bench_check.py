@@ -20,7 +20,6 @@ default sample (50 images). Writes ``results/bench_check.json`` and prints a tab
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shlex
@@ -35,7 +34,7 @@ import torch
 from distill.config import load_config
 from distill.data import build_dataset
 from distill.data.shapes import generate_shapes
-from distill.experiments.machine import machine, publish
+from distill.experiments.machine import provenance, publish
 from distill.models.card import dataset_categories, read_card, write_card
 from distill.models.weights import save_state_dict_file
 from teachers import build_teacher
@@ -199,9 +198,7 @@ def main() -> int:
         )
     result = {
         "rows": rows,
-        "machine": machine(),
-        "command": "python " + shlex.join(sys.argv),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **provenance(),
     }
     publish(result, args.out, format_table(result))
     return 0

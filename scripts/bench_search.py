@@ -32,10 +32,8 @@ else on the machine.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -48,7 +46,7 @@ from typing import Any, cast
 from scipy import stats
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from distill.experiments.machine import machine, publish, usable_cores
+from distill.experiments.machine import provenance, publish, usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "shapes" / "search.yaml"
@@ -281,9 +279,7 @@ def main() -> int:
             "threads_each": max(1, (usable_cores() or 1) // 2),
             "duplicates": len(trained) != len(set(trained)),
         },
-        "machine": machine(),
-        "command": "python " + shlex.join(sys.argv),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **provenance(),
     }
     publish(result, args.out, format_table(result))
     return 0

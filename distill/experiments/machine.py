@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
+import shlex
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -82,6 +85,16 @@ def machine() -> dict[str, Any]:
         # the vector instructions PyTorch's own kernels use, and a cap put on oneDNN's
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+    }
+
+
+def provenance() -> dict[str, Any]:
+    """Where and how a benchmark's result was measured: the ``machine``, the command that ran
+    (``python`` and this process's arguments) and the UTC date."""
+    return {
+        "machine": machine(),
+        "command": "python " + shlex.join(sys.argv),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -111,8 +111,8 @@ def search_command(args: SearchArgs) -> Path | None:
         )  # fmt: skip
     worker = worker_name()
     name = study.study_name if study is not None else None
-    if study is not None and name is not None:  # a worker killed while it took a group
-        recorded = {n for g in all_groups(args.out, name) for n in g.trials}
+    if study is not None:  # a worker killed while it took a group
+        recorded = {n for g in all_groups(args.out, study.study_name) for n in g.trials}
         orphans = orphaned(study, recorded)
         for trial in orphans:
             log.warning("search: trial %d was taken by %s, which stopped before it recorded "
